@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -22,6 +24,71 @@ app = typer.Typer(
 )
 
 # --- commands are added below by the pieces that own them (train, eval, bench, make-scenes, reconstruct, export) ---
+
+
+class BenchTarget(str, Enum):
+    vggt = "vggt"
+    da3 = "da3"
+    kernels = "kernels"
+    attention = "attention"
+
+
+@app.command()
+def bench(
+    target: Annotated[BenchTarget, typer.Argument(help="vggt / da3: the whole model, paths (a)-(d); kernels: the "
+                                                       "kernel benchmarks; attention: one global attention layer, "
+                                                       "SDPA vs SLA")] = BenchTarget.vggt,
+    views: Annotated[str, typer.Option(help="views per scene; a comma list (8,32,128) sweeps them")] = "32",
+    res: Annotated[int, typer.Option(help="square image size in pixels (multiple of 14)")] = 518,
+    topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks on global attention")] = 0.05,
+    weights: Annotated[Optional[Path], typer.Option(help="dense checkpoint (random weights when absent)")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="student.safetensors with trained proj_l for (c), (d)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs per path (the median is reported)")] = 3,
+    warmup: Annotated[int, typer.Option(help="untimed runs first (compile, autotune, CUDA-graph capture)")] = 2,
+    variants: Annotated[str, typer.Option(help="paths to run, comma separated: a,b,c,d (and bf16-all, bf16-lean: "
+                                               "eager bf16 with all vs only the head layers kept)")] = "a,b,c,d",
+    compile_mode: Annotated[str, typer.Option(help="torch.compile mode for (b)-(d): default, "
+                                                   "max-autotune-no-cudagraphs, reduce-overhead, or none")] = "default",
+    backbone: Annotated[Optional[str], typer.Option(help="backbone name instead of the family default "
+                                                         "(e.g. vggt-tiny on a GPU)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write all numbers as JSON here")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of latency and memory against views")] = None,
+    profile: Annotated[bool, typer.Option(help="also profile the last path (module + kernel breakdown)")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace existing --json / --plot files")] = False,
+) -> None:
+    """Latency and peak memory of (a) the official dense model, (b) our best dense path, (c) SLA, (d) SLA + FP8,
+    with speed-up / memory ratios and the output difference vs (a). On CPU: the tiny config, eager."""
+    from recon import bench as _bench
+
+    cfg = _bench.BenchConfig(
+        model=backbone or (target.value if target in (BenchTarget.vggt, BenchTarget.da3) else "vggt"),
+        views=_bench.parse_views(views), res=res, topk=topk, repeats=repeats, warmup=warmup,
+        variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
+        compile_mode=None if compile_mode == "none" else compile_mode,
+        weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
+    _bench.main(target.value if target in (BenchTarget.kernels, BenchTarget.attention) else "model", cfg,
+                json_path=json_out, plot_path=plot, profile=profile, overwrite=overwrite)
+
+
+@app.command()
+def export(
+    out: Annotated[Path, typer.Option(help="the deploy artifact to write (.safetensors)")],
+    model: Annotated[str, typer.Option(help="backbone name (vggt-1b, da3-large, vggt-tiny, ...)")] = "vggt-tiny",
+    weights: Annotated[Optional[Path], typer.Option(help="dense teacher checkpoint (random weights when absent)")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="student.safetensors with the trained proj_l")] = None,
+    topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks")] = 0.05,
+    scope: Annotated[str, typer.Option(help="attention made SLA: global (cross-view) or all")] = "global",
+    fp8: Annotated[bool, typer.Option(help="FP8 E4M3 linear weights with per-row scales")] = True,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
+) -> None:
+    """Write the deployable artifact of a student: FP8 weights + scales + SLA settings + config in one safetensors
+    file, loadable with recon.deploy.load_artifact without the teacher or the QAT model."""
+    from recon import deploy as _deploy
+
+    config = _deploy.export(out, model=model, weights=weights, student=student, topk=topk, scope=scope, fp8=fp8,
+                            overwrite=overwrite)
+    typer.echo(f"wrote {out}: {config['backbone']}, {len(config['sla'])} SLA modules")
 
 
 def main() -> None:

@@ -1,0 +1,84 @@
+"""Backbones: VGGT and Depth Anything 3, checkpoint-compatible with the official weights.
+
+    model = build_backbone("vggt-1b", device="meta")             # no memory for random init
+    load_checkpoint(model, "model.safetensors", skip_prefixes=("track_head.",), device="cuda")
+    images, _ = load_images("scene/images", mode="crop")         # [S,3,H,W] in [0,1]
+    out = model(images.cuda()[None])                             # pose_enc, depth, world_points, ...
+    cams = to_cameras(model, out, images.shape[-2:])             # extrinsics (w2c OpenCV), intrinsics, depth
+
+Each model family module (vggt.py, da3.py) exports ``MODEL`` (the nn.Module class, built as ``MODEL(config)``,
+with a static ``to_cameras(out, image_hw)``) and ``CONFIGS`` (name -> frozen config dataclass with a ``name``
+field). ``build_backbone(name, **overrides)`` replaces config fields, e.g. ``build_backbone("vggt-1b", lean=False)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from . import vggt as _vggt
+from .checkpoint import CheckpointError, load_checkpoint
+from .preprocess import list_images, load_images
+
+# name -> (model class, config)
+_REGISTRY: dict[str, tuple[type[nn.Module], object]] = {}
+
+
+def register(model_cls: type[nn.Module], configs: dict) -> None:
+    for name, cfg in configs.items():
+        _REGISTRY[name] = (model_cls, cfg)
+
+
+register(_vggt.VGGT, _vggt.CONFIGS)  # "vggt-1b", "vggt-tiny"
+
+# --- Depth Anything 3 ("da3-large", "da3-tiny"): the da3 engineer registers da3.py here, e.g.
+#     from . import da3 as _da3
+#     register(_da3.MODEL, _da3.CONFIGS)
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str, **overrides):
+    """The (frozen) config for ``name`` with ``overrides`` applied; clear errors for unknown names/fields."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    _, cfg = _REGISTRY[name]
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    bad = sorted(set(overrides) - fields)
+    if bad:
+        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def build_backbone(name: str, *, device: str | torch.device | None = None, **overrides) -> nn.Module:
+    """Build a registered backbone; ``device="meta"`` builds it without allocating (then ``load_checkpoint``)."""
+    cls, _ = _REGISTRY.get(name, (None, None))
+    cfg = get_config(name, **overrides)
+    if device is None:
+        return cls(cfg)
+    with torch.device(device):
+        return cls(cfg)
+
+
+def to_cameras(name_or_model: str | nn.Module, out: dict, image_hw) -> dict:
+    """Model output -> dict(extrinsics [B,S,3,4] w2c OpenCV, intrinsics [B,S,3,3], depth [B,S,H,W], depth_conf)."""
+    name = name_or_model if isinstance(name_or_model, str) else getattr(name_or_model, "name", None)
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    return _REGISTRY[name][0].to_cameras(out, tuple(int(v) for v in image_hw))
+
+
+__all__ = [
+    "CheckpointError",
+    "build_backbone",
+    "get_config",
+    "list_backbones",
+    "list_images",
+    "load_checkpoint",
+    "load_images",
+    "register",
+    "to_cameras",
+]

@@ -1,0 +1,121 @@
+"""Image loading like the official VGGT demo (``load_and_preprocess_images``), with intrinsics kept consistent.
+
+- ``mode="crop"``: width -> ``size``, height -> the aspect-preserving height rounded to a multiple of 14, then a
+  centre crop of the height to ``size`` when it is taller.
+- ``mode="pad"``: the longer side -> ``size``, the other -> aspect-preserving, rounded to a multiple of 14, then
+  white (1.0) padding to ``size`` x ``size``.
+- Resampling is PIL bicubic; RGBA is composited on white; images of different shapes (crop mode) are padded with
+  white to the largest, as the official loader does.
+
+Intrinsics [S,3,3] (pixels, of the original images) are adjusted for the resize (per-axis scale), the crop and the
+padding, so projections stay consistent with the returned pixels.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def list_images(folder: str | os.PathLike) -> list[pathlib.Path]:
+    """Sorted image files in a folder; a clear error when the folder is missing or holds none."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files
+
+
+def _open_rgb(path: pathlib.Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such image file")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read image ({e}); the file may be truncated or not an image") from None
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
+def target_hw(height: int, width: int, mode: str, size: int = 518, patch: int = 14) -> tuple[int, int]:
+    """Resized (height, width) before crop/pad: multiples of ``patch``, aspect ratio kept."""
+    if mode == "pad" and height > width:
+        return size, round(width * (size / height) / patch) * patch
+    return round(height * (size / width) / patch) * patch, size
+
+
+def load_images(
+    paths: Sequence[str | os.PathLike] | str | os.PathLike,
+    mode: str = "crop",
+    size: int = 518,
+    intrinsics: Tensor | np.ndarray | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Load images -> (images [S,3,H,W] float32 in [0,1], adjusted intrinsics [S,3,3] or None).
+
+    ``paths`` may be a list of files or one folder (its images, sorted by name). ``size`` must be a multiple of
+    14. ``intrinsics``: pixel intrinsics of the original images, one per path.
+    """
+    if mode not in ("crop", "pad"):
+        raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+    if size % 14:
+        raise ValueError(f"size must be a multiple of 14 (the patch size), got {size}")
+    if isinstance(paths, (str, os.PathLike)):
+        paths = list_images(paths)
+    paths = [pathlib.Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no image paths given")
+    K = None
+    if intrinsics is not None:
+        K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64).clone()
+        if K.shape != (len(paths), 3, 3):
+            raise ValueError(f"intrinsics must be [{len(paths)}, 3, 3] (one per image), got {tuple(K.shape)}")
+
+    images = []
+    for i, path in enumerate(paths):
+        img = _open_rgb(path)
+        w0, h0 = img.size
+        h, w = target_hw(h0, w0, mode, size)
+        from PIL import Image
+
+        img = img.resize((w, h), Image.Resampling.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        top = left = 0
+        if mode == "crop" and h > size:
+            top = -((h - size) // 2)
+            x = x[:, -top : -top + size]
+        elif mode == "pad":
+            ph, pw = size - h, size - w
+            top, left = ph // 2, pw // 2
+            x = F.pad(x, (left, pw - left, top, ph - top), value=1.0)
+        if K is not None:
+            K[i, 0] *= w / w0  # fx, skew, cx scale with the width
+            K[i, 1] *= h / h0
+            K[i, 0, 2] += left
+            K[i, 1, 2] += top
+        images.append(x)
+
+    H = max(x.shape[1] for x in images)
+    W = max(x.shape[2] for x in images)
+    for i, x in enumerate(images):  # crop mode with mixed aspect ratios: pad to the largest, centred, white
+        ph, pw = H - x.shape[1], W - x.shape[2]
+        if ph or pw:
+            images[i] = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=1.0)
+            if K is not None:
+                K[i, 0, 2] += pw // 2
+                K[i, 1, 2] += ph // 2
+    return torch.stack(images), (K.float() if K is not None else None)

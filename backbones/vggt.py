@@ -1,0 +1,387 @@
+"""VGGT (Visual Geometry Grounded Transformer), state-dict compatible with the official facebook/VGGT-1B weights.
+
+Architecture (written from the official facebookresearch/vggt code; see DESIGN.md section 4):
+- ``aggregator.patch_embed``: DINOv2 ViT-L/14 with 4 register tokens (24 blocks, LayerNorm eps 1e-6, antialiased
+  bicubic pos-embed interpolation), run per frame on ImageNet-normalised images; its final-norm patch tokens are
+  the input tokens.
+- per frame: [camera token, 4 register tokens, patches]; frame 0 uses the first of the two learned camera/register
+  tokens, the other frames the second. RoPE2D (frequency 100) positions are (row+1, col+1) for patches and (0, 0)
+  for the 5 special tokens.
+- ``aggregator.frame_blocks[i]`` (attention within each frame, ``scope="frame"``) then
+  ``aggregator.global_blocks[i]`` (attention over all S frames' tokens, ``scope="global"``), i < 24, both with q/k
+  LayerNorm and RoPE. Layer i's output is concat(frame_i, global_i) [B, S, P, 2048].
+- ``camera_head``: LayerNorm'd camera tokens of the last layer, 4 refinement iterations of adaLN modulation by the
+  embedded current pose (a learned empty pose first), a 4-block trunk at 2048 (attention across the S camera
+  tokens), pose_branch MLP delta; activation: translation/quaternion linear, FoV relu.
+- ``depth_head`` / ``point_head``: DPT over layers (4, 11, 17, 23); depth ``exp`` + conf ``1+exp``; world points
+  ``inv_log`` + conf ``1+exp``. Heads run in fp32 (the official code disables autocast for them).
+
+Pose encoding: [t (3), quaternion xyzw (4), fov_h, fov_w]; extrinsics are OpenCV world-to-camera [R|t] with frame
+0 as the world; intrinsics have the principal point at the image centre.
+
+Memory-lean inference (``lean=True``, default): the aggregator keeps only the layer outputs the heads read
+(4, 11, 17, 23 - the camera head reads the last) instead of all 24; the DPT heads run ``frames_chunk_size`` frames
+at a time. Outputs are bit-identical to ``lean=False`` (tested). ``head_dtype="bfloat16"`` runs the two DPT heads
+and the camera head under bf16 autocast instead of fp32; measured on the parity input (VGGT-1B recipe weights,
+2 x 196 x 280, CPU), the error vs fp32 relative to each output's std is: see docs/backbones.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .heads import DPTHead
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class VGGTConfig:
+    """Architecture + inference options. Architecture fields must match the checkpoint; the rest are free."""
+
+    name: str = "vggt-1b"
+    img_size: int = 518  # the DINOv2 pos-embed grid (37 x 37); any multiple of 14 runs (interpolated)
+    patch_size: int = 14
+    embed_dim: int = 1024
+    depth: int = 24  # frame/global block pairs
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_register_tokens: int = 4
+    patch_embed_depth: int = 24  # DINOv2 trunk blocks
+    patch_embed_heads: int = 16
+    rope_freq: float = 100.0
+    init_values: float = 0.01
+    intermediate_layer_idx: tuple[int, ...] = (4, 11, 17, 23)
+    camera_trunk_depth: int = 4
+    camera_num_heads: int = 16
+    camera_iterations: int = 4
+    dpt_features: int = 256
+    dpt_out_channels: tuple[int, int, int, int] = (256, 512, 1024, 1024)
+    dpt_head_features_2: int = 32
+    enable_camera: bool = True
+    enable_depth: bool = True
+    enable_point: bool = True
+    # inference / memory options (do not change the weights)
+    lean: bool = True  # keep only the aggregator layers the heads read
+    frames_chunk_size: int | None = 8  # DPT heads over this many frames at a time (None: all at once)
+    head_dtype: str = "float32"  # "float32" (official) or "bfloat16" (autocast, measured error in docs)
+    grad_checkpointing: bool = False  # recompute aggregator blocks in backward (training only)
+
+    def __post_init__(self):
+        if self.embed_dim % self.num_heads or self.embed_dim % self.patch_embed_heads:
+            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} must be divisible by the head counts")
+        if (self.embed_dim // self.num_heads) % 4:
+            raise ValueError(f"{self.name}: head dim must be a multiple of 4 for 2D RoPE")
+        if len(self.intermediate_layer_idx) != 4 or not all(0 <= i < self.depth for i in self.intermediate_layer_idx):
+            raise ValueError(f"{self.name}: intermediate_layer_idx needs 4 indices in [0, {self.depth})")
+        if self.head_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"{self.name}: head_dtype must be 'float32' or 'bfloat16', got {self.head_dtype!r}")
+        if self.frames_chunk_size is not None and self.frames_chunk_size < 1:
+            raise ValueError(f"{self.name}: frames_chunk_size must be >= 1 or None")
+
+
+CONFIGS: dict[str, VGGTConfig] = {
+    "vggt-1b": VGGTConfig(),
+    # Same code, small: ~1.2 M parameters; forward+backward of 2-4 views at 126x168 in about a second on CPU.
+    "vggt-tiny": VGGTConfig(
+        name="vggt-tiny",
+        embed_dim=64,
+        depth=6,
+        num_heads=4,
+        patch_embed_depth=2,
+        patch_embed_heads=4,
+        intermediate_layer_idx=(1, 3, 4, 5),
+        camera_trunk_depth=1,
+        camera_num_heads=4,
+        dpt_features=32,
+        dpt_out_channels=(16, 32, 64, 64),
+        dpt_head_features_2=16,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------------------------- pose encoding
+
+
+def quat_to_mat(q: Tensor) -> Tensor:
+    """Quaternions xyzw [..., 4] (need not be unit) -> rotation matrices [..., 3, 3]."""
+    i, j, k, r = q.unbind(-1)
+    two_s = 2.0 / (q * q).sum(-1)
+    m = torch.stack(
+        (
+            1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
+            two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
+            two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
+        ),
+        dim=-1,
+    )
+    return m.reshape(q.shape[:-1] + (3, 3))
+
+
+def mat_to_quat(m: Tensor) -> Tensor:
+    """Rotation matrices [..., 3, 3] -> quaternions xyzw [..., 4] with w >= 0 (best-conditioned branch)."""
+    if m.shape[-2:] != (3, 3):
+        raise ValueError(f"expected rotation matrices [..., 3, 3], got {tuple(m.shape)}")
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.reshape(m.shape[:-2] + (9,)).unbind(-1)
+    sq = torch.stack((1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22), dim=-1)
+    pos = sq > 0  # sqrt of the positive part, with a zero (not inf) gradient where it is 0
+    q_abs = torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))  # 2|r|,2|i|..
+    cands = torch.stack(  # each row: (r, i, j, k) scaled by one of 4|r|, 4|i|, 4|j|, 4|k|
+        (
+            torch.stack((q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01), -1),
+            torch.stack((m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20), -1),
+            torch.stack((m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21), -1),
+            torch.stack((m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2), -1),
+        ),
+        dim=-2,
+    ) / (2.0 * q_abs[..., None].clamp_min(0.1))
+    best = q_abs.argmax(-1)[..., None, None].expand(*q_abs.shape[:-1], 1, 4)
+    rijk = cands.gather(-2, best).squeeze(-2)
+    q = rijk[..., [1, 2, 3, 0]]
+    return torch.where(q[..., 3:4] < 0, -q, q)
+
+
+def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """extrinsics [B,S,3,4] (w2c OpenCV), intrinsics [B,S,3,3] -> pose_enc [B,S,9] = [t, quat xyzw, fov_h, fov_w]."""
+    H, W = image_hw
+    quat = mat_to_quat(extrinsics[..., :3, :3])
+    fov_h = 2 * torch.atan((H / 2) / intrinsics[..., 1, 1])
+    fov_w = 2 * torch.atan((W / 2) / intrinsics[..., 0, 0])
+    return torch.cat((extrinsics[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]), dim=-1).float()
+
+
+def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """pose_enc [..., 9] -> (extrinsics [..., 3, 4] w2c OpenCV, intrinsics [..., 3, 3], principal point at centre)."""
+    H, W = image_hw
+    R = quat_to_mat(pose_enc[..., 3:7])
+    extrinsics = torch.cat((R, pose_enc[..., :3, None]), dim=-1)
+    fy = (H / 2.0) / torch.tan(pose_enc[..., 7] / 2.0)
+    fx = (W / 2.0) / torch.tan(pose_enc[..., 8] / 2.0)
+    intrinsics = torch.zeros(pose_enc.shape[:-1] + (3, 3), dtype=pose_enc.dtype, device=pose_enc.device)
+    intrinsics[..., 0, 0] = fx
+    intrinsics[..., 1, 1] = fy
+    intrinsics[..., 0, 2] = W / 2
+    intrinsics[..., 1, 2] = H / 2
+    intrinsics[..., 2, 2] = 1.0
+    return extrinsics, intrinsics
+
+
+# ----------------------------------------------------------------------------------------------- aggregator
+
+
+def _first_and_rest(token: Tensor, B: int, S: int) -> Tensor:
+    """[1, 2, X, C] -> [B*S, X, C]: index 0 for frame 0, index 1 for frames 1..S-1."""
+    first = token[:, :1].expand(B, 1, *token.shape[2:])
+    rest = token[:, 1:].expand(B, S - 1, *token.shape[2:])
+    return torch.cat((first, rest), dim=1).reshape(B * S, *token.shape[2:])
+
+
+class Aggregator(nn.Module):
+    """Alternating frame/global attention over DINOv2 patch tokens (keys ``aggregator.*``)."""
+
+    def __init__(self, cfg: VGGTConfig) -> None:
+        super().__init__()
+        C = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.patch_start_idx = 1 + cfg.num_register_tokens
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.patch_embed = DinoViT(
+            embed_dim=C,
+            depth=cfg.patch_embed_depth,
+            num_heads=cfg.patch_embed_heads,
+            patch_size=cfg.patch_size,
+            img_size=cfg.img_size,
+            mlp_ratio=cfg.mlp_ratio,
+            num_register_tokens=cfg.num_register_tokens,
+            init_values=1.0,
+            interpolate_antialias=True,
+            interpolate_offset=0.0,
+        )
+        self.rope = RoPE2D(cfg.rope_freq) if cfg.rope_freq > 0 else None
+
+        def block(scope: str) -> Block:
+            return Block(
+                C, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, init_values=cfg.init_values, qk_norm=True,
+                rope=self.rope, scope=scope,
+            )
+
+        self.frame_blocks = nn.ModuleList([block("frame") for _ in range(cfg.depth)])
+        self.global_blocks = nn.ModuleList([block("global") for _ in range(cfg.depth)])
+        self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, C))
+        self.register_token = nn.Parameter(torch.zeros(1, 2, cfg.num_register_tokens, C))
+
+    def _run(self, blk: nn.Module, x: Tensor, pos: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, pos, use_reentrant=False)
+        return blk(x, pos=pos)
+
+    def forward(self, images: Tensor, keep: Sequence[int] | None = None) -> tuple[list[Tensor | None], int]:
+        """images [B,S,3,H,W] in [0,1] -> (outputs, patch_start_idx).
+
+        ``outputs[i]`` is concat(frame_i, global_i) [B, S, P, 2C] for i in ``keep`` (default: every layer) and
+        None for the others; P = patch_start_idx + (H/14)(W/14).
+        """
+        B, S, _, H, W = images.shape
+        depth = len(self.frame_blocks)
+        keep = set(range(depth)) if keep is None else set(keep)
+        mean = images.new_tensor(IMAGENET_MEAN).view(1, 1, 3, 1, 1)
+        std = images.new_tensor(IMAGENET_STD).view(1, 1, 3, 1, 1)
+        x = ((images - mean) / std).reshape(B * S, 3, H, W)
+        patches = self.patch_embed(x)  # [B*S, N, C]
+        dt = patches.dtype
+        tokens = torch.cat(
+            (_first_and_rest(self.camera_token, B, S).to(dt), _first_and_rest(self.register_token, B, S).to(dt), patches),
+            dim=1,
+        )  # [B*S, P, C]
+        P, C = tokens.shape[1:]
+        pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
+        pos_global = pos.reshape(B, S * P, 2)
+
+        outputs: list[Tensor | None] = [None] * depth
+        for i in range(depth):
+            tokens = self._run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
+            frame_out = tokens
+            tokens = self._run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
+            if i in keep:
+                outputs[i] = torch.cat((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)), dim=-1)
+            del frame_out
+        return outputs, self.patch_start_idx
+
+
+# ----------------------------------------------------------------------------------------------- camera head
+
+
+class CameraHead(nn.Module):
+    """Iterative camera refinement from the last layer's camera tokens (keys ``camera_head.*``)."""
+
+    def __init__(self, dim_in: int, *, trunk_depth: int = 4, num_heads: int = 16, init_values: float = 0.01) -> None:
+        super().__init__()
+        self.target_dim = 9
+        # the trunk attends across the S camera tokens of a scene: a cross-view ("global") attention
+        self.trunk = nn.Sequential(
+            *[Block(dim_in, num_heads, mlp_ratio=4, init_values=init_values, scope="global") for _ in range(trunk_depth)]
+        )
+        self.token_norm = nn.LayerNorm(dim_in)
+        self.trunk_norm = nn.LayerNorm(dim_in)
+        self.empty_pose_tokens = nn.Parameter(torch.zeros(1, 1, self.target_dim))
+        self.embed_pose = nn.Linear(self.target_dim, dim_in)
+        self.poseLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim_in, 3 * dim_in))
+        self.adaln_norm = nn.LayerNorm(dim_in, elementwise_affine=False, eps=1e-6)
+        self.pose_branch = Mlp(dim_in, dim_in // 2, self.target_dim)
+
+    def forward(self, last_tokens: Tensor, num_iterations: int = 4) -> list[Tensor]:
+        """last_tokens [B, S, P, dim_in] -> list (one per iteration) of activated pose encodings [B, S, 9]."""
+        tok = self.token_norm(last_tokens[:, :, 0].to(self.token_norm.weight.dtype))  # [B, S, C]
+        B, S, _ = tok.shape
+        pred = None
+        out = []
+        for _ in range(num_iterations):
+            if pred is None:
+                cond = self.embed_pose(self.empty_pose_tokens.expand(B, S, -1))
+            else:
+                cond = self.embed_pose(pred.detach())  # no backprop through the refinement history
+            shift, scale, gate = self.poseLN_modulation(cond).chunk(3, dim=-1)
+            x = gate * (self.adaln_norm(tok) * (1 + scale) + shift) + tok
+            delta = self.pose_branch(self.trunk_norm(self.trunk(x)))
+            pred = delta if pred is None else pred + delta
+            out.append(torch.cat((pred[..., :7], F.relu(pred[..., 7:9])), dim=-1))  # t, quat linear; fov relu
+        return out
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class VGGT(nn.Module):
+    """VGGT model: ``forward(images [B,S,3,H,W] or [S,3,H,W] in [0,1]) -> dict`` (official output keys).
+
+    Returns ``pose_enc`` [B,S,9] (last iteration), ``pose_enc_list``, ``depth`` [B,S,H,W,1], ``depth_conf``
+    [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf`` [B,S,H,W], and ``images`` (the input, as the
+    official model does at inference). H and W must be multiples of 14 (``load_images`` does that).
+    The official checkpoint also has a tracking head (``track_head.*``) that lite3r does not implement: load it
+    with ``load_checkpoint(model, path, skip_prefixes=("track_head.",))``.
+    """
+
+    def __init__(self, config: VGGTConfig = VGGTConfig()) -> None:
+        super().__init__()
+        self.config = config
+        self.name = config.name
+        dim2 = 2 * config.embed_dim
+        self.aggregator = Aggregator(config)
+        self.camera_head = (
+            CameraHead(dim2, trunk_depth=config.camera_trunk_depth, num_heads=config.camera_num_heads,
+                       init_values=config.init_values)
+            if config.enable_camera else None
+        )
+        dpt = dict(
+            patch_size=config.patch_size, features=config.dpt_features, out_channels=config.dpt_out_channels,
+            intermediate_layer_idx=config.intermediate_layer_idx, head_features_2=config.dpt_head_features_2,
+        )
+        self.point_head = (
+            DPTHead(dim2, output_dim=4, activation="inv_log", conf_activation="expp1", **dpt)
+            if config.enable_point else None
+        )
+        self.depth_head = (
+            DPTHead(dim2, output_dim=2, activation="exp", conf_activation="expp1", **dpt)
+            if config.enable_depth else None
+        )
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Fresh init (official scheme): trunc-normal linears, tiny special tokens, LayerScale at init_values."""
+        init_vit_weights(self)
+        nn.init.normal_(self.aggregator.camera_token, std=1e-6)
+        nn.init.normal_(self.aggregator.register_token, std=1e-6)
+
+    @property
+    def kept_layers(self) -> list[int] | None:
+        """Aggregator layers kept in memory: the DPT levels + the last (camera head) when lean, else all."""
+        if not self.config.lean:
+            return None
+        return sorted(set(self.config.intermediate_layer_idx) | {self.config.depth - 1})
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        if images.ndim == 4:
+            images = images[None]
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        tokens, patch_start_idx = self.aggregator(images, keep=self.kept_layers)
+        out: dict[str, Tensor] = {}
+        with self._head_precision(images.device):
+            if self.camera_head is not None:
+                pose_list = self.camera_head(tokens[-1], self.config.camera_iterations)
+                out["pose_enc"] = pose_list[-1]
+                out["pose_enc_list"] = pose_list
+            if self.depth_head is not None:
+                depth, conf = self.depth_head(tokens, (H, W), patch_start_idx, self.config.frames_chunk_size)
+                out["depth"], out["depth_conf"] = depth, conf
+            if self.point_head is not None:
+                pts, conf = self.point_head(tokens, (H, W), patch_start_idx, self.config.frames_chunk_size)
+                out["world_points"], out["world_points_conf"] = pts, conf
+        if not self.training:
+            out["images"] = images
+        return out
+
+    def _head_precision(self, device: torch.device):
+        if self.config.head_dtype == "bfloat16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+    @staticmethod
+    def to_cameras(out: dict, image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Model output -> extrinsics [B,S,3,4] (w2c OpenCV, frame 0 = world), intrinsics, depth, depth_conf."""
+        extrinsics, intrinsics = pose_encoding_to_extri_intri(out["pose_enc"], image_hw)
+        return dict(extrinsics=extrinsics, intrinsics=intrinsics, depth=out["depth"][..., 0], depth_conf=out["depth_conf"])
+
+
+
+MODEL = VGGT

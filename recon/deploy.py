@@ -1,0 +1,231 @@
+"""The deployable student: FP8 weights + fused SLA + torch.compile, and its one-file artifact.
+
+    student = make_student(build_backbone("vggt-1b"), topk=0.05, fp8=True)   # QAT structure (+ trained proj_l)
+    model = deploy_model(student, device="cuda")                             # FP8 W8A8 linears, bf16 rest, compiled
+    save_artifact(student_deployed, "vggt.lite3r.safetensors")               # fp8 weights + scales + config JSON
+    model = load_artifact("vggt.lite3r.safetensors", device="cuda")          # no QAT model, no teacher file needed
+
+What `deploy_model` does, in order:
+1. `lite3r.to_fp8_inference`: every FP8 fake-quant linear becomes an `FP8Linear` (float8_e4m3fn weight, fp32
+   per-output-row scale; W8A8 `torch._scaled_mm` with per-token dynamic activation scales on sm90+, weight-only
+   FP8 elsewhere). Fake quant is gone.
+2. Every other floating tensor goes to `dtype` (bf16), except the FP8 weights and their fp32 scales, and except the
+   modules `keep_fp32` names (by default none: the forward runs under bf16 autocast, which already computes
+   LayerNorm, softmax and the reductions in fp32; pose regression and the final DPT activations stay where the
+   backbone puts them).
+3. `torch.compile`, per repeated block (regional: fast to compile, the top-level module stays eager so hooks and
+   profiler ranges still see the heads) or of the whole model; `mode` as torch.compile takes it ("default",
+   "max-autotune-no-cudagraphs", "reduce-overhead" for CUDA graphs where shapes are static).
+
+SLA modules go through the fused kernel by themselves: `lite3r.sla_attention` dispatches to `kernels` when they
+are importable and support the device (LITE3R_BACKEND=auto).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import lite3r
+
+ARTIFACT_FORMAT = "lite3r-deploy/1"
+
+
+def sla_scope_filter(scope: str) -> Callable[[nn.Module, str], bool]:
+    """Which attention modules become SLA: "global" (cross-view only; frame attention stays dense) or "all"."""
+    if scope == "all":
+        return lambda module, fqn: True
+    if scope == "global":
+        return lambda module, fqn: getattr(module, "scope", "global") == "global"
+    raise ValueError(f"SLA scope must be 'global' or 'all', got {scope!r}")
+
+
+def make_student(model: nn.Module, *, topk: float = 0.05, fp8: bool = True, scope: str = "global",
+                 block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                 student: str | os.PathLike | None = None) -> nn.Module:
+    """The QAT student in place: SLA on the attention `scope` selects, FP8 fake quant on the linears when `fp8`,
+    and the trained `proj_l` of a `student.safetensors` when given (zero-initialised otherwise)."""
+    lite3r.swap_attention(model, topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, fp8=fp8,
+                          filter=sla_scope_filter(scope))
+    if student is not None:
+        load_proj_l(model, student)
+    return model
+
+
+def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Copy the trained parameters of a `student.safetensors` (proj_l weights and biases) into `model`, strictly:
+    every tensor in the file must name a parameter of the model with the same shape."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.fspath(path))
+    params = dict(model.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise KeyError(f"{path}: {len(missing)} tensors name no parameter of the model, first {missing[:3]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if params[key].shape != value.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
+            params[key].copy_(value)
+    return model
+
+
+def cast_floating(model: nn.Module, dtype: torch.dtype, *, keep: Callable[[nn.Module, str], bool] | None = None):
+    """Cast floating parameters and buffers to `dtype`, leaving FP8Linear (fp8 weight + fp32 scale) and the
+    modules `keep(module, fqn)` selects (with everything under them) as they are. `Module.to(dtype)` would turn
+    float8 weights back into bf16 - float8 is a floating dtype."""
+    skip: list[str] = []
+    for fqn, module in model.named_modules():
+        if any(fqn.startswith(p + ".") for p in skip):
+            continue
+        if isinstance(module, lite3r.FP8Linear) or (keep is not None and keep(module, fqn)):
+            skip.append(fqn)
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buf in module.named_buffers(recurse=False):
+            if buf.is_floating_point() and buf.dtype != dtype:
+                setattr(module, name, buf.to(dtype))
+    return model
+
+
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """Children of ModuleLists whose members all share one class (transformer blocks): the regions to compile."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+            blocks += list(module)
+    return blocks
+
+
+def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = True) -> nn.Module:
+    """torch.compile every repeated block in place (regional; compiled once per block class and shape) or the
+    whole model. Returns the module to call."""
+    mode = None if mode == "default" else mode
+    if not regional:
+        return torch.compile(model, mode=mode)
+    blocks = repeated_blocks(model)
+    if not blocks:
+        return torch.compile(model, mode=mode)
+    for block in blocks:
+        block.compile(mode=mode)
+    return model
+
+
+def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
+                 compile_mode: str | None = "default", regional: bool = True,
+                 keep_fp32: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Fake quant -> FP8Linear, the rest to `dtype`, onto `device`, then compiled (compile_mode=None: eager)."""
+    model = lite3r.to_fp8_inference(model)
+    cast_floating(model, dtype, keep=keep_fp32)
+    if device is not None:
+        model = model.to(device)
+    model.eval().requires_grad_(False)
+    if compile_mode:
+        model = compile_model(model, mode=compile_mode, regional=regional)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- artifact
+def _sla_settings(model: nn.Module) -> dict:
+    """The SLA modules of `model` and their settings: {fqn: {topk, block_q, block_k, feature_map}}."""
+    return {fqn: {k: getattr(m, k) for k in ("topk", "block_q", "block_k", "feature_map")}
+            for fqn, m in model.named_modules() if isinstance(m, lite3r.SLAAttention)}
+
+
+def artifact_config(model: nn.Module) -> dict:
+    """Everything `load_artifact` needs besides the tensors: backbone name + config, SLA settings per module."""
+    import dataclasses
+
+    config = getattr(model, "config", None)
+    return {
+        "format": ARTIFACT_FORMAT,
+        "backbone": getattr(model, "name", None),
+        "backbone_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
+        "sla": _sla_settings(model),
+    }
+
+
+def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write the deployed (not compiled) model as one safetensors file: fp8 weights + fp32 scales + the rest in
+    their deployed dtype, and the config JSON in the header metadata. Returns the config."""
+    from safetensors.torch import save
+
+    from recon.io import atomic_write_bytes
+
+    model = getattr(model, "_orig_mod", model)
+    config = artifact_config(model)
+    if not config["backbone"]:
+        raise ValueError("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    atomic_write_bytes(path, save(tensors, metadata={"lite3r": json.dumps(config)}), overwrite=overwrite)
+    return config
+
+
+def read_artifact_config(path: str | os.PathLike) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "lite3r" not in meta:
+        raise ValueError(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
+    config = json.loads(meta["lite3r"])
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: artifact format {config.get('format')!r}, this lite3r reads {ARTIFACT_FORMAT!r}")
+    return config
+
+
+def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None = None,
+                  compile_mode: str | None = None, regional: bool = True) -> nn.Module:
+    """Rebuild a deployed model from `save_artifact`'s file alone: backbone architecture, SLA where it was, FP8Linear
+    for every linear whose weight is float8 in the file, then the file's tensors assigned as they are (bit-identical
+    weights). No teacher checkpoint and no QAT training state is needed."""
+    from safetensors.torch import load_file
+
+    from backbones import build_backbone
+
+    config = read_artifact_config(path)
+    tensors = load_file(os.fspath(path))
+    fp8_linears = {k.rsplit(".", 1)[0] for k, v in tensors.items() if k.endswith(".weight") and v.dtype ==
+                   torch.float8_e4m3fn}
+    sla = config["sla"]
+    model = build_backbone(config["backbone"], **config["backbone_config"])
+    if sla or fp8_linears:
+        first = next(iter(sla.values()), {"block_q": 64, "block_k": 64, "feature_map": "softmax"})
+        lite3r.swap_attention(model, topk=lambda m, fqn: sla[fqn]["topk"] if fqn in sla else 1.0,
+                              block_q=first["block_q"], block_k=first["block_k"], feature_map=first["feature_map"],
+                              fp8=bool(fp8_linears), filter=lambda m, fqn: fqn in sla,
+                              fp8_filter=lambda m, fqn: fqn in fp8_linears)
+        model = lite3r.to_fp8_inference(model)
+    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
+              and not k.endswith("weight_scale")}
+    if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
+        cast_floating(model, dtypes.pop())
+    model.load_state_dict(tensors, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model = model.to(device)
+    if compile_mode:
+        model = compile_model(model, mode=compile_mode, regional=regional)
+    return model
+
+
+def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | os.PathLike | None = None,
+           student: str | os.PathLike | None = None, topk: float = 0.05, scope: str = "global", fp8: bool = True,
+           dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict:
+    """`lite3r export`: teacher (checkpoint or random weights) -> student (SLA + FP8, trained proj_l when given)
+    -> deployed on the CPU, uncompiled -> artifact. Returns the artifact config."""
+    from backbones import build_backbone, load_checkpoint
+
+    if os.path.exists(out) and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    teacher = build_backbone(model)
+    if weights is not None:
+        load_checkpoint(teacher, weights, strict=True)
+    deployed = deploy_model(make_student(teacher.eval(), topk=topk, fp8=fp8, scope=scope, student=student),
+                            dtype=dtype, compile_mode=None)
+    return save_artifact(deployed, out, overwrite=overwrite)

@@ -1,0 +1,134 @@
+"""Deployment: FP8Linear vs the fake-quant linear it came from, the deployed tiny student vs the QAT student, and the
+artifact round trip (bit-identical tensors, identical outputs). CPU, seconds."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lite3r
+from recon import deploy
+
+
+def _tiny_student(topk: float = 0.25, fp8: bool = True) -> nn.Module:
+    """vggt-tiny as a QAT student with non-zero proj_l, so the linear branch counts in the outputs."""
+    from backbones import build_backbone
+
+    torch.manual_seed(0)
+    model = deploy.make_student(build_backbone("vggt-tiny").eval(), topk=topk, fp8=fp8)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj_l" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+def _images(views: int = 2, size: int = 56) -> torch.Tensor:
+    return torch.rand(1, views, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+def _spread_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """|x - ref| over the spread of ref (random weights give small spreads around a large mean)."""
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / (ref - ref.mean()).norm())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+@pytest.mark.parametrize("shape", [(3, 48), (2, 7, 48), (1, 48)], ids=["tokens", "batch-odd", "single-token"])
+def test_fp8_linear_matches_fake_quant(shape):
+    """Each deployed FP8Linear computes what its FP8FakeQuantLinear computed (same quantised weights and activation
+    scales), within fp32 rounding when W8A8 runs and within the activation-quantisation error when weight-only."""
+    torch.manual_seed(0)
+    qat = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 32))
+    lite3r.swap_attention(qat, fp8=True)
+    assert all(isinstance(m, lite3r.FP8FakeQuantLinear) for m in (qat[0], qat[2]))
+    x = torch.randn(*shape, 48)
+    x.view(-1, 48)[-1] = 0.0  # an all-zero token: its scale is clamped, its output is the bias
+    with torch.no_grad():
+        ref = qat(x)
+        dep = deploy.deploy_model(copy.deepcopy(qat), dtype=torch.float32, compile_mode=None)
+        assert all(isinstance(m, lite3r.FP8Linear) for m in (dep[0], dep[2]))
+        assert dep[0].weight.dtype == torch.float8_e4m3fn and dep[0].weight_scale.dtype == torch.float32
+        out = dep(x)
+    rel = float((out - ref).norm() / ref.norm())
+    assert rel < 1e-2, rel
+
+
+def test_fp8_weights_are_the_fake_quant_weights():
+    """The stored float8 weight times its per-row scale is exactly the fake-quantised weight."""
+    torch.manual_seed(0)
+    qat = nn.Sequential(nn.Linear(64, 32))
+    lite3r.swap_attention(qat, fp8=True)
+    w_dq = lite3r.fp8_fake_quant(qat[0].weight.detach(), axis=-1)
+    dep = deploy.deploy_model(copy.deepcopy(qat), dtype=torch.float32, compile_mode=None)
+    w = dep[0].weight.float() * dep[0].weight_scale.float().reshape(-1, 1)
+    torch.testing.assert_close(w, w_dq, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-2), (torch.bfloat16, 1e-1)], ids=["fp32", "bf16"])
+def test_deployed_tiny_student_matches_qat_student(dtype, tol):
+    """Deployed (FP8Linear, `dtype` elsewhere, eager) vs the fp32 QAT student it came from, over the outputs' spread:
+    within 1e-2 in fp32 (only the GEMM path differs) and 1e-1 in bf16 (bf16 activations through 4+ blocks)."""
+    from backbones import to_cameras
+
+    student = _tiny_student()
+    images = _images()
+    with torch.no_grad():
+        ref = student(images)
+        dep = deploy.deploy_model(copy.deepcopy(student), dtype=dtype, compile_mode=None)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = dep(images)
+    n_fp8 = sum(isinstance(m, lite3r.FP8Linear) for m in dep.modules())
+    assert n_fp8 > 0 and not any(isinstance(m, lite3r.FP8FakeQuantLinear) for m in dep.modules())
+    hw = images.shape[-2:]
+    cam_ref, cam_out = to_cameras("vggt-tiny", ref, hw), to_cameras("vggt-tiny", out, hw)
+    for key in ("depth", "extrinsics"):
+        assert torch.isfinite(cam_out[key]).all()
+        assert _spread_err(cam_out[key].float(), cam_ref[key].float()) < tol, key
+
+
+def test_artifact_round_trip(tmp_path):
+    """save_artifact -> load_artifact rebuilds the model from the file alone: same tensors bit for bit (fp8 weights,
+    fp32 scales, bf16 rest), same outputs, SLA settings kept; refuses to overwrite; rejects a foreign file."""
+    from safetensors.torch import save_file
+
+    student = _tiny_student(topk=0.5)
+    dep = deploy.deploy_model(student, dtype=torch.bfloat16, compile_mode=None)
+    path = tmp_path / "tiny.lite3r.safetensors"
+    config = deploy.save_artifact(dep, path)
+    assert config["backbone"] == "vggt-tiny" and config["sla"]
+    loaded = deploy.load_artifact(path)
+
+    sd_a, sd_b = dep.state_dict(), loaded.state_dict()
+    assert sd_a.keys() == sd_b.keys()
+    assert any(v.dtype == torch.float8_e4m3fn for v in sd_b.values())
+    for key in sd_a:
+        assert sd_a[key].dtype == sd_b[key].dtype, key
+        assert torch.equal(_bits(sd_a[key]), _bits(sd_b[key])), key
+    assert deploy._sla_settings(loaded) == deploy._sla_settings(dep)
+
+    images = _images()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out_a, out_b = dep(images), loaded(images)
+    for key, val in out_a.items():
+        if isinstance(val, torch.Tensor):
+            assert torch.equal(val, out_b[key]), key
+
+    with pytest.raises(FileExistsError):
+        deploy.save_artifact(dep, path)
+    foreign = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="not a lite3r deploy artifact"):
+        deploy.load_artifact(foreign)
+
+
+def test_cast_floating_keeps_fp8():
+    """Module.to(bf16) would turn float8 weights into bf16; cast_floating leaves FP8Linear alone."""
+    qat = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32))
+    lite3r.swap_attention(qat, fp8=True)
+    dep = deploy.deploy_model(qat, dtype=torch.bfloat16, compile_mode=None)
+    assert dep[0].weight.dtype == torch.float8_e4m3fn and dep[0].weight_scale.dtype == torch.float32
+    assert dep[1].weight.dtype == torch.bfloat16
