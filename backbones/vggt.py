@@ -192,7 +192,6 @@ class Aggregator(nn.Module):
         C = cfg.embed_dim
         self.patch_size = cfg.patch_size
         self.patch_start_idx = 1 + cfg.num_register_tokens
-        self.grad_checkpointing = cfg.grad_checkpointing
         self.patch_embed = DinoViT(
             embed_dim=C,
             depth=cfg.patch_embed_depth,
@@ -218,16 +217,14 @@ class Aggregator(nn.Module):
         self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, C))
         self.register_token = nn.Parameter(torch.zeros(1, 2, cfg.num_register_tokens, C))
 
-    def _run(self, blk: nn.Module, x: Tensor, pos: Tensor) -> Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, x, pos, use_reentrant=False)
-        return blk(x, pos=pos)
-
-    def forward(self, images: Tensor, keep: Sequence[int] | None = None) -> tuple[list[Tensor | None], int]:
+    def forward(
+        self, images: Tensor, keep: Sequence[int] | None = None, checkpointing: bool = False
+    ) -> tuple[list[Tensor | None], int]:
         """images [B,S,3,H,W] in [0,1] -> (outputs, patch_start_idx).
 
         ``outputs[i]`` is concat(frame_i, global_i) [B, S, P, 2C] for i in ``keep`` (default: every layer) and
-        None for the others; P = patch_start_idx + (H/14)(W/14).
+        None for the others; P = patch_start_idx + (H/14)(W/14). ``checkpointing`` recomputes each frame/global
+        block in backward (while training with grad enabled) instead of storing its activations.
         """
         B, S, _, H, W = images.shape
         depth = len(self.frame_blocks)
@@ -245,11 +242,16 @@ class Aggregator(nn.Module):
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
         pos_global = pos.reshape(B, S * P, 2)
 
+        def run(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
+            if checkpointing and self.training and torch.is_grad_enabled():
+                return torch.utils.checkpoint.checkpoint(blk, x, p, use_reentrant=False)
+            return blk(x, pos=p)
+
         outputs: list[Tensor | None] = [None] * depth
         for i in range(depth):
-            tokens = self._run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
+            tokens = run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
             frame_out = tokens
-            tokens = self._run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
+            tokens = run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
             if i in keep:
                 outputs[i] = torch.cat((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)), dim=-1)
             del frame_out
@@ -306,8 +308,15 @@ class VGGT(nn.Module):
     [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf`` [B,S,H,W], and ``images`` (the input, as the
     official model does at inference). H and W must be multiples of 14 (``load_images`` does that).
     The official checkpoint also has a tracking head (``track_head.*``) that lite3r does not implement: load it
-    with ``load_checkpoint(model, path, skip_prefixes=("track_head.",))``.
+    with ``load_checkpoint(model, path, skip_prefixes=model.optional_checkpoint_prefixes)``.
+
+    ``config`` is read at every forward, so inference options (lean, frames_chunk_size, head_dtype,
+    grad_checkpointing, camera_iterations) may be changed by replacing ``model.config``
+    (``dataclasses.replace``); architecture fields must not change after construction.
     """
+
+    # official-checkpoint keys of parts lite3r does not build; dropped only when the caller asks (skip_prefixes)
+    optional_checkpoint_prefixes = ("track_head.",)
 
     def __init__(self, config: VGGTConfig = VGGTConfig()) -> None:
         super().__init__()
@@ -354,7 +363,7 @@ class VGGT(nn.Module):
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
         H, W = images.shape[-2:]
-        tokens, patch_start_idx = self.aggregator(images, keep=self.kept_layers)
+        tokens, patch_start_idx = self.aggregator(images, self.kept_layers, self.config.grad_checkpointing)
         out: dict[str, Tensor] = {}
         with self._head_precision(images.device):
             if self.camera_head is not None:

@@ -181,3 +181,17 @@ def _parity(shared_reference):
         assert out[key].shape == fx[key].shape, key
         rms, mx = _rel_std(out[key], fx[key])
         assert rms < 1e-4 and mx < 5e-4, (key, rms, mx)
+
+
+def test_grad_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    a = build_backbone("vggt-tiny").train()
+    b = build_backbone("vggt-tiny", grad_checkpointing=True).train()
+    b.load_state_dict(a.state_dict())
+    images = torch.rand(1, 2, 3, 56, 70)
+    grads = []
+    for m in (a, b):
+        out = m(images)
+        (out["depth"].mean() + out["pose_enc"].square().mean()).backward()
+        grads.append(m.aggregator.frame_blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
