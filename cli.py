@@ -39,12 +39,15 @@ def bench(
                                                        "kernel benchmarks; attention: one global attention layer, "
                                                        "SDPA vs SLA")] = BenchTarget.vggt,
     views: Annotated[str, typer.Option(help="views per scene; a comma list (8,32,128) sweeps them")] = "32",
-    res: Annotated[int, typer.Option(help="square image size in pixels (multiple of 14)")] = 518,
+    res: Annotated[Optional[int], typer.Option(help="square image size in pixels, a multiple of 14 (default: 518 on "
+                                                    "CUDA, 140 for the tiny config on CPU)")] = None,
     topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks on global attention")] = 0.05,
     weights: Annotated[Optional[Path], typer.Option(help="dense checkpoint (random weights when absent)")] = None,
     student: Annotated[Optional[Path], typer.Option(help="student.safetensors with trained proj_l for (c), (d)")] = None,
-    repeats: Annotated[int, typer.Option(help="timed runs per path (the median is reported)")] = 3,
-    warmup: Annotated[int, typer.Option(help="untimed runs first (compile, autotune, CUDA-graph capture)")] = 2,
+    repeats: Annotated[Optional[int], typer.Option(help="timed runs per path, the median is reported (default: 3 on "
+                                                        "CUDA, 1 on CPU)")] = None,
+    warmup: Annotated[Optional[int], typer.Option(help="untimed runs first: compile, autotune, CUDA-graph capture "
+                                                       "(default: 2 on CUDA, 1 on CPU)")] = None,
     variants: Annotated[str, typer.Option(help="paths to run, comma separated: a,b,c,d (and bf16-all, bf16-lean: "
                                                "eager bf16 with all vs only the head layers kept)")] = "a,b,c,d",
     compile_mode: Annotated[str, typer.Option(help="torch.compile mode for (b)-(d): default, "
@@ -73,23 +76,25 @@ def bench(
 
 @app.command()
 def export(
-    out: Annotated[Path, typer.Option(help="the deploy artifact to write (.safetensors)")],
-    model: Annotated[str, typer.Option(help="backbone name (vggt-1b, da3-large, vggt-tiny, ...)")] = "vggt-tiny",
+    student: Annotated[Optional[Path], typer.Argument(help="trained student: DIR of lite3r train or its "
+                                                           "student.safetensors (omit: a fresh, untrained student)")] = None,
+    out: Annotated[Path, typer.Option(help="the deploy artifact to write")] = Path("model.lite3r.safetensors"),
+    model: Annotated[str, typer.Option(help="backbone the student was trained on (vggt-1b, da3-large, vggt-tiny, ...)")]
+    = "vggt-tiny",
     weights: Annotated[Optional[Path], typer.Option(help="dense teacher checkpoint (random weights when absent)")] = None,
-    student: Annotated[Optional[Path], typer.Option(help="student.safetensors with the trained proj_l")] = None,
-    topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks")] = 0.05,
-    scope: Annotated[str, typer.Option(help="attention made SLA: global (cross-view) or all")] = "global",
-    fp8: Annotated[bool, typer.Option(help="FP8 E4M3 linear weights with per-row scales")] = True,
+    topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks (fresh student only)")] = 0.05,
+    scope: Annotated[str, typer.Option(help="attention made SLA, global or all (fresh student only)")] = "global",
+    fp8: Annotated[bool, typer.Option(help="FP8 E4M3 linear weights with per-row scales (fresh student only)")] = True,
     overwrite: Annotated[bool, typer.Option(help="replace an existing --out file")] = False,
 ) -> None:
-    """Write the deployable artifact of a student: FP8 weights + scales + SLA settings + config in one safetensors
-    file, loadable with recon.deploy.load_artifact without the teacher or the QAT model."""
+    """Write the deployable artifact of a student: FP8 weights + scales, the rest in bf16, SLA settings and the
+    backbone config in one safetensors file; recon.deploy.load_artifact rebuilds it without teacher or QAT model."""
     from recon import deploy as _deploy
 
     config = _deploy.export(out, model=model, weights=weights, student=student, topk=topk, scope=scope, fp8=fp8,
                             overwrite=overwrite)
-    typer.echo(f"wrote {out}: {config['backbone']}, {len(config['sla'])} SLA modules")
-
+    typer.echo(f"wrote {out}: {config['backbone']}, {len(config['sla'])} SLA modules, "
+               f"{config['fp8_linears']} FP8 linears")
 
 def main() -> None:
     """Console entry point: run the app, turning known errors into one clear line."""

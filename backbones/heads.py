@@ -228,7 +228,8 @@ class DPTHead(nn.Module):
         out = self.fuse(feats)
         out = interpolate_chunked(out, (ph * self.patch_size, pw * self.patch_size))
         out = self.scratch.output_conv2(grid_pos_embed(out, image_hw))
-        values, conf = activate_head(out, self.activation, self.conf_activation)
+        # activations in fp32: with bf16 heads, exp() of a bf16 logit would round depth ~1 to 2**-8
+        values, conf = activate_head(out.float(), self.activation, self.conf_activation)
         return values.unflatten(0, (B, s)), conf.unflatten(0, (B, s))
 
     def fuse(self, feats: list[Tensor]) -> Tensor:

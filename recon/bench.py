@@ -47,10 +47,10 @@ class BenchConfig:
 
     model: str = "vggt"
     views: tuple[int, ...] = (32,)
-    res: int = 518
+    res: int | None = None  # None: 518 on CUDA, 140 on CPU (the tiny config's smoke test)
     topk: float = 0.05
-    repeats: int = 3
-    warmup: int = 2
+    repeats: int | None = None  # None: 3 on CUDA, 1 on CPU
+    warmup: int | None = None  # None: 2 on CUDA (compile, then autotune / CUDA-graph capture), 1 on CPU
     variants: tuple[str, ...] = ("a", "b", "c", "d")
     compile_mode: str | None = "default"  # None: eager; else a torch.compile mode
     weights: str | None = None  # dense checkpoint for the teacher (random weights when absent)
@@ -65,11 +65,11 @@ class BenchConfig:
             raise ValueError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
         if not self.views or min(self.views) < 1:
             raise ValueError(f"--views must be positive integers, got {self.views}")
-        if self.res % 14:
+        if self.res is not None and (self.res % 14 or self.res < 14):
             raise ValueError(f"--res must be a multiple of the patch size 14, got {self.res}")
         if not 0 < self.topk <= 1:
             raise ValueError(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
-        if self.repeats < 1 or self.warmup < 1:
+        if (self.repeats is not None and self.repeats < 1) or (self.warmup is not None and self.warmup < 1):
             raise ValueError("--repeats and --warmup must be at least 1")
 
 
@@ -139,10 +139,17 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
 
 
 # -------------------------------------------------------------------------------------------- building the paths
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are emulated and slower than fp32 (the CPU run is a smoke
+    test of the paths, not a measurement)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def forward(model: nn.Module, images: torch.Tensor):
-    """Every path runs under bf16 autocast, as the official demos do: with bf16 weights it only keeps LayerNorm,
-    softmax and reductions in fp32 (the geometry-fragile ops) and casts the fp32 images."""
-    with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16):
+    """Every path runs under bf16 autocast on CUDA, as the official demos do: with bf16 weights it only keeps
+    LayerNorm, softmax and reductions in fp32 (the geometry-fragile ops) and casts the fp32 images."""
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                                enabled=compute_dtype(images.device) == torch.bfloat16):
         return model(images)
 
 
@@ -162,9 +169,13 @@ def build_variant(variant: str, base: nn.Module, cfg: BenchConfig, device: torch
         return configure(model, lean=False, head_dtype="float32").to(device)
     configure(model, lean=variant != "bf16-all", head_dtype=cfg.head_dtype)
     compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
-    if variant in ("c", "d"):
+    if variant == "d" and cfg.student:  # the trained student, with the SLA / FP8 settings it was trained with
+        from recon.train import load_student
+
+        model = load_student(cfg.student, model)
+    elif variant in ("c", "d"):
         model = deploy.make_student(model, topk=cfg.topk, fp8=variant == "d", student=cfg.student)
-    return deploy.deploy_model(model, device=device, dtype=torch.bfloat16, compile_mode=compile_mode)
+    return deploy.deploy_model(model, device=device, dtype=compute_dtype(device), compile_mode=compile_mode)
 
 
 def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -256,8 +267,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: boo
     device = resolve_device(cfg.device)
     name = resolve_backbone(cfg.model, device)
     note = None
+    gpu = device.type == "cuda"
+    cfg = dataclasses.replace(cfg, res=cfg.res or (518 if gpu else 140), repeats=cfg.repeats or (3 if gpu else 1),
+                              warmup=cfg.warmup or (2 if gpu else 1))
     if device.type != "cuda":
-        note = f"no CUDA: ran the tiny config {name!r} eagerly on {device}; peak memory is not measured"
+        note = (f"no CUDA: ran the tiny config {name!r} eagerly on {device} in fp32 at {cfg.res}x{cfg.res}, a smoke "
+                f"test of the paths, not a measurement; peak memory is not measured")
         log(note)
     base = build_base(name, cfg.weights)
     rows, profiles = [], {}
@@ -360,23 +375,35 @@ def categorise(kernel: str) -> str:
     return "other"
 
 
+def timed_modules(model: nn.Module, max_depth: int = 2) -> list[tuple[str, nn.Module]]:
+    """Modules to time with CUDA events: up to `max_depth` deep, none that is or runs inside a compiled block (a
+    hook there would be traced into the compiled region and recompile it). Whole-model compile: none."""
+    from recon.deploy import compile_regions
+
+    if hasattr(model, "_orig_mod"):
+        return []
+    inside = {id(m) for region in compile_regions(model) for m in region.modules()}
+    return [(fqn, m) for fqn, m in model.named_modules() if fqn and fqn.count(".") < max_depth
+            and id(m) not in inside and not isinstance(m, (nn.ModuleList, nn.ModuleDict))]
+
+
 @contextmanager
-def module_timers(model: nn.Module, device: torch.device) -> Iterator[dict[str, list]]:
-    """CUDA events around each top-level child of `model` (the aggregator/backbone, each head): name -> events."""
+def module_timers(model: nn.Module) -> Iterator[dict[str, list]]:
+    """CUDA events around the forward of each of `timed_modules(model)`: fqn -> [[start, end], ...]."""
     events: dict[str, list] = {}
     handles = []
-    for name, child in getattr(model, "_orig_mod", model).named_children():
-        def pre(mod, args, name=name):
+    for fqn, module in timed_modules(model):
+        def pre(mod, args, fqn=fqn):
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            events.setdefault(name, []).append([ev, None])
+            events.setdefault(fqn, []).append([ev, None])
 
-        def post(mod, args, out, name=name):
+        def post(mod, args, out, fqn=fqn):
             ev = torch.cuda.Event(enable_timing=True)
             ev.record()
-            events[name][-1][1] = ev
+            events[fqn][-1][1] = ev
 
-        handles += [child.register_forward_pre_hook(pre), child.register_forward_hook(post)]
+        handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     try:
         yield events
     finally:
@@ -392,7 +419,7 @@ def profile_breakdown(model: nn.Module, images: torch.Tensor, *, top: int = 15) 
     device = images.device
     if device.type != "cuda":
         raise ValueError("--profile needs a CUDA device")
-    with module_timers(model, device) as events:
+    with module_timers(model) as events:
         _sync(device)
         t0 = time.perf_counter()
         forward(model, images)
@@ -424,7 +451,7 @@ def profile_tables(prof: dict, title: str) -> list:
 
     tables = []
     t = Table(title=f"{title}: wall {prof['wall_s']:.4f} s, GPU kernels {prof['gpu_kernel_s']:.4f} s")
-    t.add_column("top-level module")
+    t.add_column("module (CUDA events; nested rows overlap)")
     t.add_column("s", justify="right")
     t.add_column("% of wall", justify="right")
     for name, secs in prof["modules_s"].items():
@@ -507,9 +534,9 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
     if target == "kernels":
         import kernels.bench
 
-        result = kernels.bench.run(views=cfg.views, topk=cfg.topk, repeats=cfg.repeats)
+        result = kernels.bench.run(views=cfg.views, topk=cfg.topk)
     elif target == "attention":
-        result = bench_attention(views=cfg.views, res=cfg.res, topk=cfg.topk, repeats=cfg.repeats,
+        result = bench_attention(views=cfg.views, res=cfg.res or 518, topk=cfg.topk, repeats=cfg.repeats or 5,
                                  device=cfg.device, log=log)
         console.print(attention_table(result))
     else:

@@ -93,37 +93,87 @@ def cast_floating(model: nn.Module, dtype: torch.dtype, *, keep: Callable[[nn.Mo
     return model
 
 
+GEOMETRY_FRAGILE = ("camera_head", "cam_dec", "output_conv2")  # module names (last fqn part) kept in fp32
+
+
+def geometry_fragile(module: nn.Module, fqn: str) -> bool:
+    """The default `keep_fp32`: camera / pose regression heads (a few tokens per view: fp32 costs nothing) and the
+    last DPT convolution, whose output the depth / point / confidence activations (exp, inverse log) read."""
+    return fqn.rsplit(".", 1)[-1] in GEOMETRY_FRAGILE
+
+
+def _fp32_forward(self, *args, **kwargs):
+    """The class forward of `self` with autocast off and floating tensor arguments in fp32."""
+    from torch.utils._pytree import tree_flatten, tree_map
+
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    device_type = leaves[0].device.type if leaves else "cpu"
+    args, kwargs = tree_map(lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+                            (args, kwargs))
+    with torch.autocast(device_type, enabled=False):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def run_in_fp32(module: nn.Module) -> nn.Module:
+    """Make `module` compute in fp32 whatever the dtype around it: its floating parameters/buffers go to fp32 and
+    its forward runs with autocast off on fp32 inputs. (A bound method, so deepcopy rebinds it to the copy.)"""
+    import types
+
+    cast_floating(module, torch.float32)  # not module.float(): that would dequantise FP8Linear weights
+    module.forward = types.MethodType(_fp32_forward, module)
+    module.lite3r_fp32 = True
+    return module
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
-    """Children of ModuleLists whose members all share one class (transformer blocks): the regions to compile."""
-    blocks = []
+    """Members of ModuleLists / Sequentials of two or more modules of one class (transformer blocks): the regions
+    `compile_model` compiles. Outermost only: a block list inside a block is part of that block."""
+    blocks: list[nn.Module] = []
+    seen: set[int] = set()
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) > 1 and len({type(m) for m in module}) == 1:
+        if id(module) in seen:
+            continue
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(module) > 1 and \
+                len({type(m) for m in module}) == 1 and not isinstance(module[0], (nn.Linear, nn.Conv2d)):
             blocks += list(module)
+            seen |= {id(m) for block in module for m in block.modules()}
     return blocks
 
 
-def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = True) -> nn.Module:
-    """torch.compile every repeated block in place (regional; compiled once per block class and shape) or the
-    whole model. Returns the module to call."""
-    mode = None if mode == "default" else mode
-    if not regional:
-        return torch.compile(model, mode=mode)
+def compile_regions(model: nn.Module) -> list[nn.Module]:
+    """What regional compilation compiles: every repeated block, and every top-level child holding none (the DPT
+    heads). Blocks of one class share their compiled code; the glue between them stays eager."""
     blocks = repeated_blocks(model)
-    if not blocks:
-        return torch.compile(model, mode=mode)
-    for block in blocks:
-        block.compile(mode=mode)
+    inside = {id(m) for block in blocks for m in block.modules()}
+    heads = [child for child in model.children()
+             if not any(id(m) in inside for m in child.modules()) and any(True for _ in child.parameters())]
+    return blocks + heads
+
+
+def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = True) -> nn.Module:
+    """torch.compile (static shapes) of each of `compile_regions(model)` in place, or of the whole model.
+    Returns the module to call."""
+    mode = None if mode == "default" else mode
+    regions = compile_regions(model) if regional else []
+    if not regions:
+        return torch.compile(model, mode=mode, dynamic=False)
+    for region in regions:
+        region.compile(mode=mode, dynamic=False)
     return model
 
 
 def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                  compile_mode: str | None = "default", regional: bool = True,
-                 keep_fp32: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Fake quant -> FP8Linear, the rest to `dtype`, onto `device`, then compiled (compile_mode=None: eager)."""
-    model = lite3r.to_fp8_inference(model)
-    cast_floating(model, dtype, keep=keep_fp32)
-    if device is not None:
+                 keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile) -> nn.Module:
+    """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
+    `dtype`; onto `device`; then compiled (compile_mode=None: eager)."""
+    if device is not None:  # first: quantising and casting run faster there
         model = model.to(device)
+    model = lite3r.to_fp8_inference(model)
+    keep = [m for fqn, m in model.named_modules() if keep_fp32 is not None and keep_fp32(m, fqn)]
+    for module in keep:
+        run_in_fp32(module)
+    cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
     model.eval().requires_grad_(False)
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
@@ -147,6 +197,8 @@ def artifact_config(model: nn.Module) -> dict:
         "backbone": getattr(model, "name", None),
         "backbone_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
         "sla": _sla_settings(model),
+        "fp32_modules": [fqn for fqn, m in model.named_modules() if getattr(m, "lite3r_fp32", False)],
+        "fp8_linears": sum(isinstance(m, lite3r.FP8Linear) for m in model.modules()),
     }
 
 
@@ -179,21 +231,16 @@ def read_artifact_config(path: str | os.PathLike) -> dict:
     return config
 
 
-def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None = None,
-                  compile_mode: str | None = None, regional: bool = True) -> nn.Module:
-    """Rebuild a deployed model from `save_artifact`'s file alone: backbone architecture, SLA where it was, FP8Linear
-    for every linear whose weight is float8 in the file, then the file's tensors assigned as they are (bit-identical
-    weights). No teacher checkpoint and no QAT training state is needed."""
-    from safetensors.torch import load_file
-
+def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The deployed architecture of an artifact: backbone, SLA where it was, FP8Linear for every linear whose
+    weight is float8 in the file, fp32 modules as they were, the rest in the file's dtype."""
     from backbones import build_backbone
 
-    config = read_artifact_config(path)
-    tensors = load_file(os.fspath(path))
     fp8_linears = {k.rsplit(".", 1)[0] for k, v in tensors.items() if k.endswith(".weight") and v.dtype ==
                    torch.float8_e4m3fn}
     sla = config["sla"]
-    model = build_backbone(config["backbone"], **config["backbone_config"])
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config["backbone_config"].items() if k != "name"}
+    model = build_backbone(config["backbone"], **overrides)
     if sla or fp8_linears:
         first = next(iter(sla.values()), {"block_q": 64, "block_k": 64, "feature_map": "softmax"})
         lite3r.swap_attention(model, topk=lambda m, fqn: sla[fqn]["topk"] if fqn in sla else 1.0,
@@ -201,11 +248,35 @@ def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None 
                               fp8=bool(fp8_linears), filter=lambda m, fqn: fqn in sla,
                               fp8_filter=lambda m, fqn: fqn in fp8_linears)
         model = lite3r.to_fp8_inference(model)
+    for fqn in config["fp32_modules"]:
+        run_in_fp32(model.get_submodule(fqn))
+    fp32 = tuple(f + "." for f in config["fp32_modules"])
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
-              and not k.endswith("weight_scale")}
+              and not k.endswith("weight_scale") and not k.startswith(fp32)}
     if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
-        cast_floating(model, dtypes.pop())
-    model.load_state_dict(tensors, strict=True, assign=True)
+        cast_floating(model, dtypes.pop(), keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    return model
+
+
+def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None = None,
+                  compile_mode: str | None = None, regional: bool = True) -> nn.Module:
+    """Rebuild a deployed model from `save_artifact`'s file alone: backbone architecture, SLA where it was, FP8Linear
+    for every linear whose weight is float8 in the file, then the file's tensors assigned as they are (bit-identical
+    weights). No teacher checkpoint and no QAT training state is needed."""
+    from safetensors.torch import load_file
+
+    config = read_artifact_config(path)
+    tensors = load_file(os.fspath(path))
+    try:  # on the meta device: no memory, no random init, no quantisation; every tensor comes from the file
+        with torch.device("meta"):
+            model = _skeleton(config, tensors)
+        model.load_state_dict(tensors, strict=True, assign=True)
+        on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # non-persistent buffers
+    except NotImplementedError:  # an op without a meta kernel
+        on_meta = True
+    if on_meta:
+        model = _skeleton(config, tensors)
+        model.load_state_dict(tensors, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if device is not None:
         model = model.to(device)
@@ -217,8 +288,9 @@ def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None 
 def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | os.PathLike | None = None,
            student: str | os.PathLike | None = None, topk: float = 0.05, scope: str = "global", fp8: bool = True,
            dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict:
-    """`lite3r export`: teacher (checkpoint or random weights) -> student (SLA + FP8, trained proj_l when given)
-    -> deployed on the CPU, uncompiled -> artifact. Returns the artifact config."""
+    """`lite3r export`: teacher (checkpoint or random weights) -> student (a trained `student.safetensors` with its
+    own SLA / FP8 settings, or a fresh SLA + FP8 student from the arguments) -> deployed on the CPU, uncompiled ->
+    artifact. Returns the artifact config."""
     from backbones import build_backbone, load_checkpoint
 
     if os.path.exists(out) and not overwrite:
@@ -226,6 +298,11 @@ def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | o
     teacher = build_backbone(model)
     if weights is not None:
         load_checkpoint(teacher, weights, strict=True)
-    deployed = deploy_model(make_student(teacher.eval(), topk=topk, fp8=fp8, scope=scope, student=student),
-                            dtype=dtype, compile_mode=None)
+    if student is not None:  # SLA / FP8 settings as trained (student.json), not the arguments
+        from recon.train import load_student
+
+        model_ = load_student(student, teacher.eval())
+    else:
+        model_ = make_student(teacher.eval(), topk=topk, fp8=fp8, scope=scope)
+    deployed = deploy_model(model_, dtype=dtype, compile_mode=None)
     return save_artifact(deployed, out, overwrite=overwrite)

@@ -285,7 +285,8 @@ def _finish(terms: dict[str, Tensor], total: Tensor, sample_ok: Tensor) -> dict[
 
 def vggt_task_loss(pred: dict[str, Tensor], gt: dict[str, Tensor], w: LossWeights = LossWeights()) -> dict[str, Tensor]:
     """VGGT's training objective. pred: the model's dict (pose_enc or pose_enc_list, depth [B,S,H,W,1], depth_conf,
-    world_points [B,S,H,W,3], world_points_conf); gt: `normalize_scene` output. Returns scalar terms + "task"."""
+    world_points [B,S,H,W,3], world_points_conf); gt: `normalize_scene` output (or a teacher's predictions in the
+    same keys, optionally with its `pose_enc`). Returns scalar terms + "task"."""
     H, W = gt["depth"].shape[-2:]
     mask = gt["mask"]
     sample_ok = mask.flatten(1).sum(1) >= w.min_valid
@@ -293,7 +294,7 @@ def vggt_task_loss(pred: dict[str, Tensor], gt: dict[str, Tensor], w: LossWeight
     total = 0
     encs = pred.get("pose_enc_list") or [pred["pose_enc"]]
     if w.camera:
-        gt_enc = pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
+        gt_enc = gt["pose_enc"].float() if "pose_enc" in gt else pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
         cam = camera_loss(list(encs), gt_enc, mask.flatten(2).sum(2) >= w.min_valid, w)
         terms.update(cam)
         total = total + w.camera * cam["camera"]

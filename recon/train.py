@@ -36,112 +36,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-FAMILIES = {"vggt": {"tiny": "vggt-tiny", "full": "vggt-1b"}, "da3": {"tiny": "da3-tiny", "full": "da3-large"}}
-DEFAULT_RES = {"tiny": (126, 168), "full": (518, 518)}
+from recon.train_config import DEFAULT_RES, FAMILIES, RESUMABLE, TrainConfig, distill_select  # noqa: F401
+
 FORMAT = "lite3r-train/1"
-RESUMABLE = ("steps", "ckpt_every", "eval_scenes")  # may change on --resume; everything else must match
 
 
-# -------------------------------------------------------------------------------------------------------- config
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """One training run. Saved with every checkpoint; the CLI overrides fields by name."""
-
-    model: str = "vggt"  # family (vggt, da3) or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large)
-    size: str | None = None  # tiny | full; default: full with --teacher, else tiny
-    teacher: str | None = None  # dense checkpoint; None: random weights drawn from `seed`
-    dataset: str = "synthetic"  # synthetic | blendedmvs
-    data: str | None = None  # dataset root; None with synthetic: scenes rendered on the fly
-    steps: int = 60
-    batch: int = 2  # scenes per step, over all ranks
-    views: int = 4  # views per scene
-    res: tuple[int, int] | None = None  # (H, W), multiples of 14; default 126x168 tiny, 518x518 full
-    lr: float = 3e-3
-    warmup: int = 5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    lambda_kd: float = 10.0
-    distill: str = "global"  # global | all | comma-separated attention-module indices
-    sla: str = "global"  # which attention becomes SLA: global (cross-view) | all
-    topk: float = 0.05  # SLA kept fraction of key blocks
-    block: int = 64  # SLA block size (queries and keys)
-    feature_map: str = "softmax"  # softmax | elu | relu
-    fp8: bool = True  # FP8 fake quant on the linears
-    grad_ckpt: bool = False  # activation checkpointing per transformer block of the student
-    w_camera: float = 5.0
-    w_depth: float = 1.0
-    w_point: float = 1.0
-    seed: int = 0
-    ckpt_every: int = 20
-    eval_scenes: int = 4
-
-    def __post_init__(self):
-        family = self.family
-        if family not in FAMILIES:
-            raise ValueError(f"model must be vggt, da3 or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large); "
-                             f"got {self.model!r}")
-        size = self.size or ("full" if self.teacher else "tiny")
-        if self.model in FAMILIES and size not in ("tiny", "full"):
-            raise ValueError(f"--size must be tiny or full, got {self.size!r}")
-        object.__setattr__(self, "size", size)
-        res = tuple(self.res) if self.res else DEFAULT_RES.get(size, DEFAULT_RES["tiny"])
-        if len(res) != 2 or any(int(r) <= 0 or int(r) % 14 for r in res):
-            raise ValueError(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
-        object.__setattr__(self, "res", (int(res[0]), int(res[1])))
-        if self.dataset not in ("synthetic", "blendedmvs"):
-            raise ValueError(f"--dataset must be synthetic or blendedmvs, got {self.dataset!r}")
-        if self.dataset == "blendedmvs" and not self.data:
-            raise ValueError("--dataset blendedmvs needs --data PATH (a BlendedMVS root)")
-        if self.data and not Path(self.data).exists():
-            raise FileNotFoundError(f"--data {self.data}: no such directory")
-        if self.teacher and not Path(self.teacher).is_file():
-            raise FileNotFoundError(f"--teacher {self.teacher}: no such file")
-        for name in ("steps", "batch", "views", "block", "ckpt_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.warmup < 0 or self.eval_scenes < 0:
-            raise ValueError("--warmup and --eval-scenes must be non-negative")
-        if not 0 < self.topk <= 1:
-            raise ValueError(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
-            raise ValueError("--lambda-kd and the task loss weights must be non-negative")
-        if self.sla not in ("global", "all"):
-            raise ValueError(f"--sla must be global or all, got {self.sla!r}")
-        if self.feature_map not in ("softmax", "elu", "relu"):
-            raise ValueError(f"--feature-map must be softmax, elu or relu, got {self.feature_map!r}")
-        distill_select(self.distill)  # validates
-
-    @property
-    def family(self) -> str:
-        return self.model.split("-")[0]
-
-    @property
-    def backbone(self) -> str:
-        return FAMILIES[self.model][self.size] if self.model in FAMILIES else self.model
-
-    def to_json(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "res" and v else v) for k, v in d.items() if k in known})
-
-
-def distill_select(spec: str) -> str | list[int] | None:
-    """--distill: "global" (cross-view layers, the default "partial" distillation), "all", or "0,5,11"."""
-    spec = str(spec).strip()
-    if spec in ("global", "all"):
-        return None if spec == "all" else "global"
+def parse_res(text: str) -> tuple[int, int]:
+    """--res: "518" -> (518, 518); "294,518" -> (294, 518)."""
     try:
-        idx = sorted({int(s) for s in spec.split(",") if s.strip()})
+        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"--distill takes global, all or attention-module indices like 0,5,11; got {spec!r}") from None
-    if not idx or idx[0] < 0:
-        raise ValueError(f"--distill indices must be non-negative integers, got {spec!r}")
-    return idx
+        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}")
+    return (parts[0], parts[-1])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -464,27 +372,55 @@ class QAT:
             out = self.teacher(images.to(next(self.teacher.parameters()).dtype))
         return out, [t.float() for t in rec.outputs]
 
-    def losses(self, batch: dict[str, Tensor], *, grad: bool = True) -> tuple[Tensor, dict[str, float], dict]:
-        from recon.losses import normalize_scene
+    def targets(self, batch: dict[str, Tensor], t_out: dict) -> dict[str, Tensor]:
+        """Task-loss targets: the normalised ground truth, or the teacher's own predictions (--target teacher)."""
+        from backbones import to_cameras
+        from recon.losses import normalize_scene, unproject_depth
 
-        gt = normalize_scene(batch["extrinsics"], batch["intrinsics"], batch["depth"], batch["mask"])
-        _, t_att = self.teacher_forward(batch["images"])
+        if self.cfg.target == "gt":
+            return normalize_scene(batch["extrinsics"], batch["intrinsics"], batch["depth"], batch["mask"])
+        t = _to_float(t_out)
+        cams = to_cameras(self.teacher, t, tuple(batch["images"].shape[-2:]))
+        gt = {k: cams[k].float() for k in ("extrinsics", "intrinsics", "depth")}
+        gt["world_points"] = t["world_points"] if "world_points" in t else unproject_depth(
+            gt["depth"], gt["extrinsics"], gt["intrinsics"])
+        if "pose_enc" in t:
+            gt["pose_enc"] = t["pose_enc"]
+        gt["mask"] = torch.isfinite(gt["depth"]) & (gt["depth"] > 0)
+        return gt
+
+    def distill(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
+        """lite3r.distill_loss, each module's outputs scaled by the teacher's RMS when kd_norm (relative MSE)."""
+        if len(student) != len(teacher) or not student:
+            raise RuntimeError(f"distillation matched {len(student)} student and {len(teacher)} teacher attention "
+                               f"outputs (--distill {self.cfg.distill})")
+        student = [s.float() for s in student]
+        if self.cfg.kd_norm:
+            rms = [t.pow(2).mean().sqrt().clamp_min(1e-12) for t in teacher]
+            student = [s / r for s, r in zip(student, rms)]
+            teacher = [t / r for t, r in zip(teacher, rms)]
+        return self.lite3r.distill_loss(student, teacher)
+
+    def losses(self, batch: dict[str, Tensor], *, grad: bool = True) -> tuple[Tensor, dict[str, float], dict, dict]:
+        """(loss, float terms, student outputs, teacher outputs) on a batch."""
+        t_out, t_att = self.teacher_forward(batch["images"])
+        gt = self.targets(batch, t_out)
         with torch.set_grad_enabled(grad), _autocast(self.d.device), \
                 self.lite3r.AttentionRecorder(self.student, select=self.select) as rec:
             out = (self.forward_student if grad else self.student)(batch["images"])
             task = self.task_loss(out, gt, self.weights)
-            kd = self.lite3r.distill_loss([s.float() for s in rec.outputs], t_att)
+            kd = self.distill(rec.outputs, t_att)
             loss = task["task"] + self.cfg.lambda_kd * kd
-        terms = {"loss": float(loss), "task": float(task["task"]), "kd": float(kd)}
-        terms.update({k: float(v) for k, v in task.items() if k in ("camera", "depth", "point")})
-        return loss, terms, out
+        terms = {"loss": loss.item(), "task": task["task"].item(), "kd": kd.item()}
+        terms.update({k: v.item() for k, v in task.items() if k in ("camera", "depth", "point")})
+        return loss, terms, out, t_out
 
     def step(self, step: int) -> dict[str, float]:
         batch = self.local_batch(step)
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
-        loss, terms, _ = self.losses(batch)
+        loss, terms, _, _ = self.losses(batch)
         loss.backward()
         if self.cfg.grad_clip > 0:
             terms["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip))
@@ -530,12 +466,11 @@ def evaluate(qat: QAT, batches: list[dict[str, Tensor]], *, student: bool = True
     for batch in batches:
         images = batch["images"]
         hw = tuple(images.shape[-2:])
-        t_out, t_att = qat.teacher_forward(images)
         if student:
-            _, terms, s_out = qat.losses(batch, grad=False)
-            model_out, model = s_out, qat.student
+            _, terms, model_out, t_out = qat.losses(batch, grad=False)
+            model = qat.student
         else:
-            model_out, model, terms = t_out, qat.teacher, {}
+            (model_out, _), model, terms = qat.teacher_forward(images), qat.teacher, {}
         cams = to_cameras(model, _to_float(model_out), hw)
         row = metrics.summarize(cams, batch) if hasattr(metrics, "summarize") else _metrics(cams, batch)
         if student:

@@ -68,26 +68,36 @@ def test_fp8_weights_are_the_fake_quant_weights():
     torch.testing.assert_close(w, w_dq, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-2), (torch.bfloat16, 1e-1)], ids=["fp32", "bf16"])
-def test_deployed_tiny_student_matches_qat_student(dtype, tol):
-    """Deployed (FP8Linear, `dtype` elsewhere, eager) vs the fp32 QAT student it came from, over the outputs' spread:
-    within 1e-2 in fp32 (only the GEMM path differs) and 1e-1 in bf16 (bf16 activations through 4+ blocks)."""
+def _cams(out: dict, hw) -> dict:
     from backbones import to_cameras
 
+    return {k: v.float() for k, v in to_cameras("vggt-tiny", out, hw).items() if k in ("depth", "extrinsics")}
+
+
+def test_deployed_tiny_student_matches_qat_student():
+    """Deployed (FP8Linear, eager) vs the fp32 QAT student it came from, as error over each output's spread.
+    fp32 deployment: only the GEMM path differs, within 1e-3. bf16 deployment: within twice the error of running
+    the QAT student itself in bf16 (+1e-3), the flash-attention rule for a lower-precision path."""
     student = _tiny_student()
     images = _images()
-    with torch.no_grad():
-        ref = student(images)
-        dep = deploy.deploy_model(copy.deepcopy(student), dtype=dtype, compile_mode=None)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = dep(images)
-    n_fp8 = sum(isinstance(m, lite3r.FP8Linear) for m in dep.modules())
-    assert n_fp8 > 0 and not any(isinstance(m, lite3r.FP8FakeQuantLinear) for m in dep.modules())
     hw = images.shape[-2:]
-    cam_ref, cam_out = to_cameras("vggt-tiny", ref, hw), to_cameras("vggt-tiny", out, hw)
+    with torch.no_grad():
+        ref = _cams(student(images), hw)
+        bf16_qat = deploy.cast_floating(copy.deepcopy(student), torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            base = _cams(bf16_qat(images), hw)
+        outs = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            dep = deploy.deploy_model(copy.deepcopy(student), dtype=dtype, compile_mode=None)
+            assert any(isinstance(m, lite3r.FP8Linear) for m in dep.modules())
+            assert not any(isinstance(m, lite3r.FP8FakeQuantLinear) for m in dep.modules())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                outs[dtype] = _cams(dep(images), hw)
     for key in ("depth", "extrinsics"):
-        assert torch.isfinite(cam_out[key]).all()
-        assert _spread_err(cam_out[key].float(), cam_ref[key].float()) < tol, key
+        assert torch.isfinite(outs[torch.bfloat16][key]).all()
+        assert _spread_err(outs[torch.float32][key], ref[key]) < 1e-3, key
+        budget = 2 * _spread_err(base[key], ref[key]) + 1e-3
+        assert _spread_err(outs[torch.bfloat16][key], ref[key]) < budget, key
 
 
 def test_artifact_round_trip(tmp_path):

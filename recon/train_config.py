@@ -1,0 +1,121 @@
+"""The configuration of `lite3r train`: a frozen dataclass saved with every checkpoint (torch-free, so the CLI can
+show its defaults without importing torch)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+FAMILIES = {"vggt": {"tiny": "vggt-tiny", "full": "vggt-1b"}, "da3": {"tiny": "da3-tiny", "full": "da3-large"}}
+DEFAULT_RES = {"tiny": (126, 168), "full": (518, 518)}
+RESUMABLE = ("steps", "ckpt_every", "eval_scenes")  # may change on --resume; everything else must match
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Saved with every checkpoint; the CLI overrides fields by name."""
+
+    model: str = "vggt"  # family (vggt, da3) or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large)
+    size: str | None = None  # tiny | full; default: full with --teacher, else tiny
+    teacher: str | None = None  # dense checkpoint; None: random weights drawn from `seed`
+    dataset: str = "synthetic"  # synthetic | blendedmvs
+    data: str | None = None  # dataset root; None with synthetic: scenes rendered on the fly
+    steps: int = 60
+    batch: int = 2  # scenes per step, over all ranks
+    views: int = 4  # views per scene
+    res: tuple[int, int] | None = None  # (H, W), multiples of 14; default 126x168 tiny, 518x518 full
+    lr: float = 3e-3
+    warmup: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    lambda_kd: float = 1.0
+    kd_norm: bool = True  # each module's MSE relative to the teacher output's mean square (scale-free)
+    target: str | None = None  # task-loss target: gt | teacher (pseudo-labels); default: gt with --teacher, else
+    #                            teacher (a random teacher's geometry is not the scene's, so match the teacher)
+    distill: str = "global"  # global | all | comma-separated attention-module indices
+    sla: str = "global"  # which attention becomes SLA: global (cross-view) | all
+    topk: float = 0.05  # SLA kept fraction of key blocks
+    block: int = 64  # SLA block size (queries and keys)
+    feature_map: str = "softmax"  # softmax | elu | relu
+    fp8: bool = True  # FP8 fake quant on the linears
+    grad_ckpt: bool = False  # activation checkpointing per transformer block of the student
+    w_camera: float = 5.0
+    w_depth: float = 1.0
+    w_point: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 20
+    eval_scenes: int = 4
+
+    def __post_init__(self):
+        family = self.family
+        if family not in FAMILIES:
+            raise ValueError(f"model must be vggt, da3 or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large); "
+                             f"got {self.model!r}")
+        if self.model in FAMILIES:
+            size = self.size or ("full" if self.teacher else "tiny")
+        else:  # a backbone name fixes the size
+            size = "tiny" if "tiny" in self.model else "full"
+        if size not in ("tiny", "full"):
+            raise ValueError(f"--size must be tiny or full, got {self.size!r}")
+        object.__setattr__(self, "size", size)
+        res = tuple(self.res) if self.res else DEFAULT_RES.get(size, DEFAULT_RES["tiny"])
+        if len(res) != 2 or any(int(r) <= 0 or int(r) % 14 for r in res):
+            raise ValueError(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
+        object.__setattr__(self, "res", (int(res[0]), int(res[1])))
+        if self.dataset not in ("synthetic", "blendedmvs"):
+            raise ValueError(f"--dataset must be synthetic or blendedmvs, got {self.dataset!r}")
+        if self.dataset == "blendedmvs" and not self.data:
+            raise ValueError("--dataset blendedmvs needs --data PATH (a BlendedMVS root)")
+        if self.data and not Path(self.data).exists():
+            raise FileNotFoundError(f"--data {self.data}: no such directory")
+        if self.teacher and not Path(self.teacher).is_file():
+            raise FileNotFoundError(f"--teacher {self.teacher}: no such file")
+        for name in ("steps", "batch", "views", "block", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.warmup < 0 or self.eval_scenes < 0:
+            raise ValueError("--warmup and --eval-scenes must be non-negative")
+        if not 0 < self.topk <= 1:
+            raise ValueError(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
+            raise ValueError("--lambda-kd and the task loss weights must be non-negative")
+        if self.sla not in ("global", "all"):
+            raise ValueError(f"--sla must be global or all, got {self.sla!r}")
+        if self.feature_map not in ("softmax", "elu", "relu"):
+            raise ValueError(f"--feature-map must be softmax, elu or relu, got {self.feature_map!r}")
+        object.__setattr__(self, "target", self.target or ("gt" if self.teacher else "teacher"))
+        if self.target not in ("gt", "teacher"):
+            raise ValueError(f"--target must be gt or teacher, got {self.target!r}")
+        distill_select(self.distill)  # validates
+
+    @property
+    def family(self) -> str:
+        return self.model.split("-")[0]
+
+    @property
+    def backbone(self) -> str:
+        return FAMILIES[self.model][self.size] if self.model in FAMILIES else self.model
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if k == "res" and v else v) for k, v in d.items() if k in known})
+
+
+def distill_select(spec: str) -> str | list[int] | None:
+    """--distill: "global" (cross-view layers, the default "partial" distillation), "all", or "0,5,11"."""
+    spec = str(spec).strip()
+    if spec in ("global", "all"):
+        return None if spec == "all" else "global"
+    try:
+        idx = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--distill takes global, all or attention-module indices like 0,5,11; got {spec!r}") from None
+    if not idx or idx[0] < 0:
+        raise ValueError(f"--distill indices must be non-negative integers, got {spec!r}")
+    return idx
