@@ -96,6 +96,88 @@ def export(
     typer.echo(f"wrote {out}: {config['backbone']}, {len(config['sla'])} SLA modules, "
                f"{config['fp8_linears']} FP8 linears")
 
+# --- train (recon/train.py): defaults come from recon.train_config.TrainConfig, the one source of them ---
+from recon.train_config import TrainConfig as _TrainConfig  # noqa: E402  (torch-free)
+
+_TD = {f.name: f.default for f in __import__("dataclasses").fields(_TrainConfig)}
+
+
+class TrainModel(str, Enum):
+    vggt = "vggt"
+    da3 = "da3"
+
+
+@app.command()
+def train(
+    ctx: typer.Context,
+    model: Annotated[TrainModel, typer.Argument(help="backbone family to distil")] = TrainModel(_TD["model"]),
+    teacher: Annotated[Optional[Path], typer.Option(help="dense teacher checkpoint (.safetensors/.pt); absent: "
+                                                         "random weights drawn from --seed")] = None,
+    size: Annotated[Optional[str], typer.Option(help="tiny (vggt-tiny/da3-tiny) or full (vggt-1b/da3-large) "
+                                                     "(default: full with --teacher, else tiny)")] = None,
+    arch: Annotated[Optional[str], typer.Option(help="exact backbone name instead of MODEL + --size "
+                                                     "(vggt-tiny, vggt-1b, da3-tiny, da3-large)")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="dataset root; absent with synthetic: scenes rendered "
+                                                      "on the fly")] = None,
+    dataset: Annotated[str, typer.Option(help="synthetic or blendedmvs")] = _TD["dataset"],
+    out: Annotated[Path, typer.Option(help="run directory: checkpoints, student.safetensors, metrics.json, "
+                                           "loss.png")] = Path("runs/train"),
+    steps: Annotated[int, typer.Option(help="optimizer steps in all")] = _TD["steps"],
+    batch: Annotated[int, typer.Option(help="scenes per step over all processes")] = _TD["batch"],
+    views: Annotated[int, typer.Option(help="views per scene")] = _TD["views"],
+    res: Annotated[Optional[str], typer.Option(help="image size H,W or one size, multiples of 14 "
+                                                    "(default: 126,168 tiny, 518 full)")] = None,
+    lr: Annotated[float, typer.Option(help="peak AdamW learning rate of proj_l")] = _TD["lr"],
+    warmup: Annotated[int, typer.Option(help="linear warm-up steps (then cosine to 10 %)")] = _TD["warmup"],
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = _TD["weight_decay"],
+    grad_clip: Annotated[float, typer.Option(help="gradient norm clip (0: off)")] = _TD["grad_clip"],
+    lambda_kd: Annotated[float, typer.Option(help="weight of the attention distillation loss")] = _TD["lambda_kd"],
+    kd_norm: Annotated[bool, typer.Option(help="distil relative MSE (each layer's MSE over the teacher output's "
+                                               "mean square)")] = _TD["kd_norm"],
+    target: Annotated[Optional[str], typer.Option(help="task-loss target: gt (the scenes' geometry) or teacher (its "
+                                                       "predictions) (default: gt with --teacher, else teacher)")] = None,
+    distill: Annotated[str, typer.Option(help="attention outputs distilled: global (cross-view layers), all, or "
+                                              "module indices like 0,5,11")] = _TD["distill"],
+    sla: Annotated[str, typer.Option(help="attention made SLA: global (cross-view) or all")] = _TD["sla"],
+    topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks, in (0, 1]")] = _TD["topk"],
+    block: Annotated[int, typer.Option(help="SLA block size in tokens")] = _TD["block"],
+    feature_map: Annotated[str, typer.Option(help="SLA linear-branch feature map: softmax, elu, relu")] =
+        _TD["feature_map"],
+    fp8: Annotated[bool, typer.Option(help="FP8 fake quant on the linears (QAT)")] = _TD["fp8"],
+    grad_ckpt: Annotated[bool, typer.Option(help="activation checkpointing per student block")] = _TD["grad_ckpt"],
+    w_camera: Annotated[float, typer.Option(help="task loss weight: camera")] = _TD["w_camera"],
+    w_depth: Annotated[float, typer.Option(help="task loss weight: depth")] = _TD["w_depth"],
+    w_point: Annotated[float, typer.Option(help="task loss weight: points")] = _TD["w_point"],
+    seed: Annotated[int, typer.Option(help="seed of the teacher's random weights and of the data order")] =
+        _TD["seed"],
+    ckpt_every: Annotated[int, typer.Option(help="checkpoint every N steps (and at the end)")] = _TD["ckpt_every"],
+    eval_scenes: Annotated[int, typer.Option(help="held-out scenes for teacher vs student metrics")] =
+        _TD["eval_scenes"],
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its latest checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar or table")] = False,
+    stop_after: Annotated[Optional[int], typer.Option(hidden=True, help="stop after this step as if killed")] = None,
+) -> None:
+    """FP8-aware QAT of an SLA student with partial attention distillation from its frozen dense teacher. With no
+    --teacher and no --data: the embedded default (tiny architecture, random teacher, synthetic scenes on the fly;
+    a few minutes on CPU). Under `torchrun --nproc_per_node=N` it trains with DDP."""
+    from recon import train as _train
+
+    fields = {"teacher": str(teacher) if teacher else None, "size": size, "data": str(data) if data else None,
+              "dataset": dataset, "steps": steps, "batch": batch, "views": views,
+              "res": _train.parse_res(res) if res else None, "lr": lr, "warmup": warmup,
+              "weight_decay": weight_decay, "grad_clip": grad_clip, "lambda_kd": lambda_kd, "kd_norm": kd_norm,
+              "target": target, "distill": distill,
+              "sla": sla, "topk": topk, "block": block, "feature_map": feature_map, "fp8": fp8, "grad_ckpt": grad_ckpt,
+              "w_camera": w_camera, "w_depth": w_depth, "w_point": w_point, "seed": seed, "ckpt_every": ckpt_every,
+              "eval_scenes": eval_scenes, "model": arch or model.value}
+    given = lambda name: getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"  # noqa: E731
+    explicit = {k for k in fields if k != "model" and given(k)} | ({"model"} if given("arch") or given("model") else set())
+    _train.train(_TrainConfig(**fields), out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
+                 explicit=explicit, stop_after=stop_after)
+
+
 def main() -> None:
     """Console entry point: run the app, turning known errors into one clear line."""
     try:
