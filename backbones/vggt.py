@@ -21,15 +21,18 @@ Pose encoding: [t (3), quaternion xyzw (4), fov_h, fov_w]; extrinsics are OpenCV
 
 Memory-lean inference (``lean=True``, default): the aggregator keeps only the layer outputs the heads read
 (4, 11, 17, 23 - the camera head reads the last) instead of all 24; the DPT heads run ``frames_chunk_size`` frames
-at a time. Outputs are bit-identical to ``lean=False`` (tested). ``head_dtype="bfloat16"`` runs the two DPT heads
-and the camera head under bf16 autocast instead of fp32; measured on the parity input (VGGT-1B recipe weights,
-2 x 196 x 280, CPU), the error vs fp32 relative to each output's std is: see docs/backbones.md.
+at a time. Keeping fewer layers is bit-identical to ``lean=False``; frame chunks equal one big batch to float
+rounding (tested). ``head_dtype="bfloat16"`` runs the camera and DPT heads under bf16 autocast instead of fp32 (the
+head activations stay fp32). Error vs fp32 heads on the parity input (VGGT-1B recipe weights, 2 x 196 x 280, CPU;
+``python -m backbones ../shared/reference``), as rms / max error over the output's std:
+pose_enc 4.2e-3 / 8.2e-3, depth 4.1e-2 / 1.3e-1, depth_conf 2.6e-2 / 1.0e-1, world_points 2.5e-3 / 1.0e-2,
+world_points_conf 2.6e-2 / 1.1e-1 (depth and the confidences have a tiny spread with random weights, std ~2e-3
+around ~1 and ~2: relative to their magnitude the max error is < 3e-4).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -394,3 +397,26 @@ class VGGT(nn.Module):
 
 
 MODEL = VGGT
+
+
+def head_dtype_error(model: VGGT, images: Tensor) -> dict[str, tuple[float, float]]:
+    """Error of bf16 heads vs fp32 heads on ``images`` (one shared aggregator pass): {output: (rms/std, max/std)}."""
+    H, W = images.shape[-2:]
+    results = {}
+    config = model.config
+    with torch.inference_mode():
+        tokens, psi = model.aggregator(images[None] if images.ndim == 4 else images, model.kept_layers)
+        for dtype in ("float32", "bfloat16"):
+            model.config = dataclasses.replace(config, head_dtype=dtype)
+            with model._head_precision(images.device):
+                out = {"pose_enc": model.camera_head(tokens[-1], config.camera_iterations)[-1]}
+                out["depth"], out["depth_conf"] = model.depth_head(tokens, (H, W), psi, config.frames_chunk_size)
+                out["world_points"], out["world_points_conf"] = model.point_head(tokens, (H, W), psi, config.frames_chunk_size)
+            results[dtype] = {k: v.float() for k, v in out.items()}
+    model.config = config
+    errors = {}
+    for k, ref in results["float32"].items():
+        d = results["bfloat16"][k] - ref
+        errors[k] = (float(d.square().mean().sqrt() / ref.std()), float(d.abs().max() / ref.std()))
+    return errors
+
