@@ -42,7 +42,7 @@ class _Source:
         self._st = None
         self._sd: Mapping[str, Tensor] | None = None
         if isinstance(obj, Mapping):
-            self._sd = obj
+            self._sd = self._unwrap(obj)
             return
         path = pathlib.Path(obj)
         if not path.is_file():
@@ -67,12 +67,16 @@ class _Source:
                 f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                 f"the file may be truncated, corrupt, or not a weights-only torch state dict"
             ) from None
+        self._sd = self._unwrap(sd)
+
+    def _unwrap(self, sd) -> Mapping[str, Tensor]:
+        """A state dict, also when saved inside a training checkpoint under "state_dict" or "model"."""
         for wrapper in ("state_dict", "model"):
             if isinstance(sd, Mapping) and isinstance(sd.get(wrapper), Mapping):
                 sd = sd[wrapper]
         if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
-            raise CheckpointError(f"{path}: expected a state dict (key -> tensor), got {type(sd).__name__}")
-        self._sd = sd
+            raise CheckpointError(f"{self.label}: expected a state dict (key -> tensor), got {type(sd).__name__}")
+        return sd
 
     def keys(self) -> list[str]:
         return list(self._sd.keys()) if self._sd is not None else self._keys

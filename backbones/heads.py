@@ -33,15 +33,8 @@ def activate_head(out: Tensor, activation: str, conf_activation: str) -> tuple[T
         pts = inverse_log_transform(xyz)
     elif activation == "exp":
         pts = torch.exp(xyz)
-    elif activation == "expp1":
-        pts = 1 + torch.exp(xyz)
     elif activation == "linear":
         pts = xyz
-    elif activation == "relu":
-        pts = F.relu(xyz)
-    elif activation == "norm_exp":
-        d = xyz.norm(dim=-1, keepdim=True).clamp(min=1e-8)
-        pts = xyz / d * torch.expm1(d)
     else:
         raise ValueError(f"unknown activation {activation!r}")
     if conf_activation == "expp1":
