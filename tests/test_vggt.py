@@ -52,6 +52,9 @@ def test_unbatched_input_and_bad_shapes(tiny):
     with torch.inference_mode():
         out = tiny(torch.rand(2, 3, 56, 70))
     assert out["depth"].shape == (1, 2, 56, 70, 1) and out["images"].shape == (1, 2, 3, 56, 70)
+    with torch.inference_mode():
+        single = tiny(torch.rand(1, 1, 3, 56, 70))  # one view: only the first-frame camera/register tokens
+    assert single["pose_enc"].shape == (1, 1, 9) and torch.isfinite(single["depth"]).all()
     with pytest.raises(ValueError, match="multiple of the patch size"):
         tiny(torch.rand(1, 2, 3, 50, 70))
     with pytest.raises(ValueError, match=r"images \[B,S,3,H,W\]"):
