@@ -1,0 +1,579 @@
+"""lite3r: Sparse-Linear Attention (SLA) + FP8 QAT and deployment for ViT-style 3D reconstruction transformers.
+
+One copyable file: torch + jaxtyping + beartype (+ the optional `kernels` package, used when it imports and
+supports the tensors' device). Everything here has a pure-PyTorch path; the Triton kernels are tested against it.
+
+    report = swap_attention(student, topk=0.05)       # SLA attention + FP8 fake-quant linears, only proj_l trains
+    with AttentionRecorder(teacher) as t, AttentionRecorder(student) as s:
+        teacher(x); student(x)
+    loss = task + lambda_kd * distill_loss(s.outputs, t.outputs)
+    model = deploy(student)                           # FP8 weights (+ W8A8 GEMMs on sm90+), fused SLA, compiled
+
+Shapes: B batch, H heads, N tokens, D head dim, C = H * D model dim, Mq / Mk query / key blocks, K kept key blocks.
+Env: LITE3R_BACKEND = auto | triton | torch (kernel dispatch), LITE3R_TYPECHECK = 0 turns the shape checks off.
+"""
+import dataclasses
+import functools
+import importlib
+import math
+import os
+from typing import Callable, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from beartype import beartype
+from jaxtyping import Float, Int32, Shaped, jaxtyped
+from torch import Tensor, nn
+
+__all__ = [
+    "TYPECHECK", "typed", "FEATURE_MAPS", "LINEAR_EPS", "FP8_MAX", "sla_block_map", "sla_reference",
+    "linear_attention_reference", "sla_attention", "fp8_quantize", "fp8_fake_quant", "distill_loss",
+    "SLAAttention", "FP8FakeQuantLinear", "FP8Linear", "is_attention", "swap_attention", "SwapReport",
+    "AttentionRecorder", "to_fp8_inference", "deploy",
+]
+
+# ------------------------------------------------------------------------------------------------ type checks
+TYPECHECK: bool = os.environ.get("LITE3R_TYPECHECK", "1") != "0"
+
+
+def typed(fn):
+    """jaxtyping shapes checked by beartype, or `fn` itself when LITE3R_TYPECHECK=0. The checks are skipped while
+    torch.compile traces (dynamo would graph-break or recompile on the checker's Python), so the compiled graph
+    is the bare function."""
+    if not TYPECHECK:
+        return fn
+    checked = jaxtyped(typechecker=beartype)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        return checked(*args, **kwargs)
+
+    return wrapper
+
+
+# ------------------------------------------------------------------------------------------ kernels dispatch
+_KERNELS: list = []  # [module or None] once the lazy import was tried
+
+
+def _kernels():
+    """The `kernels` package, or None when it (or triton) does not import. Imported on first use, never at import
+    time, so `import lite3r` needs nothing but torch."""
+    if not _KERNELS:
+        try:
+            _KERNELS.append(importlib.import_module("kernels"))
+        except Exception:  # ImportError, or a half-written package: fall back to the reference
+            _KERNELS.append(None)
+    return _KERNELS[0]
+
+
+def _backend(t: Tensor, op: str):
+    """The kernels module when `op` should run there for tensors like `t`, else None (the PyTorch reference)."""
+    choice = os.environ.get("LITE3R_BACKEND", "auto").lower()
+    if choice == "torch":
+        return None
+    if choice not in ("auto", "triton"):
+        raise ValueError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
+    mod = _kernels()
+    try:
+        ok = mod is not None and bool(mod.AVAILABLE) and hasattr(mod, op) and bool(mod.supports(t))
+    except Exception:
+        ok = False
+    if choice == "triton" and not ok:
+        raise RuntimeError(f"LITE3R_BACKEND=triton but kernels.{op} is unavailable for a {t.device.type} tensor "
+                           "(triton missing, kernels not importable, or device unsupported)")
+    return mod if ok else None
+
+
+# -------------------------------------------------------------------------------------- sparse-linear attention
+LINEAR_EPS = 1e-6  # added to the linear branch's denominator (relu features can be all zero)
+
+
+def _phi_softmax(x: Tensor) -> Tensor:
+    return x.softmax(dim=-1)
+
+
+def _phi_elu(x: Tensor) -> Tensor:
+    return F.elu(x) + 1.0
+
+
+def _phi_relu(x: Tensor) -> Tensor:
+    return F.relu(x)
+
+
+FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {"softmax": _phi_softmax, "elu": _phi_elu, "relu": _phi_relu}
+
+
+def _num_kept(topk: float, n_blocks: int) -> int:
+    """K = max(1, ceil(topk * Mk)) key blocks per query block (capped at Mk)."""
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
+    return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
+
+
+def _block_mean(x: Tensor, block: int) -> Tensor:
+    """[B,H,N,D] -> [B,H,ceil(N/block),D]: mean over each block's real tokens (the last block may be partial)."""
+    N = x.shape[2]
+    m = -(-N // block)
+    x = F.pad(x, (0, 0, 0, m * block - N))
+    sums = x.unflatten(2, (m, block)).sum(dim=3)
+    counts = torch.full((m,), float(block), device=x.device, dtype=x.dtype)
+    counts[-1] = N - (m - 1) * block
+    return sums / counts[:, None]
+
+
+@typed
+def sla_block_map(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], *, topk: Union[float, int],
+                  block_q: int = 64, block_k: int = 64) -> Int32[Tensor, "b h mq kk"]:
+    """The block map (LUT): for each query block, the indices of its K = max(1, ceil(topk * Mk)) kept key blocks.
+
+    Score of (query block i, key block j) = mean-pooled q of block i . mean-pooled (k - mean_N k) of block j, in
+    fp32. Centering k removes the component shared by all keys, which adds the same amount to every key block's
+    score for a given query block and would otherwise drown the ranking. Indices come from torch.topk(sorted=False):
+    consumers must not rely on their order. Returns int32 [B, H, Mq, K].
+    """
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    n_k = -(-k.shape[2] // block_k)
+    kept = _num_kept(float(topk), n_k)
+    qf, kf = q.detach().float(), k.detach().float()
+    pooled_q = _block_mean(qf, block_q)  # [B, H, Mq, D]
+    pooled_k = _block_mean(kf - kf.mean(dim=2, keepdim=True), block_k)  # [B, H, Mk, D]
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk]
+    return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+
+
+def _sparse_reference(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, block_q: int, block_k: int) -> Tensor:
+    """Exact softmax attention of every query over the keys of its query block's kept key blocks.
+
+    Gathers the kept key/value blocks per query block ([B,H,Mq,K*block_k,D]), so memory is what the sparsity keeps,
+    never N x N unless everything is kept; then the dense case is plain SDPA (same result, no gather)."""
+    B, H, N, D = q.shape
+    n_q, n_k, kept = -(-N // block_q), -(-N // block_k), lut.shape[-1]
+    if lut.shape != (B, H, n_q, kept) or kept > n_k:
+        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K <= {n_k}]")
+    acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax at least in fp32
+    if kept == n_k:  # every key block kept (the indices of a topk are distinct): dense attention
+        return F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc)).to(q.dtype)
+    pad_k = n_k * block_k - N
+    kb = F.pad(k.to(acc), (0, 0, 0, pad_k)).unflatten(2, (n_k, block_k))  # [B, H, Mk, bk, D]
+    vb = F.pad(v.to(acc), (0, 0, 0, pad_k)).unflatten(2, (n_k, block_k))
+    idx = lut.long().flatten(2)  # [B, H, Mq*K]
+    gather = idx[..., None, None].expand(-1, -1, -1, block_k, D)
+    kg = kb.gather(2, gather).view(B, H, n_q, kept * block_k, D)  # [B, H, Mq, K*bk, D]
+    vg = vb.gather(2, gather).view(B, H, n_q, kept * block_k, D)
+    valid = (torch.arange(n_k * block_k, device=q.device) < N).view(n_k, block_k)[idx]  # [B, H, Mq*K, bk]
+    valid = valid.view(B, H, n_q, 1, kept * block_k)
+    qb = F.pad(q.to(acc), (0, 0, 0, n_q * block_q - N)).unflatten(2, (n_q, block_q))  # [B, H, Mq, bq, D]
+    scores = (qb @ kg.transpose(-1, -2)) * D ** -0.5  # [B, H, Mq, bq, K*bk]
+    scores = scores.masked_fill(~valid, float("-inf"))  # padded keys of a partial last block
+    o = scores.softmax(dim=-1) @ vg  # every row keeps >= 1 real key, so no all -inf rows
+    return o.flatten(2, 3)[:, :, :N].to(q.dtype)
+
+
+@typed
+def linear_attention_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"],
+                               v: Float[Tensor, "b h n d"], *, feature_map: str = "softmax",
+                               eps: float = LINEAR_EPS) -> Float[Tensor, "b h n d"]:
+    """phi(q) (phi(k)^T v) / (phi(q) . sum_n phi(k_n) + eps) over all keys, in (at least) fp32. O(N D^2)."""
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    phi = FEATURE_MAPS[feature_map]
+    acc = torch.promote_types(q.dtype, torch.float32)
+    fq, fk = phi(q.to(acc)), phi(k.to(acc))  # [B, H, N, D]
+    kv = fk.transpose(-1, -2) @ v.to(acc)  # [B, H, D, D]
+    den = fq @ fk.sum(dim=2).unsqueeze(-1) + eps  # [B, H, N, 1]
+    return ((fq @ kv) / den).to(q.dtype)
+
+
+@typed
+def sla_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"],
+                  lut: Int32[Tensor, "b h mq kk"], *, block_q: int, block_k: int,
+                  feature_map: str = "softmax") -> tuple[Float[Tensor, "b h n d"], Float[Tensor, "b h n d"]]:
+    """The oracle: (o_s, o_l) = (block-sparse exact softmax over the LUT's key blocks, linear attention over all
+    keys). Differentiable in q, k, v; same dtype out as in."""
+    return (_sparse_reference(q, k, v, lut, block_q, block_k),
+            linear_attention_reference(q, k, v, feature_map=feature_map))
+
+
+@typed
+def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
+                  topk: Union[float, int], block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                  proj_l: Optional[nn.Module] = None) -> Float[Tensor, "b h n d"]:
+    """Sparse-Linear Attention: o = o_s + proj_l(o_l) (o = o_s when proj_l is None), scale D**-0.5.
+
+    q, k, v: [B, H, N, D] after q/k norm and RoPE. topk: kept fraction of key blocks per query block (1.0 = dense
+    softmax attention). proj_l: Linear(D, D) over the last dim, shared by heads. Runs the fused kernels when
+    LITE3R_BACKEND allows and they support the device, the PyTorch reference otherwise.
+    """
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    kern = _backend(q, "sla_branches")
+    if kern is not None:
+        o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
+                                     feature_map=feature_map)
+        return o_s if proj_l is None else o_s + proj_l(o_l).to(o_s.dtype)
+    lut = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    o_s = _sparse_reference(q, k, v, lut, block_q, block_k)
+    if proj_l is None:  # the linear branch would be multiplied by nothing: skip it
+        return o_s
+    return o_s + proj_l(linear_attention_reference(q, k, v, feature_map=feature_map)).to(o_s.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------- FP8
+FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+
+
+def _check_finite(x: Tensor, amax: Tensor) -> None:
+    # amax is inf for an inf anywhere on its row and NaN for a NaN (amax propagates NaN): one small reduction.
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(amax).all()):
+        raise ValueError(f"fp8 quantisation of a tensor with inf/NaN values (shape {tuple(x.shape)}, {x.dtype}): "
+                         "FP8 scales would be meaningless")
+
+
+@typed
+def fp8_quantize(x: Float[Tensor, "..."], *, axis: int,
+                 dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Shaped[Tensor, "..."], Float[Tensor, "..."]]:
+    """(x_fp8, scale): scale = max(amax |x| over `axis` in fp32, 1e-12) / fmax, x_fp8 = (x / scale) cast to fp8.
+
+    The scale keeps `axis` as size 1 (fp32). Dequantise with x_fp8.float() * scale. Kernels match this bit for bit:
+    the division is a true fp32 division (not a multiply by 1/scale). All-zero rows get scale 1e-12/fmax -> zeros.
+    """
+    fmax = torch.finfo(dtype).max
+    xf = x.float()
+    amax = xf.abs().amax(dim=axis, keepdim=True)
+    _check_finite(x, amax)
+    scale = amax.clamp_min(1e-12) / fmax
+    return (xf / scale).clamp(-fmax, fmax).to(dtype), scale
+
+
+@typed
+def fp8_fake_quant(x: Float[Tensor, "..."], *, axis: int,
+                   dtype: torch.dtype = torch.float8_e4m3fn) -> Float[Tensor, "..."]:
+    """x -> dequant(quant(x)) in x's dtype, per slice along `axis` (weights [out, in]: axis=-1 is per output row;
+    activations [..., C]: axis=-1 is per token). Straight-through gradient: d out / d x = identity."""
+    kern = _backend(x, "fp8_fake_quant") if dtype == torch.float8_e4m3fn else None
+    if kern is not None:
+        return kern.fp8_fake_quant(x, axis=axis)
+    x_fp8, scale = fp8_quantize(x.detach(), axis=axis, dtype=dtype)
+    x_dq = (x_fp8.float() * scale).to(x.dtype)
+    # STE written so the forward value is exactly x_dq: (x - x.detach()) is an exact zero carrying d/dx = 1.
+    return x_dq + (x - x.detach()) if x.requires_grad else x_dq
+
+
+# ------------------------------------------------------------------------------------------------ distillation
+def distill_loss(student_outputs: list, teacher_outputs: list, *, weights=None) -> Tensor:
+    """Mean over aligned pairs of MSE(student_i, teacher_i) in fp32; with `weights`, sum(w_i mse_i) / sum(w_i).
+
+    Raises ValueError naming the first misaligned index (shape) or the two lengths."""
+    if len(student_outputs) != len(teacher_outputs):
+        raise ValueError(f"distill_loss: {len(student_outputs)} student outputs vs {len(teacher_outputs)} teacher "
+                         "outputs (do both recorders select the same attention modules?)")
+    if not student_outputs:
+        raise ValueError("distill_loss: no outputs to align (the recorders selected no attention module)")
+    for i, (s, t) in enumerate(zip(student_outputs, teacher_outputs)):
+        if s.shape != t.shape:
+            raise ValueError(f"distill_loss: pair {i} differs in shape: student {tuple(s.shape)} vs teacher "
+                             f"{tuple(t.shape)}")
+    losses = torch.stack([F.mse_loss(s.float(), t.float().to(s.device)) for s, t in zip(student_outputs,
+                                                                                       teacher_outputs)])
+    if weights is None:
+        return losses.mean()
+    w = torch.as_tensor(weights, dtype=torch.float32, device=losses.device).flatten()
+    if w.numel() != losses.numel():
+        raise ValueError(f"distill_loss: {w.numel()} weights for {losses.numel()} output pairs")
+    if bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise ValueError(f"distill_loss: weights must be >= 0 with a positive sum, got {w.tolist()}")
+    return (w * losses).sum() / w.sum()
+
+
+# ----------------------------------------------------------------------------------------------------- modules
+class SLAAttention(nn.Module):
+    """Drop-in SLA replacement of an attention module with qkv / proj / num_heads (/ q_norm / k_norm / rope).
+
+    Keeps the original submodules (same objects, same state-dict keys) and adds `proj_l = Linear(D, D)`, zero-init,
+    so at init the output is block-sparse attention (dense attention at topk=1). forward(x [B,N,C], pos=None)."""
+
+    def __init__(self, attn: nn.Module, *, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
+                 feature_map: str = "softmax"):
+        super().__init__()
+        if not is_attention(attn):
+            raise TypeError(f"{type(attn).__name__} is not an attention module (needs qkv/proj Linear + num_heads)")
+        if feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        _num_kept(float(topk), 1)  # validates the range
+        self.num_heads = attn.num_heads
+        self.qkv = attn.qkv
+        dim = self.qkv.in_features
+        if dim % self.num_heads:
+            raise ValueError(f"qkv in_features {dim} not divisible by num_heads {self.num_heads}")
+        self.head_dim = dim // self.num_heads
+        self.q_norm = getattr(attn, "q_norm", None)
+        self.k_norm = getattr(attn, "k_norm", None)
+        self.rope = getattr(attn, "rope", None)  # a module (registered) or a plain callable rope(t, pos)
+        self.proj = attn.proj
+        self.proj_drop = getattr(attn, "proj_drop", None)
+        self.scope = getattr(attn, "scope", "global")
+        self.topk, self.block_q, self.block_k, self.feature_map = float(topk), block_q, block_k, feature_map
+        w = self.qkv.weight
+        self.proj_l = nn.Linear(self.head_dim, self.head_dim, device=w.device,
+                                dtype=w.dtype if w.is_floating_point() and w.element_size() > 1 else None)
+        nn.init.zeros_(self.proj_l.weight)
+        nn.init.zeros_(self.proj_l.bias)
+
+    def forward(self, x: Tensor, pos: Optional[Tensor] = None, **ignored) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # [B, H, N, D]
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.rope is not None and pos is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        o = sla_attention(q, k, v, topk=self.topk, block_q=self.block_q, block_k=self.block_k,
+                          feature_map=self.feature_map, proj_l=self.proj_l)  # [B, H, N, D]
+        o = self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(o) if self.proj_drop is not None else o
+
+    def extra_repr(self) -> str:
+        return (f"num_heads={self.num_heads}, topk={self.topk}, block_q={self.block_q}, block_k={self.block_k}, "
+                f"feature_map={self.feature_map!r}, scope={self.scope!r}")
+
+
+class FP8FakeQuantLinear(nn.Linear):
+    """nn.Linear whose weight (per output row) and input (per token) go through fp8_fake_quant: QAT for FP8Linear.
+    Same parameters and state-dict keys as the nn.Linear it replaces."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8FakeQuantLinear":
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight, new.bias = linear.weight, linear.bias  # the same Parameters: no copy, keys unchanged
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(fp8_fake_quant(x, axis=-1), fp8_fake_quant(self.weight, axis=-1), self.bias)
+
+
+_SCALED_MM: dict = {}  # device type -> whether torch._scaled_mm runs rowwise-scaled e4m3 there (probed once)
+
+
+def _scaled_mm_ok(device: torch.device) -> bool:
+    """sm90+ CUDA, or a CPU build whose _scaled_mm takes rowwise-scaled e4m3 (probed once, cached)."""
+    key = (device.type, device.index if device.type == "cuda" else None)
+    if key not in _SCALED_MM:
+        ok = False
+        try:
+            if device.type == "cuda":
+                ok = torch.cuda.get_device_capability(device) >= (9, 0)
+            elif device.type == "cpu":
+                a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+                out = torch._scaled_mm(a, a.t(), scale_a=torch.full((16, 1), 2.0), scale_b=torch.ones(1, 16),
+                                       out_dtype=torch.float32)
+                ok = bool(torch.allclose(out, torch.full((16, 16), 32.0)))
+        except Exception:
+            ok = False
+        _SCALED_MM[key] = ok
+    return _SCALED_MM[key]
+
+
+class FP8Linear(nn.Module):
+    """Deployment linear: weight float8_e4m3fn [out, in] + weight_scale fp32 [out] (per output row), bias as is.
+
+    W8A8 through torch._scaled_mm with a dynamic per-token activation scale where supported (sm90+, or CPU builds
+    that have it) and both dims are multiples of 16; otherwise weight-only: F.linear(x, dequantised weight)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        # buffers, not parameters: nothing here trains, and Module.to(dtype) must not turn fp8 into bf16 for us
+        self.register_buffer("weight", torch.zeros(out_features, in_features, device=device,
+                                                   dtype=torch.float8_e4m3fn))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=torch.float32))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self.use_scaled_mm = True  # set False to force the weight-only path
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
+        w = linear.weight.detach()
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device)
+        w_fp8, scale = fp8_quantize(w, axis=-1)
+        new.weight.copy_(w_fp8)
+        new.weight_scale.copy_(scale.view(-1))
+        if linear.bias is not None:
+            new.bias = linear.bias.detach().clone()
+        _scaled_mm_ok(w.device)  # probe eagerly, never inside a compiled region
+        return new
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The fake-quantised weight (bit-identical to fp8_fake_quant(w, axis=-1) of the original fp32 weight)."""
+        return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
+
+    def _w8a8(self, x: Tensor) -> bool:
+        if not self.use_scaled_mm or self.in_features % 16 or self.out_features % 16:
+            return False
+        if torch.compiler.is_compiling():  # read the cache only: probing is eager work
+            return _SCALED_MM.get((x.device.type, x.device.index if x.device.type == "cuda" else None), False)
+        return _scaled_mm_ok(x.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._w8a8(x):
+            return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        x_fp8, x_scale = fp8_quantize(x.reshape(-1, self.in_features), axis=-1)  # [M, in], [M, 1]
+        # rowwise-scaled _scaled_mm on CUDA only emits bf16; the fp32 accumulator is scaled before that rounding
+        out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
+        out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
+                               out_dtype=out_dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# ------------------------------------------------------------------------------------------------------ surgery
+def is_attention(module: nn.Module) -> bool:
+    """Structural: a qkv linear, a proj linear and an int num_heads (timm / DINOv2 / VGGT / DA3 attention, SLA)."""
+    linear = (nn.Linear, FP8Linear)
+    heads = getattr(module, "num_heads", None)
+    return (isinstance(getattr(module, "qkv", None), linear) and isinstance(getattr(module, "proj", None), linear)
+            and isinstance(heads, int) and not isinstance(heads, bool))
+
+
+def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent, _, name = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, new)
+
+
+def _default_fp8_filter(module: nn.Module, fqn: str) -> bool:
+    return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+@dataclasses.dataclass
+class SwapReport:
+    attention_swapped: int
+    linear_swapped: int
+    trainable_params: int
+    total_params: int
+
+    def __str__(self) -> str:
+        rows = [("attention -> SLA", f"{self.attention_swapped:,}"), ("linear -> FP8 fake quant",
+                f"{self.linear_swapped:,}"), ("trainable params (proj_l)", f"{self.trainable_params:,}"),
+                ("total params", f"{self.total_params:,}"),
+                ("trainable fraction", f"{self.trainable_params / max(self.total_params, 1):.4%}")]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{name:<{width}}  {value:>14}" for name, value in rows)
+
+
+def swap_attention(model: nn.Module, *, topk: Union[float, Callable[[nn.Module, str], float]] = 0.05,
+                   block_q: int = 64, block_k: int = 64, feature_map: str = "softmax", fp8: bool = True,
+                   filter: Optional[Callable[[nn.Module, str], bool]] = None,
+                   fp8_filter: Optional[Callable[[nn.Module, str], bool]] = None) -> SwapReport:
+    """In place: attention modules (`filter(module, fqn)`, default all) -> SLAAttention; with `fp8`, the nn.Linear
+    that `fp8_filter(module, fqn)` picks (default: in/out features multiples of 16; never proj_l) ->
+    FP8FakeQuantLinear. Then every parameter is frozen except the proj_l ones. `topk` may be a float or a
+    callable (module, fqn) -> float (e.g. sparse global attention, dense frame attention)."""
+    n_attn = n_lin = 0
+    targets = [(fqn, m) for fqn, m in model.named_modules()
+               if is_attention(m) and not isinstance(m, SLAAttention) and (filter is None or filter(m, fqn))]
+    for fqn, m in targets:
+        if not fqn:
+            raise ValueError("the model itself is an attention module: wrap it in a container to swap it in place")
+        k = topk(m, fqn) if callable(topk) else topk
+        _replace(model, fqn, SLAAttention(m, topk=k, block_q=block_q, block_k=block_k, feature_map=feature_map))
+        n_attn += 1
+    proj_l = {id(m.proj_l) for m in model.modules() if isinstance(m, SLAAttention)}
+    if fp8:
+        pick = fp8_filter or _default_fp8_filter
+        linears = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear and id(m) not in proj_l
+                   and pick(m, fqn)]
+        for fqn, m in linears:
+            if not fqn:
+                raise ValueError("the model itself is a Linear: wrap it in a container to swap it in place")
+            _replace(model, fqn, FP8FakeQuantLinear.from_linear(m))
+            n_lin += 1
+    model.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, SLAAttention):
+            m.proj_l.requires_grad_(True)
+    params = list(model.parameters())
+    return SwapReport(n_attn, n_lin, sum(p.numel() for p in params if p.requires_grad),
+                      sum(p.numel() for p in params))
+
+
+class AttentionRecorder:
+    """Context manager recording the outputs of a model's attention modules (original or SLA) for distillation.
+
+    select: None (all) | list of indices into the attention modules in module order | callable(fqn, module) -> bool
+    | "global" (modules whose `scope` is "global" or absent). `.outputs` / `.names`: the recorded outputs and their
+    fqns in module order (a module called twice appears twice, in call order). Outputs stay after exit."""
+
+    def __init__(self, model: nn.Module, *, select=None):
+        found = [(fqn, m) for fqn, m in model.named_modules() if is_attention(m) or isinstance(m, SLAAttention)]
+        if select is None:
+            chosen = found
+        elif select == "global":
+            chosen = [(f, m) for f, m in found if getattr(m, "scope", "global") == "global"]
+        elif callable(select):
+            chosen = [(f, m) for f, m in found if select(f, m)]
+        elif isinstance(select, (list, tuple)):
+            bad = [i for i in select if not -len(found) <= i < len(found)]
+            if bad:
+                raise IndexError(f"AttentionRecorder: indices {bad} out of range for {len(found)} attention modules")
+            chosen = [found[i] for i in sorted({i % len(found) for i in select})]
+        else:
+            raise TypeError(f"select must be None, a list of ints, a callable or 'global', got {select!r}")
+        self.modules = chosen
+        self._records: dict[str, list] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> "AttentionRecorder":
+        self._records = {fqn: [] for fqn, _ in self.modules}
+        for fqn, m in self.modules:
+            self._handles.append(m.register_forward_hook(
+                lambda mod, args, out, fqn=fqn: self._records[fqn].append(out)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @property
+    def outputs(self) -> list:
+        return [t for fqn, _ in self.modules for t in self._records.get(fqn, [])]
+
+    @property
+    def names(self) -> list:
+        return [fqn for fqn, _ in self.modules for _ in self._records.get(fqn, [])]
+
+    def clear(self) -> None:
+        for v in self._records.values():
+            v.clear()
+
+
+# ---------------------------------------------------------------------------------------------------- deployment
+def to_fp8_inference(model: nn.Module, *, fp8_filter: Optional[Callable[[nn.Module, str], bool]] = None
+                     ) -> nn.Module:
+    """Every FP8FakeQuantLinear -> FP8Linear (fp8 weight + per-row scale), and with `fp8_filter(module, fqn)` also
+    the plain nn.Linear it picks (never proj_l). In place where possible; returns the model (a new module when the
+    model itself is a linear)."""
+    proj_l = {id(m.proj_l) for m in model.modules() if isinstance(m, SLAAttention)}
+    picked = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FP8FakeQuantLinear) or (
+        fp8_filter is not None and type(m) is nn.Linear and id(m) not in proj_l and fp8_filter(m, fqn))]
+    for fqn, m in picked:
+        new = FP8Linear.from_linear(m)
+        if not fqn:
+            return new
+        _replace(model, fqn, new)
+    return model
+
+
+def deploy(model: nn.Module, *, compile: bool = True) -> nn.Module:
+    """Inference model: FP8Linear for the fake-quant linears, eval + frozen, SLA through the kernels when usable
+    (sla_attention dispatches by itself), then torch.compile (whole model) when `compile`."""
+    model = to_fp8_inference(model).eval().requires_grad_(False)
+    return torch.compile(model) if compile else model
