@@ -198,3 +198,22 @@ def test_grad_checkpointing_same_gradients():
         (out["depth"].mean() + out["pose_enc"].square().mean()).backward()
         grads.append(m.aggregator.frame_blocks[0].attn.qkv.weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_swap_attention_on_tiny_vggt(monkeypatch, tiny):
+    """lite3r finds every VGGT attention structurally; SLA at topk=1 (dense) reproduces the model."""
+    import copy
+
+    lite3r = pytest.importorskip("lite3r")
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")  # the reference path: no Triton interpreter in this test
+    student = copy.deepcopy(tiny)
+    n_attn = sum(lite3r.is_attention(m) for m in tiny.modules())
+    report = lite3r.swap_attention(student, topk=1.0, fp8=False)
+    assert report.attention_swapped == n_attn
+    scopes = {m.scope for m in student.modules() if isinstance(m, lite3r.SLAAttention)}
+    assert scopes == {"frame", "global"}
+    images = torch.rand(1, 2, 3, 56, 70)
+    with torch.inference_mode():
+        a, b = tiny(images), student(images)
+    for k in ("pose_enc", "depth", "world_points"):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
