@@ -21,7 +21,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-# marker key prefixes (after prefix stripping) -> the model family whose checkpoint carries them
+# key fragments -> the model family whose checkpoints carry them (matched anywhere in a key, so wrapped keys count)
 FAMILY_MARKERS: dict[str, str] = {
     "aggregator.frame_blocks.": "VGGT",
     "backbone.pretrained.": "Depth Anything 3",
@@ -113,7 +113,7 @@ def _strip_wrappers(keys: Iterable[str], model_keys: set[str]) -> dict[str, str]
 def _family(keys: Iterable[str]) -> str | None:
     keys = list(keys)
     for marker, family in FAMILY_MARKERS.items():
-        if any(k.startswith(marker) for k in keys):
+        if any(marker in k for k in keys):
             return family
     return None
 
