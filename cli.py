@@ -127,7 +127,8 @@ def train(
     views: Annotated[int, typer.Option(help="views per scene")] = _TD["views"],
     res: Annotated[Optional[str], typer.Option(help="image size H,W or one size, multiples of 14 "
                                                     "(default: 126,168 tiny, 518 full)")] = None,
-    lr: Annotated[float, typer.Option(help="peak AdamW learning rate of proj_l")] = _TD["lr"],
+    optimizer: Annotated[str, typer.Option(help="adamw, or sgd (momentum 0.9)")] = _TD["optimizer"],
+    lr: Annotated[float, typer.Option(help="peak learning rate of proj_l")] = _TD["lr"],
     warmup: Annotated[int, typer.Option(help="linear warm-up steps (then cosine to 10 %)")] = _TD["warmup"],
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = _TD["weight_decay"],
     grad_clip: Annotated[float, typer.Option(help="gradient norm clip (0: off)")] = _TD["grad_clip"],
@@ -162,11 +163,11 @@ def train(
     """FP8-aware QAT of an SLA student with partial attention distillation from its frozen dense teacher. With no
     --teacher and no --data: the embedded default (tiny architecture, random teacher, synthetic scenes on the fly;
     a few minutes on CPU). Under `torchrun --nproc_per_node=N` it trains with DDP."""
-    from recon import train as _train
+    from recon.train_config import parse_res
 
     fields = {"teacher": str(teacher) if teacher else None, "size": size, "data": str(data) if data else None,
               "dataset": dataset, "steps": steps, "batch": batch, "views": views,
-              "res": _train.parse_res(res) if res else None, "lr": lr, "warmup": warmup,
+              "res": parse_res(res) if res else None, "optimizer": optimizer, "lr": lr, "warmup": warmup,
               "weight_decay": weight_decay, "grad_clip": grad_clip, "lambda_kd": lambda_kd, "kd_norm": kd_norm,
               "target": target, "distill": distill,
               "sla": sla, "topk": topk, "block": block, "feature_map": feature_map, "fp8": fp8, "grad_ckpt": grad_ckpt,
@@ -174,7 +175,10 @@ def train(
               "eval_scenes": eval_scenes, "model": arch or model.value}
     given = lambda name: getattr(ctx.get_parameter_source(name), "name", "") == "COMMANDLINE"  # noqa: E731
     explicit = {k for k in fields if k != "model" and given(k)} | ({"model"} if given("arch") or given("model") else set())
-    _train.train(_TrainConfig(**fields), out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
+    cfg = _TrainConfig(**fields)  # validates before torch is imported
+    from recon import train as _train
+
+    _train.train(cfg, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
                  explicit=explicit, stop_after=stop_after)
 
 

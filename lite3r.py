@@ -17,7 +17,7 @@ import functools
 import importlib
 import math
 import os
-from typing import Callable, Optional, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,19 +124,24 @@ def _block_mean(x: Tensor, block: int) -> Tensor:
 
 
 @typed
-def sla_block_map(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], *, topk: Union[float, int],
+def sla_block_map(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], *, topk: float | int,
                   block_q: int = 64, block_k: int = 64) -> Int32[Tensor, "b h mq kk"]:
     """The block map (LUT): for each query block, the indices of its K = max(1, ceil(topk * Mk)) kept key blocks.
 
     Score of (query block i, key block j) = mean-pooled q of block i . mean-pooled (k - mean_N k) of block j, in
-    fp32. Centering k removes the component shared by all keys, which adds the same amount to every key block's
-    score for a given query block and would otherwise drown the ranking. Indices come from torch.topk(sorted=False):
-    consumers must not rely on their order. Returns int32 [B, H, Mq, K].
+    fp32. Centring does not change a row's ranking in exact arithmetic (it subtracts pooled_q_i . mean k from every
+    score of row i); it keeps a large component shared by all keys out of the fp32 dot products, and it is the
+    definition the kernels share. Indices come from torch.topk(sorted=False): consumers must not rely on their
+    order. Returns int32 [B, H, Mq, K].
     """
+    return _block_map(q, k, float(topk), block_q, block_k)
+
+
+def _block_map(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
     if block_q < 1 or block_k < 1:
         raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
     n_k = -(-k.shape[2] // block_k)
-    kept = _num_kept(float(topk), n_k)
+    kept = _num_kept(topk, n_k)
     qf, kf = q.detach().float(), k.detach().float()
     pooled_q = _block_mean(qf, block_q)  # [B, H, Mq, D]
     pooled_k = _block_mean(kf - kf.mean(dim=2, keepdim=True), block_k)  # [B, H, Mk, D]
@@ -177,6 +182,10 @@ def linear_attention_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b 
                                v: Float[Tensor, "b h n d"], *, feature_map: str = "softmax",
                                eps: float = LINEAR_EPS) -> Float[Tensor, "b h n d"]:
     """phi(q) (phi(k)^T v) / (phi(q) . sum_n phi(k_n) + eps) over all keys, in (at least) fp32. O(N D^2)."""
+    return _linear_reference(q, k, v, feature_map, eps)
+
+
+def _linear_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: str, eps: float = LINEAR_EPS) -> Tensor:
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     phi = FEATURE_MAPS[feature_map]
@@ -194,13 +203,13 @@ def sla_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     """The oracle: (o_s, o_l) = (block-sparse exact softmax over the LUT's key blocks, linear attention over all
     keys). Differentiable in q, k, v; same dtype out as in."""
     return (_sparse_reference(q, k, v, lut, block_q, block_k),
-            linear_attention_reference(q, k, v, feature_map=feature_map))
+            _linear_reference(q, k, v, feature_map))
 
 
 @typed
 def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
-                  topk: Union[float, int], block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                  proj_l: Optional[nn.Module] = None) -> Float[Tensor, "b h n d"]:
+                  topk: float | int, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
+                  proj_l: nn.Module | None = None) -> Float[Tensor, "b h n d"]:
     """Sparse-Linear Attention: o = o_s + proj_l(o_l) (o = o_s when proj_l is None), scale D**-0.5.
 
     q, k, v: [B, H, N, D] after q/k norm and RoPE. topk: kept fraction of key blocks per query block (1.0 = dense
@@ -214,11 +223,11 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
         o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
                                      feature_map=feature_map)
         return o_s if proj_l is None else o_s + proj_l(o_l).to(o_s.dtype)
-    lut = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    lut = _block_map(q, k, float(topk), block_q, block_k)
     o_s = _sparse_reference(q, k, v, lut, block_q, block_k)
     if proj_l is None:  # the linear branch would be multiplied by nothing: skip it
         return o_s
-    return o_s + proj_l(linear_attention_reference(q, k, v, feature_map=feature_map)).to(o_s.dtype)
+    return o_s + proj_l(_linear_reference(q, k, v, feature_map)).to(o_s.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- FP8
@@ -240,6 +249,13 @@ def fp8_quantize(x: Float[Tensor, "..."], *, axis: int,
     The scale keeps `axis` as size 1 (fp32). Dequantise with x_fp8.float() * scale. Kernels match this bit for bit:
     the division is a true fp32 division (not a multiply by 1/scale). All-zero rows get scale 1e-12/fmax -> zeros.
     """
+    kern = _backend(x, "fp8_quantize") if dtype == torch.float8_e4m3fn else None
+    if kern is not None:
+        return kern.fp8_quantize(x, axis=axis)
+    return _quantize(x, axis, dtype)
+
+
+def _quantize(x: Tensor, axis: int, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[Tensor, Tensor]:
     fmax = torch.finfo(dtype).max
     xf = x.float()
     amax = xf.abs().amax(dim=axis, keepdim=True)
@@ -256,14 +272,16 @@ def fp8_fake_quant(x: Float[Tensor, "..."], *, axis: int,
     kern = _backend(x, "fp8_fake_quant") if dtype == torch.float8_e4m3fn else None
     if kern is not None:
         return kern.fp8_fake_quant(x, axis=axis)
-    x_fp8, scale = fp8_quantize(x.detach(), axis=axis, dtype=dtype)
+    x_fp8, scale = _quantize(x.detach(), axis, dtype)
     x_dq = (x_fp8.float() * scale).to(x.dtype)
     # STE written so the forward value is exactly x_dq: (x - x.detach()) is an exact zero carrying d/dx = 1.
     return x_dq + (x - x.detach()) if x.requires_grad else x_dq
 
 
 # ------------------------------------------------------------------------------------------------ distillation
-def distill_loss(student_outputs: list, teacher_outputs: list, *, weights=None) -> Tensor:
+@typed
+def distill_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Tensor], *,
+                 weights: Sequence[int | float] | Tensor | None = None) -> Float[Tensor, ""]:
     """Mean over aligned pairs of MSE(student_i, teacher_i) in fp32; with `weights`, sum(w_i mse_i) / sum(w_i).
 
     Raises ValueError naming the first misaligned index (shape) or the two lengths."""
@@ -316,13 +334,13 @@ class SLAAttention(nn.Module):
         self.proj_drop = getattr(attn, "proj_drop", None)
         self.scope = getattr(attn, "scope", "global")
         self.topk, self.block_q, self.block_k, self.feature_map = float(topk), block_q, block_k, feature_map
-        w = self.qkv.weight
+        w = self.qkv.weight  # proj_l follows the model's dtype (not fp8, when swapping a deployed model)
         self.proj_l = nn.Linear(self.head_dim, self.head_dim, device=w.device,
-                                dtype=w.dtype if w.is_floating_point() and w.element_size() > 1 else None)
+                                dtype=w.dtype if w.dtype.itemsize > 1 else None)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
 
-    def forward(self, x: Tensor, pos: Optional[Tensor] = None, **ignored) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None = None, **ignored) -> Tensor:
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, D]
@@ -468,10 +486,10 @@ class SwapReport:
         return "\n".join(f"{name:<{width}}  {value:>14}" for name, value in rows)
 
 
-def swap_attention(model: nn.Module, *, topk: Union[float, Callable[[nn.Module, str], float]] = 0.05,
+def swap_attention(model: nn.Module, *, topk: float | Callable[[nn.Module, str], float] = 0.05,
                    block_q: int = 64, block_k: int = 64, feature_map: str = "softmax", fp8: bool = True,
-                   filter: Optional[Callable[[nn.Module, str], bool]] = None,
-                   fp8_filter: Optional[Callable[[nn.Module, str], bool]] = None) -> SwapReport:
+                   filter: Callable[[nn.Module, str], bool] | None = None,
+                   fp8_filter: Callable[[nn.Module, str], bool] | None = None) -> SwapReport:
     """In place: attention modules (`filter(module, fqn)`, default all) -> SLAAttention; with `fp8`, the nn.Linear
     that `fp8_filter(module, fqn)` picks (default: in/out features multiples of 16; never proj_l) ->
     FP8FakeQuantLinear. Then every parameter is frozen except the proj_l ones. `topk` may be a float or a
@@ -556,7 +574,7 @@ class AttentionRecorder:
 
 
 # ---------------------------------------------------------------------------------------------------- deployment
-def to_fp8_inference(model: nn.Module, *, fp8_filter: Optional[Callable[[nn.Module, str], bool]] = None
+def to_fp8_inference(model: nn.Module, *, fp8_filter: Callable[[nn.Module, str], bool] | None = None
                      ) -> nn.Module:
     """Every FP8FakeQuantLinear -> FP8Linear (fp8 weight + per-row scale), and with `fp8_filter(module, fqn)` also
     the plain nn.Linear it picks (never proj_l). In place where possible; returns the model (a new module when the

@@ -15,7 +15,6 @@ CUDA the tiny configuration runs eagerly and the table says so.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import gc
 import math
@@ -160,13 +159,13 @@ def configure(model: nn.Module, **changes) -> nn.Module:
     return model
 
 
-def build_variant(variant: str, base: nn.Module, cfg: BenchConfig, device: torch.device) -> nn.Module:
-    """A fresh copy of `base` (fp32, CPU) turned into path `variant`, on `device`."""
+def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
+    """The dense model (`build_base`: the same weights every time) turned into path `variant`, on `device`."""
     from recon import deploy
 
-    model = copy.deepcopy(base)
+    model = build_base(name, cfg.weights, device)
     if variant == "a":  # the official precision: fp32 weights, heads in fp32 outside autocast, every layer kept
-        return configure(model, lean=False, head_dtype="float32").to(device)
+        return configure(model, lean=False, head_dtype="float32")
     configure(model, lean=variant != "bf16-all", head_dtype=cfg.head_dtype)
     compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
     if variant == "d" and cfg.student:  # the trained student, with the SLA / FP8 settings it was trained with
@@ -186,7 +185,7 @@ def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
-def bench_views(cfg: BenchConfig, views: int, base: nn.Module, name: str, device: torch.device,
+def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
                 log: Callable[[str], None] = print, profile: bool = False) -> tuple[list[dict], dict | None]:
     """All selected paths at one view count: one row (dict) per path, and the profile of the last path."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -196,7 +195,7 @@ def bench_views(cfg: BenchConfig, views: int, base: nn.Module, name: str, device
         log(f"[{name} x{views}] ({variant}) {VARIANTS[variant][1]}: building")
         _free(device)
         t_build = time.perf_counter()
-        model = build_variant(variant, base, cfg, device)
+        model = build_variant(variant, name, cfg, device)
         t_build = time.perf_counter() - t_build
         _sync(device)
         if device.type == "cuda":
@@ -250,14 +249,18 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def build_base(name: str, weights: str | None) -> nn.Module:
-    """The dense model in fp32 on the CPU (random weights unless a checkpoint is given); paths are copies of it."""
+def build_base(name: str, weights: str | None, device: torch.device) -> nn.Module:
+    """The dense model in fp32 on `device`: the checkpoint's weights, or random ones from a fixed seed (the same on
+    every call, so each path starts from identical weights without holding a copy)."""
     from backbones import build_backbone, load_checkpoint
 
-    torch.manual_seed(0)
-    model = build_backbone(name)
-    if weights:
-        load_checkpoint(model, weights, strict=True)
+    if weights:  # built on the meta device, the file's tensors go straight to `device`
+        model = build_backbone(name, device="meta")
+        load_checkpoint(model, weights, strict=True, skip_prefixes=("track_head.",), device=device)
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            model = build_backbone(name, device=device)
     return model.eval().requires_grad_(False)
 
 
@@ -274,10 +277,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: boo
         note = (f"no CUDA: ran the tiny config {name!r} eagerly on {device} in fp32 at {cfg.res}x{cfg.res}, a smoke "
                 f"test of the paths, not a measurement; peak memory is not measured")
         log(note)
-    base = build_base(name, cfg.weights)
     rows, profiles = [], {}
     for views in cfg.views:
-        new, prof = bench_views(cfg, views, base, name, device, log, profile)
+        new, prof = bench_views(cfg, views, name, device, log, profile)
         rows += new
         if prof is not None:
             profiles[views] = prof

@@ -141,13 +141,10 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_regions(model: nn.Module) -> list[nn.Module]:
-    """What regional compilation compiles: every repeated block, and every top-level child holding none (the DPT
-    heads). Blocks of one class share their compiled code; the glue between them stays eager."""
-    blocks = repeated_blocks(model)
-    inside = {id(m) for block in blocks for m in block.modules()}
-    heads = [child for child in model.children()
-             if not any(id(m) in inside for m in child.modules()) and any(True for _ in child.parameters())]
-    return blocks + heads
+    """What regional compilation compiles: the repeated blocks (`repeated_blocks`). Blocks of one class share their
+    compiled code, so compile time does not grow with depth; the glue and the DPT heads stay eager (compiled whole,
+    their per-chunk loop unrolls: 85 s of compile at 32 views and 254 s at 128 on an H100, docs/benchmarks.md)."""
+    return repeated_blocks(model)
 
 
 def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = True) -> nn.Module:
@@ -159,6 +156,29 @@ def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = T
         return torch.compile(model, mode=mode, dynamic=False)
     for region in regions:
         region.compile(mode=mode, dynamic=False)
+    return model
+
+
+def _rope_autocast_forward(self, t, pos):
+    """RoPE as the class computes it (fp32 under autocast, after the fp32 q/k LayerNorm), returned in the autocast
+    dtype: what SDPA's autocast cast does to q and k, so fused SLA kernels (which take one dtype) see the same
+    q, k, v as dense attention would. Outside autocast: unchanged."""
+    out = type(self).forward(self, t, pos)
+    if torch.is_autocast_enabled(out.device.type):
+        return out.to(torch.get_autocast_dtype(out.device.type))
+    return out
+
+
+def autocast_sla_inputs(model: nn.Module) -> nn.Module:
+    """Under bf16 autocast the q/k LayerNorm (and so RoPE) run in fp32 while v comes out of the qkv GEMM in bf16;
+    SDPA casts all three to bf16, the SLA kernels refuse mixed dtypes. Give the RoPE of every SLA module that cast.
+    (Belongs in lite3r.sla_attention, like SDPA's autocast rule; here until it is there.)"""
+    import types
+
+    for m in model.modules():
+        rope = getattr(m, "rope", None)
+        if isinstance(m, lite3r.SLAAttention) and isinstance(rope, nn.Module):
+            rope.forward = types.MethodType(_rope_autocast_forward, rope)
     return model
 
 
@@ -174,6 +194,7 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     for module in keep:
         run_in_fp32(module)
     cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    autocast_sla_inputs(model)
     model.eval().requires_grad_(False)
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
@@ -241,15 +262,19 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     sla = config["sla"]
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config["backbone_config"].items() if k != "name"}
     model = build_backbone(config["backbone"], **overrides)
-    if sla or fp8_linears:
-        first = next(iter(sla.values()), {"block_q": 64, "block_k": 64, "feature_map": "softmax"})
-        lite3r.swap_attention(model, topk=lambda m, fqn: sla[fqn]["topk"] if fqn in sla else 1.0,
-                              block_q=first["block_q"], block_k=first["block_k"], feature_map=first["feature_map"],
-                              fp8=bool(fp8_linears), filter=lambda m, fqn: fqn in sla,
-                              fp8_filter=lambda m, fqn: fqn in fp8_linears)
-        model = lite3r.to_fp8_inference(model)
+    if sla:
+        first = next(iter(sla.values()))
+        lite3r.swap_attention(model, topk=lambda m, fqn: sla[fqn]["topk"], block_q=first["block_q"],
+                              block_k=first["block_k"], feature_map=first["feature_map"], fp8=False,
+                              filter=lambda m, fqn: fqn in sla)
+    for fqn in fp8_linears:  # empty FP8Linear shells: nothing is quantised, the file holds the fp8 weights
+        linear = model.get_submodule(fqn)
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, lite3r.FP8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device))
     for fqn in config["fp32_modules"]:
         run_in_fp32(model.get_submodule(fqn))
+    autocast_sla_inputs(model)
     fp32 = tuple(f + "." for f in config["fp32_modules"])
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
               and not k.endswith("weight_scale") and not k.startswith(fp32)}
@@ -267,19 +292,18 @@ def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None 
 
     config = read_artifact_config(path)
     tensors = load_file(os.fspath(path))
-    try:  # on the meta device: no memory, no random init, no quantisation; every tensor comes from the file
-        with torch.device("meta"):
-            model = _skeleton(config, tensors)
-        model.load_state_dict(tensors, strict=True, assign=True)
-        on_meta = any(t.is_meta for t in [*model.parameters(), *model.buffers()])  # non-persistent buffers
-    except NotImplementedError:  # an op without a meta kernel
-        on_meta = True
-    if on_meta:
+    with torch.device("meta"):  # no memory, no random init, no quantisation: every tensor comes from the file
+        model = _skeleton(config, tensors)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers: build for real
         model = _skeleton(config, tensors)
         model.load_state_dict(tensors, strict=True, assign=True)
     model.eval().requires_grad_(False)
     if device is not None:
         model = model.to(device)
+    fp8 = [m for m in model.modules() if isinstance(m, lite3r.FP8Linear)]
+    if fp8:  # FP8Linear probes W8A8 support eagerly and only reads the answer while compiled
+        lite3r._scaled_mm_ok(fp8[0].weight.device)
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
     return model

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,20 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recon.train_config import DEFAULT_RES, FAMILIES, RESUMABLE, TrainConfig, distill_select  # noqa: F401
+from recon.train_config import DEFAULT_RES, FAMILIES, RESUMABLE, TrainConfig, distill_select, parse_res  # noqa: F401
 
 FORMAT = "lite3r-train/1"
-
-
-def parse_res(text: str) -> tuple[int, int]:
-    """--res: "518" -> (518, 518); "294,518" -> (294, 518)."""
-    try:
-        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
-    except ValueError:
-        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}") from None
-    if len(parts) not in (1, 2):
-        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}")
-    return (parts[0], parts[-1])
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -347,10 +337,16 @@ class QAT:
         self.n_trainable = sum(p.numel() for p in self.params.values())
         self.n_total = sum(p.numel() for p in self.student.parameters())
         self.select = distill_select(cfg.distill)
+        n_attn = sum(1 for m in self.student.modules() if isinstance(m, lite3r.SLAAttention) or lite3r.is_attention(m))
+        if isinstance(self.select, list) and self.select[-1] >= n_attn:
+            raise ValueError(f"--distill {cfg.distill}: {cfg.backbone} has {n_attn} attention modules "
+                             f"(indices 0..{n_attn - 1})")
         self.task_loss = TASK_LOSSES[cfg.family]
         self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point)
-        self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.999), eps=1e-8)
+        params = list(self.params.values())
+        self.opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
+                    if cfg.optimizer == "adamw" else
+                    torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
         self.forward_student: Callable = self.student
         if d.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -358,8 +354,10 @@ class QAT:
             frozen = [n for n, p in self.student.named_parameters() if not p.requires_grad]
             frozen += [n for n, _ in self.student.named_buffers()]
             DDP._set_params_and_buffers_to_ignore_for_model(self.student, frozen)
-            self.forward_student = DDP(self.student, device_ids=[d.device] if d.device.type == "cuda" else None,
-                                       broadcast_buffers=False)
+            with warnings.catch_warnings():  # broadcast_buffers: no buffers are synced (the student has none that change)
+                warnings.simplefilter("ignore", FutureWarning)
+                self.forward_student = DDP(self.student, device_ids=[d.device] if d.device.type == "cuda" else None,
+                                           broadcast_buffers=False)
         self.data = SceneSource(cfg)
 
     def local_batch(self, step: int) -> dict[str, Tensor]:
@@ -390,13 +388,14 @@ class QAT:
         return gt
 
     def distill(self, student: list[Tensor], teacher: list[Tensor]) -> Tensor:
-        """lite3r.distill_loss, each module's outputs scaled by the teacher's RMS when kd_norm (relative MSE)."""
+        """lite3r.distill_loss; with kd_norm, each module's outputs divided by the teacher's RMS (relative MSE)."""
         if len(student) != len(teacher) or not student:
             raise RuntimeError(f"distillation matched {len(student)} student and {len(teacher)} teacher attention "
                                f"outputs (--distill {self.cfg.distill})")
         student = [s.float() for s in student]
-        if self.cfg.kd_norm:
-            rms = [t.pow(2).mean().sqrt().clamp_min(1e-12) for t in teacher]
+        if self.cfg.kd_norm:  # per leading index (sample or frame), so a batch split over ranks changes nothing
+            rms = [t.pow(2).flatten(1).mean(1).sqrt().clamp_min(1e-12).reshape((-1,) + (1,) * (t.dim() - 1))
+                   for t in teacher]
             student = [s / r for s, r in zip(student, rms)]
             teacher = [t / r for t, r in zip(teacher, rms)]
         return self.lite3r.distill_loss(student, teacher)
@@ -561,9 +560,16 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
                 checkpoint(step + 1)
             if stop_after is not None and step + 1 >= stop_after:
                 return {"stopped_at": step + 1, "history": history}
-    if d.world > 1:
-        _barrier(d)
-    summary = _finish(qat, cfg, run, history, init_metrics, eval_batches, console) if d.main else {"history": history}
+    extra = {"world_size": d.world}
+    if d.world > 1:  # DDP keeps the replicas identical; check it (the max |difference| to rank 0, over all ranks)
+        flat = torch.cat([p.detach().float().flatten() for p in qat.params.values()])
+        ref = flat.clone()
+        torch.distributed.broadcast(ref, 0)
+        diff = (flat - ref).abs().max().reshape(1)
+        torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+        extra["ddp_max_rank_diff"] = float(diff)
+    summary = (_finish(qat, cfg, run, history, init_metrics, eval_batches, console, extra) if d.main
+               else {"history": history, **extra})
     _barrier(d)
     return summary
 
@@ -581,7 +587,7 @@ def _resume_config(saved: TrainConfig, asked: TrainConfig, explicit: set[str] | 
 
 
 def _finish(qat: QAT, cfg: TrainConfig, run: RunDir, history: list[dict], init_metrics: dict,
-            eval_batches: list, console) -> dict:
+            eval_batches: list, console, extra: dict) -> dict:
     from safetensors.torch import save
 
     from recon.io import atomic_write_bytes, atomic_write_text
@@ -599,7 +605,7 @@ def _finish(qat: QAT, cfg: TrainConfig, run: RunDir, history: list[dict], init_m
                "trainable_params": qat.n_trainable, "total_params": qat.n_total,
                "final_losses": {k: v for k, v in last.items() if k != "step"},
                "first_losses": {k: v for k, v in first.items() if k != "step"},
-               "metrics": metrics, "files": {"student": "student.safetensors", "config": "student.json",
+               "metrics": metrics, **extra, "files": {"student": "student.safetensors", "config": "student.json",
                                              "plot": "loss.png"}}
     atomic_write_text(run.out / "metrics.json", json.dumps(summary, indent=1), overwrite=True)
     atomic_write_bytes(run.out / "loss.png", _loss_plot(history, cfg), overwrite=True)

@@ -24,6 +24,7 @@ class TrainConfig:
     batch: int = 2  # scenes per step, over all ranks
     views: int = 4  # views per scene
     res: tuple[int, int] | None = None  # (H, W), multiples of 14; default 126x168 tiny, 518x518 full
+    optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; its updates are linear in the gradient)
     lr: float = 3e-3
     warmup: int = 5
     weight_decay: float = 0.0
@@ -81,6 +82,8 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
             raise ValueError("--lambda-kd and the task loss weights must be non-negative")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.sla not in ("global", "all"):
             raise ValueError(f"--sla must be global or all, got {self.sla!r}")
         if self.feature_map not in ("softmax", "elu", "relu"):
@@ -119,3 +122,14 @@ def distill_select(spec: str) -> str | list[int] | None:
     if not idx or idx[0] < 0:
         raise ValueError(f"--distill indices must be non-negative integers, got {spec!r}")
     return idx
+
+
+def parse_res(text: str) -> tuple[int, int]:
+    """--res: "518" -> (518, 518); "294,518" -> (294, 518)."""
+    try:
+        parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
+    except ValueError:
+        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}") from None
+    if len(parts) not in (1, 2):
+        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}")
+    return (parts[0], parts[-1])

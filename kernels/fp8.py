@@ -1,0 +1,151 @@
+"""FP8 (E4M3) quantisation: fused amax + scale + cast per row of a [R, C] view, one Triton program per row.
+
+    fp8_quantize(x, *, axis)   -> (x_fp8 float8_e4m3fn, scale fp32 with `axis` kept as size 1)
+    fp8_fake_quant(x, *, axis) -> dequant(quant(x)) in x.dtype, straight-through gradient
+
+Bit for bit the definition of lite3r.fp8_quantize: scale = max(amax |x| in fp32, 1e-12) / 448 and
+x_fp8 = (x.float() / scale).clamp(-448, 448).to(e4m3), with a correctly rounded fp32 division (`div_rn`: Triton's
+plain `/` on fp32 may be approximate on the GPU) and round-to-nearest-even casts. A NaN counts as an infinite amax
+so the row's scale is inf and the caller's finiteness check catches it (Triton's max may skip NaNs).
+"""
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import interpreting
+
+FP8_MAX = 448.0
+_MAX_TILE = 8192  # columns held in registers at once; longer rows take the two-pass loop
+
+
+@triton.jit
+def _to_e4m3(b_y, EMULATE: tl.constexpr):
+    """fp32 in [-448, 448] -> float8_e4m3fn, round to nearest even. EMULATE rounds with fp32 bit arithmetic first
+    (exact, so the cast is then exact): Triton's CPU interpreter rounds fp8 casts wrongly (ties, exponent carry)."""
+    if EMULATE:
+        b_bits = b_y.to(tl.int32, bitcast=True)
+        b_bits = (b_bits + 0x7FFFF + ((b_bits >> 20) & 1)) & -0x100000  # keep 3 mantissa bits, ties to even
+        b_norm = b_bits.to(tl.float32, bitcast=True)
+        b_sub = (b_y + 16384.0) - 16384.0  # multiples of 2**-9 (the subnormal spacing), fp32 add rounds to even
+        b_y = tl.where(tl.abs(b_y) < 0.015625, b_sub, b_norm)
+    return b_y.to(tl.float8e4nv)
+
+
+@triton.jit
+def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
+                     BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr, DEQUANT: tl.constexpr, EMULATE: tl.constexpr):
+    i_r = tl.program_id(0).to(tl.int64)
+    p_x = X + i_r * stride_x
+    p_y = Y + i_r * stride_y
+    o_c = tl.arange(0, BLOCK_C)
+    if ONE_PASS:
+        m_c = o_c < C
+        b_x = tl.load(p_x + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
+        b_a = tl.where(b_x != b_x, float("inf"), tl.abs(b_x))  # NaN -> inf
+        amax = tl.max(b_a, axis=0)
+    else:
+        b_amax = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            m_c = (c0 + o_c) < C
+            b_x = tl.load(p_x + c0 + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_amax = tl.maximum(b_amax, tl.where(b_x != b_x, float("inf"), tl.abs(b_x)))
+        amax = tl.max(b_amax, axis=0)
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    tl.store(S + i_r, scale)
+    if ONE_PASS:
+        b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
+        if DEQUANT:
+            tl.store(p_y + o_c, (b_q.to(tl.float32) * scale).to(Y.dtype.element_ty), mask=m_c)
+        else:
+            tl.store(p_y + o_c, b_q, mask=m_c)
+    else:
+        for c0 in range(0, C, BLOCK_C):
+            m_c = (c0 + o_c) < C
+            b_x = tl.load(p_x + c0 + o_c, mask=m_c, other=0.0).to(tl.float32)
+            b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
+            if DEQUANT:
+                tl.store(p_y + c0 + o_c, (b_q.to(tl.float32) * scale).to(Y.dtype.element_ty), mask=m_c)
+            else:
+                tl.store(p_y + c0 + o_c, b_q, mask=m_c)
+
+
+def _launch(x: Tensor, y: Tensor, scale: Tensor, dequant: bool) -> None:
+    R, C = x.shape
+    if R == 0 or C == 0:
+        return
+    block = min(triton.next_power_of_2(C), _MAX_TILE)
+    warps = 1 if block <= 512 else 4 if block <= 2048 else 8
+    wrap_triton(_fp8_rows_kernel)[(R,)](x, y, scale, C, x.stride(0), y.stride(0), BLOCK_C=block,
+                                       ONE_PASS=block >= C, DEQUANT=dequant,
+                                       EMULATE=interpreting(), num_warps=warps)
+
+
+@triton_op("lite3r::fp8_quantize_rows", mutates_args={})
+def _fp8_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, C] (row-contiguous) -> (x_fp8 [R, C] float8_e4m3fn, scale [R] fp32)."""
+    y = torch.empty(x.shape, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(x.shape[:1], device=x.device, dtype=torch.float32)
+    _launch(x, y, scale, dequant=False)
+    return y, scale
+
+
+@triton_op("lite3r::fp8_fake_quant_rows", mutates_args={})
+def _fp8_fake_quant_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x [R, C] (row-contiguous) -> (dequant(quant(x)) [R, C] in x.dtype, scale [R] fp32)."""
+    y = torch.empty_like(x)
+    scale = torch.empty(x.shape[:1], device=x.device, dtype=torch.float32)
+    _launch(x, y, scale, dequant=True)
+    return y, scale
+
+
+def _fake_quant_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _fake_quant_backward(ctx, grad_y: Tensor, grad_scale) -> Tensor:
+    return grad_y  # straight-through estimator
+
+
+_fp8_fake_quant_rows.register_autograd(_fake_quant_backward, setup_context=_fake_quant_setup)
+
+
+def _rows(x: Tensor, axis: int) -> tuple[Tensor, tuple[int, ...]]:
+    """x with `axis` moved last, flattened to [R, C] (contiguous rows); and the moved shape to undo it."""
+    if x.dim() == 0:
+        raise ValueError("fp8 quantisation needs a tensor with at least one dimension, got a scalar")
+    if not -x.dim() <= axis < x.dim():
+        raise ValueError(f"axis {axis} is out of range for a tensor of shape {tuple(x.shape)}")
+    moved = x.movedim(axis, -1)
+    return moved.reshape(-1, moved.shape[-1]).contiguous(), tuple(moved.shape)
+
+
+def _check_finite(x: Tensor, scale: Tensor) -> None:
+    if not torch.compiler.is_compiling() and not bool(torch.isfinite(scale).all()):
+        raise ValueError(f"fp8 quantisation of a tensor with inf/NaN values (shape {tuple(x.shape)}, {x.dtype}): "
+                         "FP8 scales would be meaningless")
+
+
+def fp8_quantize(x: Tensor, *, axis: int) -> tuple[Tensor, Tensor]:
+    """(x_fp8 float8_e4m3fn shaped like x, scale fp32 shaped like x with `axis` of size 1); x any float dtype."""
+    rows, moved = _rows(x, axis)
+    y, scale = torch.ops.lite3r.fp8_quantize_rows(rows)
+    _check_finite(x, scale)
+    scale_shape = moved[:-1] + (1,)
+    return (y.view(moved).movedim(-1, axis), scale.view(scale_shape).movedim(-1, axis))
+
+
+def fp8_fake_quant(x: Tensor, *, axis: int) -> Tensor:
+    """dequant(quant(x)) in x.dtype, per slice along `axis`; d out / d x = identity (STE)."""
+    rows, moved = _rows(x, axis)
+    y, scale = torch.ops.lite3r.fp8_fake_quant_rows(rows)
+    _check_finite(x, scale)
+    return y.view(moved).movedim(-1, axis)
+
+
+def fp8_quantize_torch(x: Tensor, *, axis: int) -> tuple[Tensor, Tensor]:
+    """Pure-torch twin (the definition), used by benchmarks as the baseline."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=axis, keepdim=True).clamp_min(1e-12) / FP8_MAX
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale

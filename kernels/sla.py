@@ -1,0 +1,430 @@
+"""Fused Sparse-Linear Attention (SLA): block map, forward and backward as Triton kernels behind torch.library ops.
+
+Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept key blocks per query block.
+
+    lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
+    o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
+
+Block map: a pooling kernel sums q and k per block (fp32); the tiny [Mq, D] x [D, Mk] score GEMM and the top-k
+run in torch. Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of
+its LUT row with an online softmax (o_s, and the row log-sum-exp for backward), and computes the linear branch
+phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps) from the precomputed kv = phi(k)^T v [D, D] and ksum [D] (torch:
+one O(N D^2) GEMM, differentiated by autograd). Backward: `_sla_bwd_dq_kernel` per query block recomputes P from
+the LSE (dq of both branches; it also accumulates d kv and d ksum with atomics); `_sla_bwd_dkdv_kernel` per key
+block walks the query blocks that selected it (the transposed LUT, CSR) for dk and dv of the sparse branch.
+
+Tiles: a block of `block_q` (`block_k`) tokens is held in a power-of-two tile >= 16 rows, D in a power-of-two tile
+>= 16 columns; masks handle partial blocks, the partial last block and D not a power of two.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+from torch.library import triton_op, wrap_triton
+
+from . import interpreting
+
+LINEAR_EPS = 1e-6  # same as lite3r.LINEAR_EPS
+FEATURE_MAPS = ("softmax", "elu", "relu")  # kernel code 0, 1, 2
+LOG2E = 1.4426950408889634
+
+
+def _fwd_configs():
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+
+
+# ---------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _pool_kernel(X, OUT, N, H, sx_b, sx_h, sx_n, D,
+                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_D: tl.constexpr):
+    """OUT[bh, i, :] = sum of x over the real tokens of block i (fp32). Grid (M, B*H)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    o_n = i_m * BLOCK + tl.arange(0, TILE)
+    o_d = tl.arange(0, TILE_D)
+    m_n = (tl.arange(0, TILE) < BLOCK) & (o_n < N)
+    m_d = o_d < D
+    p_x = X + i_b.to(tl.int64) * sx_b + i_h.to(tl.int64) * sx_h + o_n[:, None].to(tl.int64) * sx_n + o_d[None, :]
+    b_x = tl.load(p_x, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [TILE, TD]
+    b_s = tl.sum(b_x, axis=0)
+    M = tl.num_programs(0)
+    tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s, mask=m_d)
+
+
+@triton.jit
+def _dot(a, b, F32: tl.constexpr):
+    """tl.dot, or with fp32 operands (F32: the CPU interpreter mis-multiplies bf16 tiles; values are unchanged)."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _phi(b_x, m_d, FM: tl.constexpr):
+    """Feature map of an fp32 [rows, TD] tile over its real columns (m_d); padded columns -> 0."""
+    if FM == 0:  # softmax over D
+        b_x = tl.where(m_d[None, :], b_x, float("-inf"))
+        b_e = tl.exp(b_x - tl.max(b_x, axis=1)[:, None])
+        b_f = b_e / tl.sum(b_e, axis=1)[:, None]
+    elif FM == 1:  # elu + 1
+        b_f = tl.where(b_x > 0, b_x + 1.0, tl.exp(tl.minimum(b_x, 0.0)))
+    else:  # relu
+        b_f = tl.maximum(b_x, 0.0)
+    return tl.where(m_d[None, :], b_f, 0.0)
+
+
+@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM"])
+@triton.jit
+def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
+                    sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                    N, H, D, MQ, KK, sm_scale, eps,
+                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
+                    TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, F32: tl.constexpr):
+    """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_q = i_m * BLOCK_Q + tl.arange(0, TILE_Q)
+    o_d = tl.arange(0, TILE_D)
+    m_q = (tl.arange(0, TILE_Q) < BLOCK_Q) & (o_q < N)
+    m_d = o_d < D
+    p_q = Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :]
+    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [TQ, TD]
+    k_base = K + i_b * sk_b + i_h * sk_h
+    v_base = V + i_b * sv_b + i_h * sv_h
+    p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
+    qk_scale = sm_scale * 1.4426950408889634
+    b_m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([TILE_Q], dtype=tl.float32)
+    b_acc = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
+    for j in range(0, KK):
+        i_kb = tl.load(p_lut + j)
+        o_k = i_kb * BLOCK_K + tl.arange(0, TILE_K)
+        m_k = (tl.arange(0, TILE_K) < BLOCK_K) & (o_k < N)
+        b_kt = tl.load(k_base + o_k[None, :].to(tl.int64) * sk_n + o_d[:, None],
+                       mask=m_k[None, :] & m_d[:, None], other=0.0)  # [TD, TK]
+        b_s = _dot(b_q, b_kt, F32) * qk_scale  # [TQ, TK]
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
+        b_p = tl.math.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.math.exp2(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+        b_v = tl.load(v_base + o_k[:, None].to(tl.int64) * sv_n + o_d[None, :],
+                      mask=m_k[:, None] & m_d[None, :], other=0.0)  # [TK, TD]
+        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
+        b_m = b_mn
+    b_os = b_acc / b_l[:, None]
+    o_out = i_bh.to(tl.int64) * N * D + o_q[:, None].to(tl.int64) * D + o_d[None, :]
+    m_out = m_q[:, None] & m_d[None, :]
+    tl.store(OS + o_out, b_os.to(OS.dtype.element_ty), mask=m_out)
+    tl.store(LSE + i_bh.to(tl.int64) * N + o_q, b_m + tl.math.log2(b_l), mask=m_q)
+    if LINEAR:
+        b_f = _phi(b_q.to(tl.float32), m_d, FM)  # [TQ, TD]
+        o_dd = o_d[:, None] * D + o_d[None, :]
+        b_kv = tl.load(KV + i_bh.to(tl.int64) * D * D + o_dd, mask=m_d[:, None] & m_d[None, :], other=0.0)
+        b_ks = tl.load(KS + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)  # [TD]
+        b_num = _dot(b_f, b_kv, F32)  # [TQ, TD]
+        b_den = tl.sum(b_f * b_ks[None, :], axis=1) + eps
+        tl.store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), mask=m_out)
+
+
+@triton.jit
+def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, DKS,
+                       sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                       N, H, D, MQ, KK, sm_scale, eps,
+                       BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
+                       TILE_D: tl.constexpr, FM: tl.constexpr, F32: tl.constexpr):
+    """Grid (Mq, B*H). OS/DOS/DOL/DQ contiguous [B, H, N, D]; writes DELTA = rowsum(dO_s * O_s) for the dk/dv
+    kernel; adds this query block's share of d kv [D, D] and d ksum [D] (fp32 atomics)."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_q = i_m * BLOCK_Q + tl.arange(0, TILE_Q)
+    o_d = tl.arange(0, TILE_D)
+    m_q = (tl.arange(0, TILE_Q) < BLOCK_Q) & (o_q < N)
+    m_d = o_d < D
+    m_qd = m_q[:, None] & m_d[None, :]
+    b_q = tl.load(Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :],
+                  mask=m_qd, other=0.0)  # [TQ, TD]
+    o_row = i_bh.to(tl.int64) * N * D + o_q[:, None].to(tl.int64) * D + o_d[None, :]
+    b_do = tl.load(DOS + o_row, mask=m_qd, other=0.0)  # [TQ, TD]
+    b_o = tl.load(OS + o_row, mask=m_qd, other=0.0)
+    b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), axis=1)  # [TQ]
+    tl.store(DELTA + i_bh.to(tl.int64) * N + o_q, b_delta, mask=m_q)
+    b_lse = tl.load(LSE + i_bh.to(tl.int64) * N + o_q, mask=m_q, other=0.0)
+    k_base = K + i_b * sk_b + i_h * sk_h
+    v_base = V + i_b * sv_b + i_h * sv_h
+    p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
+    qk_scale = sm_scale * 1.4426950408889634
+    b_dq = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
+    for j in range(0, KK):
+        i_kb = tl.load(p_lut + j)
+        o_k = i_kb * BLOCK_K + tl.arange(0, TILE_K)
+        m_k = (tl.arange(0, TILE_K) < BLOCK_K) & (o_k < N)
+        m_kd = m_k[:, None] & m_d[None, :]
+        b_k = tl.load(k_base + o_k[:, None].to(tl.int64) * sk_n + o_d[None, :], mask=m_kd, other=0.0)  # [TK, TD]
+        b_v = tl.load(v_base + o_k[:, None].to(tl.int64) * sv_n + o_d[None, :], mask=m_kd, other=0.0)
+        b_s = _dot(b_q, tl.trans(b_k), F32) * qk_scale  # [TQ, TK]
+        b_p = tl.where(m_k[None, :], tl.math.exp2(b_s - b_lse[:, None]), 0.0)
+        b_dp = _dot(b_do, tl.trans(b_v), F32)  # [TQ, TK]
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq += _dot(b_ds.to(b_k.dtype), b_k, F32)
+    b_dq = b_dq * sm_scale
+    # linear branch: o_l = num / den, num = phi(q) kv, den = phi(q) . ksum + eps
+    b_x = b_q.to(tl.float32)
+    b_f = _phi(b_x, m_d, FM)  # [TQ, TD]
+    o_dd = o_d[:, None] * D + o_d[None, :]
+    m_dd = m_d[:, None] & m_d[None, :]
+    b_kv = tl.load(KV + i_bh.to(tl.int64) * D * D + o_dd, mask=m_dd, other=0.0)  # [TD, TD]
+    b_ks = tl.load(KS + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
+    b_den = tl.sum(b_f * b_ks[None, :], axis=1) + eps  # [TQ]
+    b_ol = _dot(b_f, b_kv, F32) / b_den[:, None]
+    b_dol = tl.load(DOL + o_row, mask=m_qd, other=0.0).to(tl.float32)  # zero on padded rows
+    b_dnum = b_dol / b_den[:, None]  # [TQ, TD]
+    b_dden = -tl.sum(b_dol * b_ol, axis=1) / b_den  # [TQ]
+    b_df = _dot(b_dnum, tl.trans(b_kv), F32) + b_dden[:, None] * b_ks[None, :]  # d phi(q)
+    if FM == 0:
+        b_dx = b_f * (b_df - tl.sum(b_df * b_f, axis=1)[:, None])
+    elif FM == 1:
+        b_dx = tl.where(b_x > 0, b_df, b_df * b_f)
+    else:
+        b_dx = tl.where(b_x > 0, b_df, 0.0)
+    b_dq += b_dx
+    tl.store(DQ + o_row, b_dq.to(DQ.dtype.element_ty), mask=m_qd)
+    tl.atomic_add(DKV + i_bh.to(tl.int64) * D * D + o_dd, _dot(tl.trans(b_f), b_dnum, F32), mask=m_dd)
+    tl.atomic_add(DKS + i_bh.to(tl.int64) * D + o_d, tl.sum(b_dden[:, None] * b_f, axis=0), mask=m_d)
+
+
+@triton.jit
+def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, QOFF, QCNT, QIDX, DK, DV,
+                         sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                         N, H, D, MK, sm_scale,
+                         BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
+                         TILE_D: tl.constexpr, F32: tl.constexpr):
+    """Grid (Mk, B*H): dk, dv of the sparse branch for one key block, over the query blocks that kept it."""
+    i_n, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_k = i_n * BLOCK_K + tl.arange(0, TILE_K)
+    o_d = tl.arange(0, TILE_D)
+    m_k = (tl.arange(0, TILE_K) < BLOCK_K) & (o_k < N)
+    m_d = o_d < D
+    m_kd = m_k[:, None] & m_d[None, :]
+    b_k = tl.load(K + i_b * sk_b + i_h * sk_h + o_k[:, None].to(tl.int64) * sk_n + o_d[None, :], mask=m_kd,
+                  other=0.0)  # [TK, TD]
+    b_v = tl.load(V + i_b * sv_b + i_h * sv_h + o_k[:, None].to(tl.int64) * sv_n + o_d[None, :], mask=m_kd,
+                  other=0.0)
+    q_base = Q + i_b * sq_b + i_h * sq_h
+    row_base = i_bh.to(tl.int64) * N
+    i_slot = i_bh.to(tl.int64) * MK + i_n
+    start = tl.load(QOFF + i_slot)
+    count = tl.load(QCNT + i_slot)
+    qk_scale = sm_scale * 1.4426950408889634
+    b_dk = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
+    b_dv = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
+    for t in range(0, count):
+        i_qb = tl.load(QIDX + start + t)
+        o_q = i_qb * BLOCK_Q + tl.arange(0, TILE_Q)
+        m_q = (tl.arange(0, TILE_Q) < BLOCK_Q) & (o_q < N)
+        m_qd = m_q[:, None] & m_d[None, :]
+        b_q = tl.load(q_base + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :], mask=m_qd, other=0.0)  # [TQ,TD]
+        b_do = tl.load(DOS + (row_base + o_q[:, None].to(tl.int64)) * D + o_d[None, :], mask=m_qd, other=0.0)
+        b_lse = tl.load(LSE + row_base + o_q, mask=m_q, other=0.0)
+        b_delta = tl.load(DELTA + row_base + o_q, mask=m_q, other=0.0)
+        b_st = _dot(b_k, tl.trans(b_q), F32) * qk_scale  # [TK, TQ]
+        b_pt = tl.where(m_q[None, :] & m_k[:, None], tl.math.exp2(b_st - b_lse[None, :]), 0.0)
+        b_dv += _dot(b_pt.to(b_do.dtype), b_do, F32)
+        b_dpt = _dot(b_v, tl.trans(b_do), F32)  # [TK, TQ]
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk += _dot(b_dst.to(b_q.dtype), b_q, F32)
+    o_out = (row_base + o_k[:, None].to(tl.int64)) * D + o_d[None, :]
+    tl.store(DK + o_out, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_kd)
+    tl.store(DV + o_out, b_dv.to(DV.dtype.element_ty), mask=m_kd)
+
+
+# ------------------------------------------------------------------------------------------------ host side
+def _tile(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _fm_code(feature_map: str) -> int:
+    if feature_map not in FEATURE_MAPS:
+        raise ValueError(f"feature_map must be one of {list(FEATURE_MAPS)}, got {feature_map!r}")
+    return FEATURE_MAPS.index(feature_map)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def num_kept(topk: float, n_blocks: int) -> int:
+    """K = max(1, ceil(topk * Mk)) kept key blocks per query block, capped at Mk (lite3r's definition)."""
+    if not 0.0 < topk <= 1.0:
+        raise ValueError(f"topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
+    return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
+
+
+def _block_sums(x: Tensor, block: int) -> Tensor:
+    """[B, H, N, D] -> fp32 [B, H, M, D]: per-block sums over the real tokens (Triton)."""
+    B, H, N, D = x.shape
+    m = -(-N // block)
+    out = torch.empty((B, H, m, D), device=x.device, dtype=torch.float32)
+    wrap_triton(_pool_kernel)[(m, B * H)](x, out, N, H, x.stride(0), x.stride(1), x.stride(2), D,
+                                          BLOCK=block, TILE=_tile(block), TILE_D=_tile(D))
+    return out
+
+
+@triton_op("lite3r::sla_block_map", mutates_args={})
+def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
+    B, H, N, D = q.shape
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    kept = num_kept(topk, n_k)
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    cnt_q = torch.full((n_q, 1), float(block_q), device=q.device)
+    cnt_q[-1] = N - (n_q - 1) * block_q
+    cnt_k = torch.full((n_k, 1), float(block_k), device=q.device)
+    cnt_k[-1] = N - (n_k - 1) * block_k
+    pooled_q = _block_sums(q, block_q) / cnt_q  # [B, H, Mq, D]
+    sums_k = _block_sums(k, block_k)  # [B, H, Mk, D]
+    k_mean = sums_k.sum(dim=2, keepdim=True) / N  # mean of k over all N tokens
+    pooled_k = sums_k / cnt_k - k_mean  # = block mean of (k - mean_N k)
+    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk] fp32
+    return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"q, k, v must all be [B, H, N, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"q, k, v must share one of float32/float16/bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if block_q < 1 or block_k < 1:
+        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    if q.shape[2] == 0:
+        raise ValueError("q, k, v have no tokens (N = 0)")
+
+
+def sla_block_map(q: Tensor, k: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64) -> Tensor:
+    """LUT int32 [B, H, Mq, K]: for each query block the indices (unordered) of its K kept key blocks. Same
+    definition as lite3r.sla_block_map (mean-pooled q . mean-pooled centred k, fp32, top-K)."""
+    _check_qkv(q, k, k, block_q, block_k)
+    return torch.ops.lite3r.sla_block_map(q.detach(), k.detach(), float(topk), int(block_q), int(block_k))
+
+
+@triton_op("lite3r::sla_fwd", mutates_args={})
+def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor, block_q: int, block_k: int,
+             feature_map: int) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (o_s, o_l, lse): o_s/o_l [B, H, N, D] in q.dtype, lse fp32 [B, H, N] in log2 units."""
+    B, H, N, D = q.shape
+    n_q, kept = lut.shape[2], lut.shape[3]
+    o_s = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    o_l = torch.empty_like(o_s)
+    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    wrap_triton(_sla_fwd_kernel)[(n_q, B * H)](
+        q, k, v, lut, kv, ksum, o_s, o_l, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS,
+        BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D),
+        FM=feature_map, LINEAR=True, F32=interpreting())
+    return o_s, o_l, lse
+
+
+def transpose_lut(lut: Tensor, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """CSR of the LUT by key block: (offsets [B*H*Mk], counts [B*H*Mk], query-block ids [B*H*Mq*K]), int32.
+    The query blocks that kept key block j of head bh are qidx[offsets[bh*Mk+j] : ... + counts[bh*Mk+j]]."""
+    B, H, n_q, kept = lut.shape
+    key = (lut.reshape(B * H, n_q * kept).long()
+           + torch.arange(B * H, device=lut.device)[:, None] * n_k).flatten()  # [B*H*Mq*K]
+    qid = (torch.arange(n_q * kept, device=lut.device) // kept).repeat(B * H)
+    order = torch.argsort(key, stable=True)
+    counts = torch.zeros(B * H * n_k, device=lut.device, dtype=torch.int64)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    offsets = counts.cumsum(0) - counts
+    return offsets.to(torch.int32), counts.to(torch.int32), qid[order].to(torch.int32)
+
+
+@triton_op("lite3r::sla_bwd", mutates_args={})
+def _sla_bwd(do_s: Tensor, do_l: Tensor, q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor,
+             o_s: Tensor, lse: Tensor, block_q: int, block_k: int,
+             feature_map: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, d kv, d ksum) for o_s (sparse) and o_l (linear; its k, v part flows through kv/ksum)."""
+    B, H, N, D = q.shape
+    n_q, kept = lut.shape[2], lut.shape[3]
+    n_k = -(-N // block_k)
+    do_s, do_l = do_s.contiguous(), do_l.contiguous()
+    dq = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
+    dk = torch.empty_like(dq)
+    dv = torch.empty_like(dq)
+    dkv = torch.zeros_like(kv)
+    dks = torch.zeros_like(ksum)
+    delta = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2))
+    tiles = dict(BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D))
+    warps = 4 if max(tiles["TILE_Q"], tiles["TILE_K"], tiles["TILE_D"]) <= 64 else 8
+    wrap_triton(_sla_bwd_dq_kernel)[(n_q, B * H)](
+        q, k, v, lut, kv, ksum, o_s, do_s, do_l, lse, delta, dq, dkv, dks, *strides,
+        N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS, FM=feature_map, F32=interpreting(), num_warps=warps, num_stages=2,
+        **tiles)
+    offsets, counts, qidx = transpose_lut(lut, n_k)
+    wrap_triton(_sla_bwd_dkdv_kernel)[(n_k, B * H)](
+        q, k, v, do_s, lse, delta, offsets, counts, qidx, dk, dv, *strides,
+        N, H, D, n_k, D ** -0.5, F32=interpreting(), num_warps=warps, num_stages=2, **tiles)
+    return dq, dk, dv, dkv, dks
+
+
+def _fwd_setup(ctx, inputs, output) -> None:
+    q, k, v, lut, kv, ksum, block_q, block_k, feature_map = inputs
+    o_s, _, lse = output
+    ctx.save_for_backward(q, k, v, lut, kv, ksum, o_s, lse)
+    ctx.cfg = (block_q, block_k, feature_map)
+
+
+def _fwd_backward(ctx, do_s, do_l, dlse):
+    q, k, v, lut, kv, ksum, o_s, lse = ctx.saved_tensors
+    do_s = torch.zeros_like(o_s) if do_s is None else do_s
+    do_l = torch.zeros_like(o_s) if do_l is None else do_l
+    dq, dk, dv, dkv, dks = torch.ops.lite3r.sla_bwd(do_s, do_l, q, k, v, lut, kv, ksum, o_s, lse, *ctx.cfg)
+    return dq, dk, dv, None, dkv, dks, None, None, None
+
+
+_sla_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
+
+
+def _phi_torch(x: Tensor, feature_map: str) -> Tensor:
+    if feature_map == "softmax":
+        return x.softmax(dim=-1)
+    if feature_map == "elu":
+        return torch.nn.functional.elu(x) + 1.0
+    return torch.relu(x)
+
+
+def linear_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, Tensor]:
+    """(kv = phi(k)^T v [B, H, D, D], ksum = sum_n phi(k_n) [B, H, D]) in fp32, differentiable (torch autograd)."""
+    fk = _phi_torch(k.float(), feature_map)  # [B, H, N, D]
+    return fk.transpose(-1, -2) @ v.float(), fk.sum(dim=2)
+
+
+def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64,
+                 feature_map: str = "softmax", lut: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(o_s, o_l), both [B, H, N, D] in q.dtype, differentiable in q, k, v (lut is not): o_s exact softmax
+    attention (scale D**-0.5) over each query block's kept key blocks, o_l linear attention over all keys.
+
+    q, k, v: [B, H, N, D] float32/float16/bfloat16, last dim contiguous (other strides are fine). lut: int32
+    [B, H, Mq, K] of key-block indices (default: sla_block_map(q, k, topk=topk, ...))."""
+    _check_qkv(q, k, v, block_q, block_k)
+    fm = _fm_code(feature_map)
+    B, H, N, D = q.shape
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    if lut is None:
+        lut = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    elif lut.dim() != 4 or tuple(lut.shape[:3]) != (B, H, n_q) or not 1 <= lut.shape[3] <= n_k:
+        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K] with 1 <= K <= {n_k}")
+    lut = lut.to(torch.int32).contiguous()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    kv, ksum = linear_state(k, v, feature_map)
+    o_s, o_l, _ = torch.ops.lite3r.sla_fwd(q, k, v, lut, kv.contiguous(), ksum.contiguous(), int(block_q),
+                                           int(block_k), fm)
+    return o_s, o_l

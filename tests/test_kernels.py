@@ -1,0 +1,274 @@
+"""kernels/sla.py against lite3r's PyTorch references: block map, forward (o_s, o_l) and all three gradients.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small.
+Attention kernels and the reference get the SAME lut (a block map computed twice may flip near-ties); the block map
+kernel is tested on its own. Gradients use a non-unit upstream gradient for both branches.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lite3r
+
+kernels = pytest.importorskip("kernels")
+if not kernels.AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from kernels.sla import num_kept, transpose_lut  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FAST = settings(max_examples=int(os.environ.get("LITE3R_KERNEL_EXAMPLES", "6")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    """rms(a - b) / rms(b), in fp64 (b is the reference)."""
+    a, b = a.double(), b.double()
+    return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
+
+
+def random_lut(B: int, H: int, n_q: int, n_k: int, kept: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, H, Mq, K] int32 of distinct key-block indices per query block, in random order."""
+    return torch.rand(B, H, n_q, n_k, generator=gen).argsort(dim=-1)[..., :kept].to(torch.int32)
+
+
+def qkv(B, H, N, D, dtype, gen, scale=1.0):
+    return [(torch.randn(B, H, N, D, generator=gen) * scale).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
+
+
+def branches_and_grads(fn, q, k, v, g_s, g_l):
+    o_s, o_l = fn(q, k, v)
+    grads = torch.autograd.grad((o_s.float() * g_s).sum() + (o_l.float() * g_l).sum(), (q, k, v))
+    return [o_s, o_l, *grads]
+
+
+def compare(q, k, v, lut, block_q, block_k, feature_map, gen):
+    """Kernel vs reference for (o_s, o_l, dq, dk, dv) at q's dtype; returns the list of relative rms errors and the
+    errors of the PyTorch reference run at the same dtype (both against the fp32 reference)."""
+    g_s = torch.randn(q.shape, generator=gen).to(DEVICE)
+    g_l = torch.randn(q.shape, generator=gen).to(DEVICE)
+
+    def kern(a, b, c):
+        return kernels.sla_branches(a, b, c, topk=1.0, block_q=block_q, block_k=block_k, feature_map=feature_map,
+                                    lut=lut)
+
+    def ref(a, b, c):
+        return lite3r.sla_reference(a, b, c, lut, block_q=block_q, block_k=block_k, feature_map=feature_map)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = branches_and_grads(ref, q32, k32, v32, g_s, g_l)
+    got = branches_and_grads(kern, q, k, v, g_s, g_l)
+    same_dtype = branches_and_grads(ref, q, k, v, g_s, g_l)
+    for t, e in zip(got, exact):
+        assert t.shape == e.shape and t.dtype == q.dtype
+        assert torch.isfinite(t).all()
+    return [rel_rms(t, e) for t, e in zip(got, exact)], [rel_rms(t, e) for t, e in zip(same_dtype, exact)]
+
+
+NAMES = ["o_s", "o_l", "dq", "dk", "dv"]
+
+
+@FAST
+@given(B=st.integers(1, 2), H=st.integers(1, 2), N=st.integers(1, 150), D=st.sampled_from([16, 32, 64]),
+       block_q=st.sampled_from([16, 32]), block_k=st.sampled_from([16, 32]), frac=st.floats(0.0, 1.0),
+       feature_map=st.sampled_from(["softmax", "elu", "relu"]), seed=st.integers(0, 2**16))
+def test_sla_matches_reference_fp32(B, H, N, D, block_q, block_k, frac, feature_map, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    kept = max(1, round(frac * n_k))  # from one key block to all of them
+    lut = random_lut(B, H, n_q, n_k, kept, gen).to(DEVICE)
+    q, k, v = qkv(B, H, N, D, torch.float32, gen)
+    errs, _ = compare(q, k, v, lut, block_q, block_k, feature_map, gen)
+    tol = 1e-5 if DEVICE == "cpu" else 5e-3  # GPU tl.dot runs fp32 as tf32
+    assert max(errs) < tol, dict(zip(NAMES, errs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("N,D,block", [(97, 64, 32), (64, 32, 64), (40, 16, 16)], ids=["odd97", "one-block", "d16"])
+def test_sla_low_precision_within_twice_torch_error(dtype, N, D, block):
+    """bf16/fp16: the kernel's error against the fp32 reference is at most ~2x that of the PyTorch reference run
+    at the same dtype (floor: a few ulps of the dtype, since the reference upcasts internally)."""
+    gen = torch.Generator().manual_seed(N + D)
+    n = -(-N // block)
+    lut = random_lut(2, 2, n, n, max(1, n // 2), gen).to(DEVICE)
+    q, k, v = qkv(2, 2, N, D, dtype, gen)
+    errs, torch_errs = compare(q, k, v, lut, block, block, "softmax", gen)
+    floor = 2.0 ** -(8 if dtype == torch.bfloat16 else 11) * 2
+    for name, e, te in zip(NAMES, errs, torch_errs):
+        assert e <= 2 * te + floor, f"{name}: kernel {e:.2e} vs torch {te:.2e} at {dtype}"
+
+
+def test_sla_all_blocks_is_dense_attention():
+    """topk=1.0 through the public entry point (block map included) is exact softmax attention."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = qkv(1, 2, 77, 32, torch.float32, gen)
+    o_s, o_l = kernels.sla_branches(q, k, v, topk=1.0, block_q=32, block_k=16)
+    dense = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert rel_rms(o_s, dense) < 1e-5
+    assert rel_rms(o_l, lite3r.linear_attention_reference(q, k, v)) < 1e-5
+
+
+def test_sla_strided_inputs_and_zero_block():
+    """q, k, v as views of a packed qkv projection (the backbones' layout) and an all-zero key block."""
+    gen = torch.Generator().manual_seed(5)
+    B, N, H, D = 1, 50, 2, 16
+    qkv_ = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE)
+    qkv_[:, 16:32, 1] = 0.0  # key block 1 all zero
+    q, k, v = qkv_.permute(2, 0, 3, 1, 4)  # [B, H, N, D] non-contiguous views
+    lut = random_lut(B, H, 4, 4, 2, gen).to(DEVICE)
+    lut[..., 0] = 1
+    lut[..., 1] = torch.where(lut[..., 1] == 1, 2, lut[..., 1])  # distinct, keeps the zero block
+    got = kernels.sla_branches(q, k, v, topk=1.0, block_q=16, block_k=16, lut=lut)
+    want = lite3r.sla_reference(q, k, v, lut, block_q=16, block_k=16)
+    for a, b in zip(got, want):
+        assert rel_rms(a, b) < 1e-5
+
+
+@FAST
+@given(N=st.integers(1, 200), D=st.sampled_from([16, 32, 64]), block_q=st.sampled_from([16, 32, 64]),
+       block_k=st.sampled_from([16, 32, 64]), topk=st.floats(0.01, 1.0), seed=st.integers(0, 2**16))
+def test_block_map_keeps_top_scores(N, D, block_q, block_k, topk, seed):
+    """Same shape and K as lite3r.sla_block_map; distinct indices; the kept blocks' scores (fp64 recomputation of
+    the definition) are the top K up to fp32 rounding, and the selection equals lite3r's when scores are
+    separated."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, 2, N, D, generator=gen).to(DEVICE)
+    k = torch.randn(2, 2, N, D, generator=gen).to(DEVICE)
+    lut = kernels.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    ref = lite3r.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    n_k = -(-N // block_k)
+    assert lut.dtype == torch.int32 and lut.shape == ref.shape
+    assert lut.shape[-1] == num_kept(topk, n_k)
+    srt = lut.sort(dim=-1).values
+    assert (srt[..., 1:] != srt[..., :-1]).all() and lut.min() >= 0 and lut.max() < n_k
+    qd, kd = q.double(), k.double()
+    pq = lite3r._block_mean(qd, block_q)
+    pk = lite3r._block_mean(kd - kd.mean(dim=2, keepdim=True), block_k)
+    scores = pq @ pk.transpose(-1, -2)  # [B, H, Mq, Mk]
+    kth = scores.topk(lut.shape[-1], dim=-1).values[..., -1:]
+    got = scores.gather(-1, lut.long())
+    assert (got >= kth - 1e-4 * scores.abs().amax(-1, keepdim=True)).all()
+    top2 = scores.sort(dim=-1, descending=True).values
+    gap = (top2[..., lut.shape[-1] - 1] - top2[..., lut.shape[-1]]) if lut.shape[-1] < n_k else None
+    if gap is None or bool((gap > 1e-3).all()):
+        assert torch.equal(srt, ref.sort(dim=-1).values)
+
+
+def test_block_map_selects_planted_blocks():
+    """Keys of block j aligned with the queries of block i -> block i keeps exactly j (plus nothing else at K=1)."""
+    D, bs, m = 16, 16, 5
+    q = torch.zeros(1, 1, m * bs, D)
+    k = torch.zeros(1, 1, m * bs, D)
+    perm = [3, 0, 4, 1, 2]
+    for i in range(m):
+        q[0, 0, i * bs:(i + 1) * bs, i] = 1.0
+        k[0, 0, perm[i] * bs:(perm[i] + 1) * bs, i] = 1.0
+    lut = kernels.sla_block_map(q.to(DEVICE), k.to(DEVICE), topk=0.2, block_q=bs, block_k=bs)
+    assert lut.flatten().tolist() == perm
+
+
+def test_transpose_lut_is_csr_of_selection():
+    gen = torch.Generator().manual_seed(0)
+    lut = random_lut(2, 3, 7, 5, 2, gen)
+    offsets, counts, qidx = transpose_lut(lut, 5)
+    for bh in range(6):
+        for j in range(5):
+            s, c = int(offsets[bh * 5 + j]), int(counts[bh * 5 + j])
+            want = sorted(i for i in range(7) if j in lut.view(6, 7, 2)[bh, i].tolist())
+            assert sorted(qidx[s:s + c].tolist()) == want
+
+
+def test_sla_rejects_bad_input():
+    q = torch.randn(1, 1, 32, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="feature_map"):
+        kernels.sla_branches(q, q, q, topk=0.5, block_q=16, block_k=16, feature_map="cosine")
+    with pytest.raises(ValueError, match="lut has shape"):
+        kernels.sla_branches(q, q, q, topk=0.5, block_q=16, block_k=16, lut=torch.zeros(1, 1, 3, 1).int())
+    with pytest.raises(ValueError, match="topk"):
+        kernels.sla_block_map(q, q, topk=0.0, block_q=16, block_k=16)
+    with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
+        kernels.sla_branches(q, q[0], q, topk=0.5)
+
+
+def test_lite3r_dispatches_to_kernels(monkeypatch):
+    """LITE3R_BACKEND=triton runs sla_attention through the kernels and matches LITE3R_BACKEND=torch."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = qkv(1, 2, 70, 32, torch.float32, gen)
+    proj_l = torch.nn.Linear(32, 32).to(DEVICE)
+    outs = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("LITE3R_BACKEND", backend)
+        o = lite3r.sla_attention(q, k, v, topk=1.0, block_q=32, block_k=32, proj_l=proj_l)
+        outs.append([o, *torch.autograd.grad(o.square().sum(), (q, k, v))])
+    for a, b in zip(*outs):
+        assert rel_rms(a, b) < 1e-5
+
+
+def test_opcheck_sla_ops():
+    """torch.library.opcheck on the registered ops (schema + autograd registration everywhere; fake-tensor and
+    AOT dispatch need a real device, the interpreter cannot run on fake tensors)."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    lut = random_lut(1, 2, 3, 3, 2, gen).to(DEVICE)
+    kv, ksum = kernels.sla.linear_state(k.detach(), v.detach(), "softmax")
+    utils = None if DEVICE == "cuda" else ("test_schema", "test_autograd_registration")
+    kw = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(torch.ops.lite3r.sla_fwd.default,
+                          (q, k, v, lut, kv.requires_grad_(), ksum.requires_grad_(), 16, 16, 0), **kw)
+    torch.library.opcheck(torch.ops.lite3r.sla_block_map.default, (q.detach(), k.detach(), 0.5, 16, 16), **kw)
+
+
+def test_imports_without_triton():
+    """kernels imports with triton missing: AVAILABLE is False, supports() is False, entry points raise."""
+    code = ("import sys; sys.modules['triton'] = None; import torch, kernels; assert not kernels.AVAILABLE; "
+            "assert not kernels.supports(torch.zeros(1)); "
+            "exec('try:\\n kernels.sla_branches()\\nexcept RuntimeError as e:\\n print(e)')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(),
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+    assert out.returncode == 0, out.stderr
+    assert "triton" in out.stdout
+
+
+# --------------------------------------------------------------------------------------------- GPU, real size
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_sla_real_size_gpu(dtype):
+    """N = 32 x 1374 (VGGT at 32 views), D = 64, topk = 0.05: forward and gradients vs the reference."""
+    gen = torch.Generator().manual_seed(0)
+    N, D, bs = 32 * 1374, 64, 64
+    q, k, v = qkv(1, 2, N, D, dtype, gen)
+    lut = kernels.sla_block_map(q, k, topk=0.05, block_q=bs, block_k=bs)
+    errs, torch_errs = compare(q, k, v, lut, bs, bs, "softmax", gen)
+    floor = 2.0 ** -(8 if dtype == torch.bfloat16 else 11) * 2
+    for name, e, te in zip(NAMES, errs, torch_errs):
+        assert e <= 2 * te + floor, f"{name}: kernel {e:.2e} vs torch {te:.2e}"
+
+
+@pytest.mark.gpu
+def test_sla_compile_fullgraph_gpu():
+    """torch.compile(fullgraph=True) of an SLA attention block (qkv -> SLA kernels -> proj_l, proj) forward and
+    backward, equal to eager."""
+    torch.manual_seed(0)
+    C, H = 256, 4
+    qkv_l, proj, proj_l = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C), torch.nn.Linear(C // H, C // H)
+    mods = torch.nn.ModuleList([qkv_l, proj, proj_l]).cuda().bfloat16()
+
+    def block(x):
+        B, N, _ = x.shape
+        q, k, v = qkv_l(x).reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        o_s, o_l = kernels.sla_branches(q, k, v, topk=0.1, block_q=64, block_k=64)
+        return proj((o_s + proj_l(o_l)).transpose(1, 2).reshape(B, N, C))
+
+    x = torch.randn(2, 1000, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    eager = block(x)
+    (g_eager,) = torch.autograd.grad(eager.float().square().sum(), x)
+    compiled = torch.compile(block, fullgraph=True)
+    out = compiled(x)
+    (g_comp,) = torch.autograd.grad(out.float().square().sum(), x)
+    assert rel_rms(out, eager) < 1e-2 and rel_rms(g_comp, g_eager) < 2e-2
+    del mods

@@ -1,0 +1,175 @@
+"""`lite3r train` on CPU: what trains, what stays frozen, resume, DDP (gloo) and the command line.
+
+Small runs (vggt-tiny, 2 views of 56x70) keep this file to a minute or two; the PyTorch SLA reference is used
+(LITE3R_BACKEND=torch) so the Triton interpreter does not dominate.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from recon import train as T
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(res=(56, 70), views=2, batch=2, steps=4, ckpt_every=2, eval_scenes=1, warmup=1)
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend(monkeypatch):
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")
+
+
+def _env() -> dict:
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "LITE3R_BACKEND": "torch", "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    env.pop("LITE3R_DEBUG", None)
+    return env
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_only_proj_l_trains_and_frozen_weights_stay_bit_identical():
+    cfg = T.TrainConfig(**{**SMALL, "eval_scenes": 0})
+    qat = T.QAT(cfg, T.Dist())
+    teacher_before = {k: v.clone() for k, v in qat.teacher.state_dict().items()}
+    frozen_before = {k: v.clone() for k, v in qat.student.state_dict().items() if ".proj_l." not in k}
+    proj_before = {k: v.detach().clone() for k, v in qat.params.items()}
+    assert proj_before and all(".proj_l." in f".{k}" for k in proj_before)
+    assert qat.n_trainable == sum(v.numel() for v in proj_before.values()) < qat.n_total
+    for step in range(2):
+        qat.step(step)
+    with_grad = [n for n, p in qat.student.named_parameters() if p.grad is not None]
+    assert sorted(with_grad) == sorted(proj_before)  # every proj_l, and nothing else, got a gradient
+    assert all(qat.params[n].grad.abs().sum() > 0 for n in proj_before)
+    assert all(not torch.equal(qat.params[n].detach(), v) for n, v in proj_before.items())  # proj_l moved
+    after = qat.student.state_dict()
+    for k, v in frozen_before.items():
+        assert torch.equal(after[k], v), f"frozen student tensor {k} changed"
+    for k, v in qat.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher tensor {k} changed"
+    # the student's frozen weights are the teacher's, under the same names
+    t = qat.teacher.state_dict()
+    for k, v in frozen_before.items():
+        if k in t:
+            assert torch.equal(v, t[k].to(v.dtype)), k
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        qat = T.QAT(T.TrainConfig(**{**SMALL, "eval_scenes": 0, "grad_ckpt": ckpt}), T.Dist())
+        assert (qat.ckpt_blocks > 0) == ckpt
+        loss, *_ = qat.losses(qat.local_batch(0))
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in qat.params.items()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
+
+
+def test_default_job_distillation_loss_falls(tmp_path):
+    """The embedded default (vggt-tiny, random teacher, synthetic scenes), a few dozen steps: the held-out
+    distillation loss and the training curve both fall; metrics.json, loss.png and the student are written."""
+    cfg = T.TrainConfig(steps=30, eval_scenes=2)
+    s = T.train(cfg, tmp_path / "run", quiet=True)
+    kd = [h["kd"] for h in s["history"]]
+    assert sum(kd[-5:]) < sum(kd[:5])
+    m = s["metrics"]
+    assert m["student"]["kd"] < m["student_init"]["kd"]
+    out = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert out["trainable_params"] < out["total_params"] and "teacher" in out["metrics"]
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_after_interruption_reproduces_the_loss_curve(tmp_path):
+    cfg = T.TrainConfig(**{**SMALL, "steps": 6})
+    full = T.train(cfg, tmp_path / "a", quiet=True)
+    T.train(cfg, tmp_path / "b", quiet=True, stop_after=3)  # "killed" after step 3; last checkpoint at step 2
+    assert json.loads((tmp_path / "b/checkpoints/latest.json").read_text())["step"] == 2
+    resumed = T.train(cfg, tmp_path / "b", quiet=True, resume=True)
+    assert resumed["history"] == full["history"]  # every loss term of every step, exactly
+    a, b = load_file(tmp_path / "a/student.safetensors"), load_file(tmp_path / "b/student.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the trained student loads back onto its teacher (lite3r eval / bench path)
+    qat = T.QAT(cfg, T.Dist())
+    student = T.load_student(tmp_path / "a", qat.teacher)
+    params = dict(student.named_parameters())
+    assert all(torch.equal(params[k], a[k]) for k in a)
+    with pytest.raises(ValueError, match="trained on vggt-tiny"):
+        T.load_student(tmp_path / "a", _renamed(qat.teacher, "vggt-1b"))
+
+
+def _renamed(model, name):
+    model.name = name
+    return model
+
+
+def test_resume_refuses_other_settings_and_overwrite_is_explicit(tmp_path):
+    cfg = T.TrainConfig(**{**SMALL, "steps": 1, "eval_scenes": 0})
+    T.train(cfg, tmp_path / "r", quiet=True)
+    with pytest.raises(FileExistsError, match="--resume .* --overwrite"):
+        T.train(cfg, tmp_path / "r", quiet=True)
+    with pytest.raises(ValueError, match="topk"):
+        T.train(T.TrainConfig(**{**SMALL, "steps": 2, "topk": 0.5}), tmp_path / "r", quiet=True, resume=True,
+                explicit={"topk", "steps"})
+    s = T.train(T.TrainConfig(**{**SMALL, "steps": 2, "eval_scenes": 0}), tmp_path / "r", quiet=True, resume=True,
+                explicit={"steps"})
+    assert [h["step"] for h in s["history"]] == [1, 2]  # extended from the step-1 checkpoint
+    T.train(cfg, tmp_path / "r", quiet=True, overwrite=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path):
+    """`torchrun --nproc_per_node=2 lite3r train` (gloo on CPU, one scene per rank) gives the proj_l of one
+    process training on both scenes. SGD: AdamW's first steps (g / (|g| + eps)) turn the last-bit differences of
+    a batch of 1 vs 2 into ~1e-6 differences of parameters whose gradient is ~eps."""
+    args = ["train", "vggt", "--res", "56,70", "--views", "2", "--batch", "2", "--steps", "3", "--warmup", "1", "--optimizer", "sgd",
+            "--eval-scenes", "0", "--quiet"]
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "cli", *args,
+                          "--out", str(tmp_path / "ddp")],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = _cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = load_file(tmp_path / "ddp/student.safetensors"), load_file(tmp_path / "one/student.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    summary = json.loads((tmp_path / "ddp/metrics.json").read_text())
+    assert summary["world_size"] == 2 and summary["ddp_max_rank_diff"] == 0.0
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--topk", "2"], "--topk"),
+    (["--res", "100"], "--res"),
+    (["--distill", "layers"], "--distill"),
+    (["--dataset", "kitti"], "--dataset"),
+    (["--teacher", "no/such/file.safetensors"], "--teacher"),
+    (["--steps", "0"], "--steps"),
+])
+def test_bad_options_give_one_clear_line(tmp_path, args, names):
+    r = _cli("train", "--out", str(tmp_path / "x"), *args, timeout=60)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], r.stderr
+
+
+def test_cli_refuses_to_overwrite_a_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    r = _cli("train", "--out", str(tmp_path / "run"), "--steps", "1", timeout=120)
+    assert r.returncode == 2 and "holds a training run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
