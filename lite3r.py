@@ -55,6 +55,7 @@ def typed(fn):
 
 # ------------------------------------------------------------------------------------------ kernels dispatch
 _KERNELS: list = []  # [module or None] once the lazy import was tried
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _kernels():
@@ -76,8 +77,9 @@ def _backend(t: Tensor, op: str):
     if choice not in ("auto", "triton"):
         raise ValueError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
     mod = _kernels()
-    try:
-        ok = mod is not None and bool(mod.AVAILABLE) and hasattr(mod, op) and bool(mod.supports(t))
+    try:  # the kernels take fp32/fp16/bf16; fp64 (gradcheck) stays on the reference
+        ok = (mod is not None and bool(mod.AVAILABLE) and hasattr(mod, op) and t.dtype in _KERNEL_DTYPES
+              and bool(mod.supports(t)))
     except Exception:
         ok = False
     if choice == "triton" and not ok:
@@ -405,7 +407,7 @@ class FP8Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        # buffers, not parameters: nothing here trains, and Module.to(dtype) must not turn fp8 into bf16 for us
+        # buffers, not parameters: nothing here trains (and optimizers / requires_grad_ never see them)
         self.register_buffer("weight", torch.zeros(out_features, in_features, device=device,
                                                    dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=torch.float32))
@@ -423,6 +425,18 @@ class FP8Linear(nn.Module):
             new.bias = linear.bias.detach().clone()
         _scaled_mm_ok(w.device)  # probe eagerly, never inside a compiled region
         return new
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() cast every floating buffer, float8 included: the fp8 weight and its fp32 scale
+        # take the device moves only (their dtypes are the format); the bias follows the model.
+        order = list(self._buffers)
+        fixed = {n: self._buffers.pop(n) for n in ("weight", "weight_scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n in order:
+                self._buffers[n] = fixed[n].to(fn(fixed[n][:0]).device) if n in fixed else self._buffers.pop(n)
+        return self
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The fake-quantised weight (bit-identical to fp8_fake_quant(w, axis=-1) of the original fp32 weight)."""

@@ -72,7 +72,7 @@ def test_ste_gradient_is_upstream(dtype):
     x = (torch.randn(5, 7, 48) * 3).to(dtype).requires_grad_()
     g = torch.randn(5, 7, 48).to(dtype)
     y = lite3r.fp8_fake_quant(x, axis=1)
-    assert not torch.equal(y, x)  # it did quantise
+    assert torch.equal(y, lite3r.fp8_fake_quant(x.detach(), axis=1)) and not torch.equal(y, x)  # quantised values
     y.backward(g)
     assert x.grad.dtype == dtype and torch.equal(x.grad, g)
 
@@ -171,3 +171,17 @@ def test_fp8_linear_low_precision_io(dtype):
         ref = qat.to(dtype)(x)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref.float(), rtol=0.05, atol=0.05)
+
+
+def test_fp8_linear_keeps_its_format_under_to():
+    """model.to(bf16) / .half() cast floating buffers, float8 included: FP8Linear keeps fp8 weight + fp32 scale."""
+    qat, dep = _pair(32, 16)
+    w, s = dep[0].weight.clone(), dep[0].weight_scale.clone()
+    x = torch.randn(4, 32)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.float(), lambda m: m.to("cpu")):
+        m = cast(copy.deepcopy(dep))[0]
+        assert m.weight.dtype == E4M3 and torch.equal(m.weight.view(torch.uint8), w.view(torch.uint8))
+        assert m.weight_scale.dtype == torch.float32 and torch.equal(m.weight_scale, s)
+        assert list(m.state_dict()) == ["weight", "weight_scale", "bias"]
+    m = dep.to(torch.bfloat16)
+    assert m[0].bias.dtype == torch.bfloat16 and m(x.bfloat16()).dtype == torch.bfloat16

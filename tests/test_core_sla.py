@@ -266,3 +266,19 @@ def test_argument_errors():
             lite3r.sla_attention(q[0], k[0], v[0], topk=1.0)  # [H, N, D]: not [B, H, N, D]
         with pytest.raises(Exception, match="[Tt]ype|shape|dim"):
             lite3r.sla_attention(q, k[..., :2], v, topk=1.0)  # D differs between q and k
+
+
+def test_auto_dispatch_dtype_and_fp8(monkeypatch):
+    """fp64 never goes to the kernels (they take fp32/fp16/bf16); fp8_fake_quant / fp8_quantize dispatch too."""
+    monkeypatch.setenv("LITE3R_BACKEND", "auto")
+    fake, calls = _fake_kernels()
+    fake.fp8_fake_quant = lambda x, *, axis: calls.append(("fq", axis)) or x
+    fake.fp8_quantize = lambda x, *, axis: calls.append(("q", axis)) or (x, x)
+    monkeypatch.setattr(lite3r, "_KERNELS", [fake])
+    q, k, v = _qkv((1, 1, 20, 4))
+    lite3r.sla_attention(q, k, v, topk=0.5)
+    assert not calls
+    x = torch.randn(3, 16)
+    assert lite3r.fp8_fake_quant(x, axis=0) is x and lite3r.fp8_quantize(x, axis=-1)[0] is x
+    assert calls == [("fq", 0), ("q", -1)]
+    assert lite3r.fp8_fake_quant(x, axis=0, dtype=torch.float8_e5m2) is not x  # e5m2: reference only
