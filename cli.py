@@ -122,6 +122,8 @@ def train(
     dataset: Annotated[str, typer.Option(help="synthetic or blendedmvs")] = _TD["dataset"],
     out: Annotated[Path, typer.Option(help="run directory: checkpoints, student.safetensors, metrics.json, "
                                            "loss.png")] = Path("runs/train"),
+    scenes: Annotated[Optional[int], typer.Option(help="distinct training scenes, cycled; 0: a new scene for every "
+                                                       "sample (default: 16 synthetic on the fly, 0 with --data)")] = None,
     steps: Annotated[int, typer.Option(help="optimizer steps in all")] = _TD["steps"],
     batch: Annotated[int, typer.Option(help="scenes per step over all processes")] = _TD["batch"],
     views: Annotated[int, typer.Option(help="views per scene")] = _TD["views"],
@@ -166,7 +168,7 @@ def train(
     from recon.train_config import parse_res
 
     fields = {"teacher": str(teacher) if teacher else None, "size": size, "data": str(data) if data else None,
-              "dataset": dataset, "steps": steps, "batch": batch, "views": views,
+              "dataset": dataset, "scenes": scenes, "steps": steps, "batch": batch, "views": views,
               "res": parse_res(res) if res else None, "optimizer": optimizer, "lr": lr, "warmup": warmup,
               "weight_decay": weight_decay, "grad_clip": grad_clip, "lambda_kd": lambda_kd, "kd_norm": kd_norm,
               "target": target, "distill": distill,
@@ -181,6 +183,88 @@ def train(
     _train.train(cfg, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
                  explicit=explicit, stop_after=stop_after)
 
+
+# --- reconstruct (recon/reconstruct.py) ---
+@app.command()
+def reconstruct(
+    images: Annotated[list[Path], typer.Argument(help="image files and/or folders of images (sorted by name)")],
+    model: Annotated[str, typer.Option(help="backbone: vggt-1b, vggt-tiny, da3-large or da3-tiny")] = "vggt-1b",
+    weights: Annotated[Optional[Path], typer.Option(help="dense checkpoint (.safetensors/.pt); random weights when "
+                                                         "absent (a smoke test)")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="lite3r student: DIR of lite3r train or its "
+                                                         "student.safetensors (absent: the dense model)")] = None,
+    size: Annotated[int, typer.Option(help="image size in pixels (width in crop mode, longer side in pad mode), "
+                                           "a multiple of 14")] = 518,
+    mode: Annotated[str, typer.Option(help="crop (width to --size, centre-crop the height) or pad (longer side to "
+                                           "--size, pad to a square)")] = "crop",
+    conf_percentile: Annotated[float, typer.Option(help="drop the points whose confidence is below this percentile "
+                                                        "over all views, in [0, 100)")] = 50.0,
+    out: Annotated[Path, typer.Option(help="point cloud to write, .ply or .glb")] = Path("scene.ply"),
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write cameras (w2c OpenCV extrinsics, "
+                                                                    "intrinsics) and per-view stats here")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace existing --out / --json files")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bar or tables")] = False,
+) -> None:
+    """Reconstruct a scene: predicted depth unprojected with the predicted cameras into a coloured world-space point
+    cloud (low-confidence points dropped), plus the cameras as JSON."""
+    from recon import reconstruct as _reconstruct
+
+    _reconstruct.reconstruct(images, model=model, weights=weights, student=student, size=size, mode=mode,
+                             conf_percentile=conf_percentile, out=out, json_path=json_out, overwrite=overwrite,
+                             device=device, quiet=quiet)
+
+
+
+class EvalDataset(str, Enum):
+    blendedmvs = "blendedmvs"
+    dtu64 = "dtu64"
+    synthetic = "synthetic"
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[str, typer.Argument(help="backbone name: vggt-tiny, vggt-1b, da3-tiny, da3-large")],
+    data: Annotated[Optional[Path], typer.Option(help="dataset root (default with --dataset synthetic: scenes "
+                                                      "generated in memory)")] = None,
+    dataset: Annotated[EvalDataset, typer.Option(help="benchmark format")] = EvalDataset.synthetic,
+    views: Annotated[int, typer.Option(help="views per scene (evenly spaced)")] = 4,
+    weights: Annotated[Optional[Path], typer.Option(help="dense checkpoint (default: random weights)")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="lite3r student (student.safetensors or its run folder) "
+                                                         "built on MODEL")] = None,
+    size: Annotated[Optional[int], typer.Option(help="image width, multiple of 14 (default: 518; embedded "
+                                                     "synthetic: 126x168)")] = None,
+    max_scenes: Annotated[Optional[int], typer.Option(help="evaluate at most N scenes (embedded synthetic: N "
+                                                           "scenes, default 2)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu / cuda (default: cuda when available)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing --json file")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar or tables")] = False,
+) -> None:
+    """Evaluate a backbone (or a lite3r student) on BlendedMVS, DTU64 or synthetic scenes: depth AbsRel /
+    delta<1.25 / RMSE, pose RRA/RTA and AUC@30/15/5/3, point-cloud accuracy / completeness / Chamfer / F-score."""
+    from recon import evaluate as _evaluate
+
+    _evaluate.evaluate(model, dataset=dataset.value, data=data, views=views, weights=weights, student=student,
+                       size=size, max_scenes=max_scenes, device=device, json_path=json_out, overwrite=overwrite,
+                       quiet=quiet)
+
+
+@app.command("make-scenes")
+def make_scenes(
+    out: Annotated[Path, typer.Argument(help="folder for the scenes (scene_0000, ...), BlendedMVS layout")],
+    num: Annotated[int, typer.Option(help="number of scenes")] = 100,
+    views: Annotated[int, typer.Option(help="views per scene")] = 16,
+    size: Annotated[int, typer.Option(help="image height and width in pixels")] = 518,
+    seed: Annotated[int, typer.Option(help="seed of the first scene (scene k uses seed + k)")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="re-render scenes already in OUT")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Render procedural multi-view scenes with exact depth (ray cast in torch), written as BlendedMVS scenes:
+    blended_images/*.jpg, cams/*_cam.txt + pair.txt, rendered_depth_maps/*.pfm. Deterministic per seed."""
+    from recon import synthetic as _synthetic
+
+    _synthetic.make_scenes(out, num=num, views=views, size=size, seed=seed, overwrite=overwrite, quiet=quiet)
 
 def main() -> None:
     """Console entry point: run the app, turning known errors into one clear line."""

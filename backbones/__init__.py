@@ -33,9 +33,9 @@ def register(model_cls: type[nn.Module], configs: dict) -> None:
 
 register(_vggt.VGGT, _vggt.CONFIGS)  # "vggt-1b", "vggt-tiny"
 
-# --- Depth Anything 3 ("da3-large", "da3-tiny"): the da3 engineer registers da3.py here, e.g.
-#     from . import da3 as _da3
-#     register(_da3.MODEL, _da3.CONFIGS)
+from . import da3 as _da3  # noqa: E402
+
+register(_da3.MODEL, _da3.CONFIGS)  # "da3-large", "da3-tiny"
 
 
 def list_backbones() -> list[str]:

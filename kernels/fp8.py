@@ -3,7 +3,9 @@
     fp8_quantize(x, *, axis)   -> (x_fp8 float8_e4m3fn, scale fp32 with `axis` kept as size 1)
     fp8_fake_quant(x, *, axis) -> dequant(quant(x)) in x.dtype, straight-through gradient
 
-Bit for bit the definition of lite3r.fp8_quantize: scale = max(amax |x| in fp32, 1e-12) / 448 and
+Bit for bit the definition of lite3r.fp8_quantize as torch evaluates it on the same device: scale =
+max(amax |x| in fp32, 1e-12) / 448 (torch on CUDA turns a division by a Python scalar into a multiply by the fp32
+reciprocal, on CPU it divides; the kernel does the same per device) and
 x_fp8 = (x.float() / scale).clamp(-448, 448).to(e4m3), with a correctly rounded fp32 division (`div_rn`: Triton's
 plain `/` on fp32 may be approximate on the GPU) and round-to-nearest-even casts. A NaN counts as an infinite amax
 so the row's scale is inf and the caller's finiteness check catches it (Triton's max may skip NaNs).
@@ -25,17 +27,30 @@ def _to_e4m3(b_y, EMULATE: tl.constexpr):
     """fp32 in [-448, 448] -> float8_e4m3fn, round to nearest even. EMULATE rounds with fp32 bit arithmetic first
     (exact, so the cast is then exact): Triton's CPU interpreter rounds fp8 casts wrongly (ties, exponent carry)."""
     if EMULATE:
-        b_bits = b_y.to(tl.int32, bitcast=True)
-        b_bits = (b_bits + 0x7FFFF + ((b_bits >> 20) & 1)) & -0x100000  # keep 3 mantissa bits, ties to even
+        b_sign = b_y.to(tl.int32, bitcast=True)
+        b_bits = (b_sign + 0x7FFFF + ((b_sign >> 20) & 1)) & -0x100000  # keep 3 mantissa bits, ties to even
         b_norm = b_bits.to(tl.float32, bitcast=True)
-        b_sub = (b_y + 16384.0) - 16384.0  # multiples of 2**-9 (the subnormal spacing), fp32 add rounds to even
+        b_sub = (tl.abs(b_y) + 24576.0) - 24576.0  # 1.5 * 2**14 has fp32 ulp 2**-9, the subnormal spacing; RNE
+        b_sub = tl.where(b_sign < 0, -b_sub, b_sub)  # the sign bit: keeps -0.0 like the hardware cast
         b_y = tl.where(tl.abs(b_y) < 0.015625, b_sub, b_norm)
     return b_y.to(tl.float8e4nv)
 
 
 @triton.jit
+def _dequant(b_q, scale, OUT_TY: tl.constexpr, EMULATE: tl.constexpr):
+    """fp8 * scale in fp32, cast to the output dtype (round to nearest even; EMULATE rounds bf16 by bit arithmetic
+    first, since the interpreter truncates fp32 -> bf16)."""
+    b_y = b_q.to(tl.float32) * scale
+    if EMULATE and OUT_TY == tl.bfloat16:
+        b_bits = b_y.to(tl.int32, bitcast=True)
+        b_y = ((b_bits + 0x7FFF + ((b_bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+    return b_y.to(OUT_TY)
+
+
+@triton.jit
 def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
-                     BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr, DEQUANT: tl.constexpr, EMULATE: tl.constexpr):
+                     BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr, DEQUANT: tl.constexpr, EMULATE: tl.constexpr,
+                     RECIPROCAL: tl.constexpr):
     i_r = tl.program_id(0).to(tl.int64)
     p_x = X + i_r * stride_x
     p_y = Y + i_r * stride_y
@@ -52,12 +67,15 @@ def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
             b_x = tl.load(p_x + c0 + o_c, mask=m_c, other=0.0).to(tl.float32)
             b_amax = tl.maximum(b_amax, tl.where(b_x != b_x, float("inf"), tl.abs(b_x)))
         amax = tl.max(b_amax, axis=0)
-    scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
+    if RECIPROCAL:  # torch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal
+        scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
+    else:  # torch on CPU: a true division
+        scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
     tl.store(S + i_r, scale)
     if ONE_PASS:
         b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
         if DEQUANT:
-            tl.store(p_y + o_c, (b_q.to(tl.float32) * scale).to(Y.dtype.element_ty), mask=m_c)
+            tl.store(p_y + o_c, _dequant(b_q, scale, Y.dtype.element_ty, EMULATE), mask=m_c)
         else:
             tl.store(p_y + o_c, b_q, mask=m_c)
     else:
@@ -66,7 +84,7 @@ def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
             b_x = tl.load(p_x + c0 + o_c, mask=m_c, other=0.0).to(tl.float32)
             b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
             if DEQUANT:
-                tl.store(p_y + c0 + o_c, (b_q.to(tl.float32) * scale).to(Y.dtype.element_ty), mask=m_c)
+                tl.store(p_y + c0 + o_c, _dequant(b_q, scale, Y.dtype.element_ty, EMULATE), mask=m_c)
             else:
                 tl.store(p_y + c0 + o_c, b_q, mask=m_c)
 
@@ -79,7 +97,7 @@ def _launch(x: Tensor, y: Tensor, scale: Tensor, dequant: bool) -> None:
     warps = 1 if block <= 512 else 4 if block <= 2048 else 8
     wrap_triton(_fp8_rows_kernel)[(R,)](x, y, scale, C, x.stride(0), y.stride(0), BLOCK_C=block,
                                        ONE_PASS=block >= C, DEQUANT=dequant,
-                                       EMULATE=interpreting(), num_warps=warps)
+                                       EMULATE=interpreting(), RECIPROCAL=x.is_cuda, num_warps=warps)
 
 
 @triton_op("lite3r::fp8_quantize_rows", mutates_args={})

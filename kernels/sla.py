@@ -5,13 +5,16 @@ Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept k
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
     o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
 
-Block map: a pooling kernel sums q and k per block (fp32); the tiny [Mq, D] x [D, Mk] score GEMM and the top-k
-run in torch. Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of
-its LUT row with an online softmax (o_s, and the row log-sum-exp for backward), and computes the linear branch
-phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps) from the precomputed kv = phi(k)^T v [D, D] and ksum [D] (torch:
-one O(N D^2) GEMM, differentiated by autograd). Backward: `_sla_bwd_dq_kernel` per query block recomputes P from
-the LSE (dq of both branches; it also accumulates d kv and d ksum with atomics); `_sla_bwd_dkdv_kernel` per key
-block walks the query blocks that selected it (the transposed LUT, CSR) for dk and dv of the sparse branch.
+Block map: a pooling kernel sums q and k per block (fp32); `_topk_kernel` per query block scores all key blocks
+and selects the top K (exact threshold search over order-preserving int keys), never materialising the [Mq, Mk]
+score matrix (for Mk > 1024 the score matrix + torch.topk is faster on an H100 and is used instead).
+Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
+with an online softmax (o_s, and the row log-sum-exp for backward), and computes the linear branch
+phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps) from kv = phi(k)^T v [D, D] and ksum [D], precomputed by
+`_linear_state_kernel` in one pass over k and v (its backward is torch). Backward: `_sla_bwd_dq_kernel` per query
+block recomputes P from the LSE (dq of both branches; it also accumulates d kv and d ksum with atomics);
+`_sla_bwd_dkdv_kernel` per key block walks the query blocks that selected it (the transposed LUT, CSR) for dk and
+dv of the sparse branch.
 
 Tiles: a block of `block_q` (`block_k`) tokens is held in a power-of-two tile >= 16 rows, D in a power-of-two tile
 >= 16 columns; masks handle partial blocks, the partial last block and D not a power of two.
@@ -57,9 +60,10 @@ def _pool_kernel(X, OUT, N, H, sx_b, sx_h, sx_n, D,
 
 @triton.jit
 def _dot(a, b, F32: tl.constexpr):
-    """tl.dot, or with fp32 operands (F32: the CPU interpreter mis-multiplies bf16 tiles; values are unchanged)."""
+    """tl.dot; F32: fp32 operands in full fp32 (no tf32): for fp32 inputs, and on the CPU interpreter, which
+    mis-multiplies bf16 tiles (the operand values are unchanged by the upcast)."""
     if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     return tl.dot(a, b)
 
 
@@ -243,9 +247,73 @@ def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, QOFF, QCNT, QIDX, DK, DV,
     tl.store(DV + o_out, b_dv.to(DV.dtype.element_ty), mask=m_kd)
 
 
+@triton.jit
+def _linear_state_kernel(K, V, KV, KS, N, H, D, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
+                         CHUNK: tl.constexpr, TILE_N: tl.constexpr, TILE_D: tl.constexpr, FM: tl.constexpr,
+                         F32: tl.constexpr):
+    """Grid (ceil(N / CHUNK), B*H): adds phi(k)^T v and sum phi(k) over CHUNK tokens into KV [D, D] / KS [D]
+    (fp32, zero-initialised; atomics across chunks)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
+    o_d = tl.arange(0, TILE_D)
+    m_d = o_d < D
+    b_kv = tl.zeros([TILE_D, TILE_D], dtype=tl.float32)
+    b_ks = tl.zeros([TILE_D], dtype=tl.float32)
+    for n0 in range(i_c * CHUNK, tl.minimum(i_c * CHUNK + CHUNK, N), TILE_N):
+        o_n = n0 + tl.arange(0, TILE_N)
+        m_n = o_n < N
+        m_nd = m_n[:, None] & m_d[None, :]
+        b_k = tl.load(K + i_b * sk_b + i_h * sk_h + o_n[:, None].to(tl.int64) * sk_n + o_d[None, :], mask=m_nd,
+                      other=0.0).to(tl.float32)
+        b_v = tl.load(V + i_b * sv_b + i_h * sv_h + o_n[:, None].to(tl.int64) * sv_n + o_d[None, :], mask=m_nd,
+                      other=0.0).to(tl.float32)
+        b_f = tl.where(m_n[:, None], _phi(b_k, m_d, FM), 0.0)  # [TN, TD]
+        b_kv += _dot(tl.trans(b_f), b_v, F32)
+        b_ks += tl.sum(b_f, axis=0)
+    o_dd = o_d[:, None] * D + o_d[None, :]
+    tl.atomic_add(KV + i_bh.to(tl.int64) * D * D + o_dd, b_kv, mask=m_d[:, None] & m_d[None, :])
+    tl.atomic_add(KS + i_bh.to(tl.int64) * D + o_d, b_ks, mask=m_d)
+
+
+@triton.jit
+def _topk_kernel(PQ, PKT, LUT, MQ, MK, D, KK, TILE_MK: tl.constexpr):
+    """Grid (Mq, B*H): scores of query block i against every key block (pooled q [D] . pooled centred k, fp32),
+    then the indices of the KK largest (exact: binary search of the KK-th largest over order-preserving int
+    keys, ties to the lowest index) written unordered into LUT[bh, i, :]. PKT: pooled k transposed [B*H, D, Mk]."""
+    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+    o_k = tl.arange(0, TILE_MK)
+    m_k = o_k < MK
+    p_q = PQ + (i_bh.to(tl.int64) * MQ + i_m) * D
+    p_k = PKT + i_bh.to(tl.int64) * D * MK + o_k
+    b_s = tl.zeros([TILE_MK], dtype=tl.float32)
+    for d in range(0, D):
+        b_s += tl.load(p_q + d) * tl.load(p_k + d * MK, mask=m_k, other=0.0)
+    b_bits = b_s.to(tl.int32, bitcast=True)
+    b_key = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)  # int order == float order
+    b_key = tl.where(m_k, b_key, -2147483649)  # below every real key
+    lo = tl.full([], -2147483648, tl.int64)
+    hi = tl.full([], 2147483647, tl.int64)
+    for _ in range(32):  # largest t with #(key >= t) >= KK, i.e. the KK-th largest key
+        mid = lo + (hi - lo + 1) // 2
+        ok = tl.sum((b_key >= mid).to(tl.int32), axis=0) >= KK
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid - 1)
+    m_gt = b_key > lo
+    n_gt = tl.sum(m_gt.to(tl.int32), axis=0)
+    m_eq = b_key == lo
+    m_sel = m_gt | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
+    o_pos = tl.cumsum(m_sel.to(tl.int32), axis=0) - 1
+    tl.store(LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK + o_pos, o_k, mask=m_sel)
+
+
 # ------------------------------------------------------------------------------------------------ host side
 def _tile(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _full_fp32(t: Tensor) -> bool:
+    """Matmuls in full fp32 (not tf32): for fp32 inputs, and always under the interpreter."""
+    return interpreting() or t.dtype == torch.float32
 
 
 def _fm_code(feature_map: str) -> int:
@@ -275,6 +343,9 @@ def _block_sums(x: Tensor, block: int) -> Tensor:
     return out
 
 
+_TOPK_MAX_TILE = 1024  # key blocks per top-k program; above, torch.topk is faster (H100: 5.9 vs 3.1 ms at Mk=2748)
+
+
 @triton_op("lite3r::sla_block_map", mutates_args={})
 def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
     B, H, N, D = q.shape
@@ -289,8 +360,14 @@ def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: 
     sums_k = _block_sums(k, block_k)  # [B, H, Mk, D]
     k_mean = sums_k.sum(dim=2, keepdim=True) / N  # mean of k over all N tokens
     pooled_k = sums_k / cnt_k - k_mean  # = block mean of (k - mean_N k)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk] fp32
-    return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+    if n_k > _TOPK_MAX_TILE:  # long rows: the [Mq, Mk] score matrix + torch.topk
+        scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk] fp32
+        return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+    lut = torch.empty((B, H, n_q, kept), device=q.device, dtype=torch.int32)
+    tile = max(16, triton.next_power_of_2(n_k))
+    wrap_triton(_topk_kernel)[(n_q, B * H)](pooled_q.contiguous(), pooled_k.transpose(-1, -2).contiguous(), lut,
+                                            n_q, n_k, D, kept, TILE_MK=tile, num_warps=4 if tile <= 1024 else 8)
+    return lut
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> None:
@@ -327,7 +404,7 @@ def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Ten
         v.stride(0), v.stride(1), v.stride(2),
         N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS,
         BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D),
-        FM=feature_map, LINEAR=True, F32=interpreting())
+        FM=feature_map, LINEAR=True, F32=_full_fp32(q))
     return o_s, o_l, lse
 
 
@@ -366,12 +443,12 @@ def _sla_bwd(do_s: Tensor, do_l: Tensor, q: Tensor, k: Tensor, v: Tensor, lut: T
     warps = 4 if max(tiles["TILE_Q"], tiles["TILE_K"], tiles["TILE_D"]) <= 64 else 8
     wrap_triton(_sla_bwd_dq_kernel)[(n_q, B * H)](
         q, k, v, lut, kv, ksum, o_s, do_s, do_l, lse, delta, dq, dkv, dks, *strides,
-        N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS, FM=feature_map, F32=interpreting(), num_warps=warps, num_stages=2,
+        N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS, FM=feature_map, F32=_full_fp32(q), num_warps=warps, num_stages=2,
         **tiles)
     offsets, counts, qidx = transpose_lut(lut, n_k)
     wrap_triton(_sla_bwd_dkdv_kernel)[(n_k, B * H)](
         q, k, v, do_s, lse, delta, offsets, counts, qidx, dk, dv, *strides,
-        N, H, D, n_k, D ** -0.5, F32=interpreting(), num_warps=warps, num_stages=2, **tiles)
+        N, H, D, n_k, D ** -0.5, F32=_full_fp32(q), num_warps=warps, num_stages=2, **tiles)
     return dq, dk, dv, dkv, dks
 
 
@@ -401,8 +478,53 @@ def _phi_torch(x: Tensor, feature_map: str) -> Tensor:
     return torch.relu(x)
 
 
+_LINEAR_CHUNK = 2048  # tokens per program of the linear-state kernel
+
+
+@triton_op("lite3r::sla_linear_state", mutates_args={})
+def _linear_state_op(k: Tensor, v: Tensor, feature_map: int) -> tuple[Tensor, Tensor]:
+    B, H, N, D = k.shape
+    kv = torch.zeros((B, H, D, D), device=k.device, dtype=torch.float32)
+    ksum = torch.zeros((B, H, D), device=k.device, dtype=torch.float32)
+    wrap_triton(_linear_state_kernel)[(triton.cdiv(N, _LINEAR_CHUNK), B * H)](
+        k, v, kv, ksum, N, H, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        CHUNK=_LINEAR_CHUNK, TILE_N=64, TILE_D=_tile(D), FM=feature_map, F32=_full_fp32(k), num_warps=4)
+    return kv, ksum
+
+
+def _linear_state_setup(ctx, inputs, output) -> None:
+    k, v, feature_map = inputs
+    ctx.save_for_backward(k, v)
+    ctx.feature_map = FEATURE_MAPS[feature_map]
+
+
+def _linear_state_backward(ctx, dkv: Tensor, dks: Tensor):
+    """Recomputes phi(k) in torch: dv = phi(k) dkv, d phi(k) = v dkv^T + dks, then through phi."""
+    k, v = ctx.saved_tensors
+    kf = k.float()
+    fk = _phi_torch(kf, ctx.feature_map)  # [B, H, N, D]
+    dv = fk @ dkv
+    dfk = v.float() @ dkv.transpose(-1, -2) + dks[:, :, None, :]
+    if ctx.feature_map == "softmax":
+        dk = fk * (dfk - (dfk * fk).sum(dim=-1, keepdim=True))
+    elif ctx.feature_map == "elu":
+        dk = torch.where(kf > 0, dfk, dfk * fk)
+    else:
+        dk = torch.where(kf > 0, dfk, torch.zeros_like(dfk))
+    return dk.to(k.dtype), dv.to(v.dtype), None
+
+
+_linear_state_op.register_autograd(_linear_state_backward, setup_context=_linear_state_setup)
+
+
 def linear_state(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, Tensor]:
-    """(kv = phi(k)^T v [B, H, D, D], ksum = sum_n phi(k_n) [B, H, D]) in fp32, differentiable (torch autograd)."""
+    """(kv = phi(k)^T v [B, H, D, D], ksum = sum_n phi(k_n) [B, H, D]) in fp32, one fused pass over k and v;
+    differentiable in k and v."""
+    return torch.ops.lite3r.sla_linear_state(k, v, _fm_code(feature_map))
+
+
+def linear_state_torch(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, Tensor]:
+    """Pure-torch twin of linear_state."""
     fk = _phi_torch(k.float(), feature_map)  # [B, H, N, D]
     return fk.transpose(-1, -2) @ v.float(), fk.sum(dim=2)
 

@@ -327,7 +327,7 @@ def plot_sweep(result: dict, path: str, *, overwrite: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from recon.io import atomic_write_bytes
+    from recon.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant in result["config"]["variants"]:
@@ -345,12 +345,9 @@ def plot_sweep(result: dict, path: str, *, overwrite: bool = False) -> None:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"lite3r bench {result['backbone']} ({result['env'].get('gpu', result['env']['device'])})")
     fig.tight_layout()
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue(), overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------------------------------------ profile
@@ -521,17 +518,14 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
          profile: bool = False, overwrite: bool = False, console=None) -> dict:
     """What `lite3r bench` does: run, print the tables, write the JSON / plot. Refuses to overwrite files unless
     asked, and checks that before the (long) run."""
-    import json
-    import pathlib
-
     from rich.console import Console
 
-    from recon.io import atomic_write_text
+    from recon.io import atomic_write_json, ensure_writable
 
     console = console or Console(width=max(Console().width, 130))  # the table needs ~110 columns; logs are files
     for path in (json_path, plot_path):
-        if path and pathlib.Path(path).exists() and not overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        if path:
+            ensure_writable(path, overwrite)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     if target == "kernels":
         import kernels.bench
@@ -550,7 +544,7 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
         if plot_path:
             plot_sweep(result, plot_path, overwrite=overwrite)
     if json_path:
-        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
+        atomic_write_json(json_path, result, overwrite=overwrite)
     return result
 
 

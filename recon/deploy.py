@@ -159,34 +159,49 @@ def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = T
     return model
 
 
-def _rope_autocast_forward(self, t, pos):
-    """RoPE as the class computes it (fp32 under autocast, after the fp32 q/k LayerNorm), returned in the autocast
-    dtype: what SDPA's autocast cast does to q and k, so fused SLA kernels (which take one dtype) see the same
-    q, k, v as dense attention would. Outside autocast: unchanged."""
-    out = type(self).forward(self, t, pos)
-    if torch.is_autocast_enabled(out.device.type):
-        return out.to(torch.get_autocast_dtype(out.device.type))
-    return out
+def _rope_fp32_forward(self, t, pos):
+    """RoPE computed in fp32 whatever the dtype of `t`, returned in it (the class casts its angles to t's dtype,
+    which in bf16 rounds angles of up to ~40 rad to 2^-8 relative)."""
+    return type(self).forward(self, t.float(), pos).to(t.dtype)
 
 
-def autocast_sla_inputs(model: nn.Module) -> nn.Module:
-    """Under bf16 autocast the q/k LayerNorm (and so RoPE) run in fp32 while v comes out of the qkv GEMM in bf16;
-    SDPA casts all three to bf16, the SLA kernels refuse mixed dtypes. Give the RoPE of every SLA module that cast.
-    (Belongs in lite3r.sla_attention, like SDPA's autocast rule; here until it is there.)"""
+def _sla_outside_autocast_forward(self, x, pos=None, **kwargs):
+    """The SLA module's forward in the autocast dtype with autocast off: q, k, v reach the kernels in one dtype
+    (under autocast the q/k LayerNorm and RoPE give fp32 while v is bf16; SDPA casts, the kernels do not) and the
+    kernels' own fp32 math (linear-branch state) is not turned into bf16 by autocast."""
+    device_type = x.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    with torch.autocast(device_type, enabled=False):
+        return type(self).forward(self, x.to(dtype), pos, **kwargs)
+
+
+_sla_outside_autocast_eager = torch.compiler.disable(_sla_outside_autocast_forward)
+
+
+def sla_outside_autocast(model: nn.Module, *, compile_sla: bool = False) -> nn.Module:
+    """Every SLAAttention runs as `_sla_outside_autocast_forward`, its RoPE in fp32 (`_rope_fp32_forward`; a RoPE
+    shared with dense attention computes the same there: under autocast it already gets fp32). Numerically this is
+    the dense path under autocast but for one bf16 rounding of the q/k LayerNorm output. (Belongs in
+    lite3r.SLAAttention / the kernels' autocast handling; here until it is there.) `compile_sla=False` keeps
+    the SLA modules out of torch.compile (a graph break around each; they run eagerly inside compiled blocks)."""
     import types
 
+    forward = _sla_outside_autocast_forward if compile_sla else _sla_outside_autocast_eager
     for m in model.modules():
-        rope = getattr(m, "rope", None)
-        if isinstance(m, lite3r.SLAAttention) and isinstance(rope, nn.Module):
-            rope.forward = types.MethodType(_rope_autocast_forward, rope)
+        if isinstance(m, lite3r.SLAAttention):
+            m.forward = types.MethodType(forward, m)
+            if isinstance(m.rope, nn.Module):
+                m.rope.forward = types.MethodType(_rope_fp32_forward, m.rope)
     return model
 
 
 def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                 compile_mode: str | None = "default", regional: bool = True,
+                 compile_mode: str | None = "default", regional: bool = True, compile_sla: bool = False,
                  keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile) -> nn.Module:
     """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
-    `dtype`; onto `device`; then compiled (compile_mode=None: eager)."""
+    `dtype`; onto `device`; then compiled (compile_mode=None: eager). `compile_sla=False` (default, until the
+    kernels compile under Inductor on the GPU: see docs/benchmarks.md) runs the SLA modules eagerly inside the
+    compiled blocks."""
     if device is not None:  # first: quantising and casting run faster there
         model = model.to(device)
     model = lite3r.to_fp8_inference(model)
@@ -194,7 +209,7 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     for module in keep:
         run_in_fp32(module)
     cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
-    autocast_sla_inputs(model)
+    sla_outside_autocast(model, compile_sla=compile_sla)
     model.eval().requires_grad_(False)
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
@@ -226,16 +241,14 @@ def artifact_config(model: nn.Module) -> dict:
 def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
     """Write the deployed (not compiled) model as one safetensors file: fp8 weights + fp32 scales + the rest in
     their deployed dtype, and the config JSON in the header metadata. Returns the config."""
-    from safetensors.torch import save
-
-    from recon.io import atomic_write_bytes
+    from recon.io import atomic_save_safetensors
 
     model = getattr(model, "_orig_mod", model)
     config = artifact_config(model)
     if not config["backbone"]:
         raise ValueError("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata={"lite3r": json.dumps(config)}), overwrite=overwrite)
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no two keys share storage
+    atomic_save_safetensors(path, tensors, metadata={"lite3r": json.dumps(config)}, overwrite=overwrite)
     return config
 
 
@@ -274,7 +287,7 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
             linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device))
     for fqn in config["fp32_modules"]:
         run_in_fp32(model.get_submodule(fqn))
-    autocast_sla_inputs(model)
+    sla_outside_autocast(model)
     fp32 = tuple(f + "." for f in config["fp32_modules"])
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
               and not k.endswith("weight_scale") and not k.startswith(fp32)}
@@ -316,9 +329,9 @@ def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | o
     own SLA / FP8 settings, or a fresh SLA + FP8 student from the arguments) -> deployed on the CPU, uncompiled ->
     artifact. Returns the artifact config."""
     from backbones import build_backbone, load_checkpoint
+    from recon.io import ensure_writable
 
-    if os.path.exists(out) and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    ensure_writable(out, overwrite)  # before the (long) build
     teacher = build_backbone(model)
     if weights is not None:
         load_checkpoint(teacher, weights, strict=True)

@@ -51,9 +51,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------- data
-def scene_seed(seed: int, step: int, index: int) -> int:
-    """The scene of sample `index` at `step`: a pure function of (seed, step, index). Negative steps: eval set."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, step + 2**31, index]).generate_state(1)[0])
+def scene_seed(seed: int, step: int, index: int, scenes: int = 0) -> int:
+    """The scene of sample `index` at `step`: a pure function of (seed, step, index). With a pool of `scenes`, one of
+    the pool's scenes (drawn by the same function), which are `scene_seed(seed, -2**30 - j, 0)`; negative steps
+    above -2**30: the held-out eval scenes."""
+    s = int(np.random.SeedSequence([seed & 0xFFFFFFFF, step + 2**31, index]).generate_state(1)[0])
+    return scene_seed(seed, -2**30 - s % scenes, 0) if scenes else s
 
 
 def rank_slice(batch: int, rank: int, world: int) -> range:
@@ -97,16 +100,27 @@ class SceneSource:
 
 
 # ------------------------------------------------------------------------------------------------ models
-def build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
-    """The dense teacher: the user's checkpoint, or random weights drawn from `seed` (same on every rank)."""
+SKIP_PREFIXES = {"vggt": ("track_head.",)}  # official-file keys lite3r does not implement (VGGT's tracking head)
+
+
+def dense_model(name: str, weights: str | os.PathLike | None, *, seed: int = 0) -> nn.Module:
+    """Backbone `name` with the user's weights (built on the meta device, loaded strictly; the official VGGT file's
+    tracking head is dropped), or random weights drawn from `seed` without touching the global RNG."""
     from backbones import build_backbone, load_checkpoint
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        model = build_backbone(cfg.backbone)
-    if cfg.teacher:
-        load_checkpoint(model, cfg.teacher, strict=True)
-    return model.eval().requires_grad_(False).to(device)
+    if weights:
+        model = build_backbone(name, device="meta")
+        load_checkpoint(model, weights, strict=True, skip_prefixes=SKIP_PREFIXES.get(name.split("-")[0], ()))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = build_backbone(name)
+    return model
+
+
+def build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """The dense teacher: the user's checkpoint, or random weights drawn from `seed` (same on every rank)."""
+    return dense_model(cfg.backbone, cfg.teacher, seed=cfg.seed).eval().requires_grad_(False).to(device)
 
 
 def build_student(teacher: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, Any]:
@@ -171,17 +185,13 @@ def load_student(path: str | os.PathLike, teacher: nn.Module | str, *, weights: 
         raise ValueError(f"{path}: no training config (neither safetensors metadata nor {meta_json.name})")
     cfg = TrainConfig.from_json({**info["config"], "teacher": None, "data": None})
     if isinstance(teacher, str):
-        from backbones import build_backbone, load_checkpoint
-
-        model = build_backbone(teacher)
-        if weights:
-            load_checkpoint(model, weights, strict=True)
+        model = dense_model(teacher, weights, seed=cfg.seed)
     else:
         model = teacher
     name = getattr(model, "name", None)
     if name and name != info["backbone"]:
         raise ValueError(f"{path} was trained on {info['backbone']}, not on {name}")
-    student, _ = build_student(model.cpu() if device is None else model, cfg)
+    student, _ = build_student(model, cfg)  # a copy: the teacher is left as it is
     load_proj_l(student, path)
     missing = set(trainable(student)) - set(info["params"])
     if missing:
@@ -361,7 +371,8 @@ class QAT:
         self.data = SceneSource(cfg)
 
     def local_batch(self, step: int) -> dict[str, Tensor]:
-        seeds = [scene_seed(self.cfg.seed, step, i) for i in rank_slice(self.cfg.batch, self.d.rank, self.d.world)]
+        seeds = [scene_seed(self.cfg.seed, step, i, self.cfg.scenes)
+                 for i in rank_slice(self.cfg.batch, self.d.rank, self.d.world)]
         return {k: v.to(self.d.device) for k, v in self.data.batch(seeds).items()}
 
     def teacher_forward(self, images: Tensor) -> tuple[dict, list[Tensor]]:
@@ -415,7 +426,10 @@ class QAT:
         return loss, terms, out, t_out
 
     def step(self, step: int) -> dict[str, float]:
-        batch = self.local_batch(step)
+        return self.train_on(self.local_batch(step), step)
+
+    def train_on(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
+        """One optimizer step on this rank's `batch` (gradients averaged over ranks by DDP)."""
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
@@ -471,7 +485,7 @@ def evaluate(qat: QAT, batches: list[dict[str, Tensor]], *, student: bool = True
         else:
             (model_out, _), model, terms = qat.teacher_forward(images), qat.teacher, {}
         cams = to_cameras(model, _to_float(model_out), hw)
-        row = metrics.summarize(cams, batch) if hasattr(metrics, "summarize") else _metrics(cams, batch)
+        row = metrics.summarize(cams, batch)
         if student:
             t_cams = to_cameras(qat.teacher, _to_float(t_out), hw)
             d_t, d_s = t_cams["depth"].float(), cams["depth"].float()
@@ -484,22 +498,6 @@ def evaluate(qat: QAT, batches: list[dict[str, Tensor]], *, student: bool = True
 
 def _to_float(out: dict) -> dict:
     return {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in out.items()}
-
-
-def _metrics(cams: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, float]:
-    """Depth AbsRel / delta<1.25 (per-image scale aligned) and pose AUC@30 vs ground truth via recon.metrics."""
-    from recon import metrics
-
-    dm = metrics.depth_metrics(cams["depth"].float().flatten(0, 1), batch["depth"].float().flatten(0, 1),
-                               batch["mask"].flatten(0, 1))
-    out = {"abs_rel": float(dm["abs_rel"].mean() if torch.is_tensor(dm["abs_rel"]) else dm["abs_rel"]),
-           "delta1": float(dm["delta1"].mean() if torch.is_tensor(dm["delta1"]) else dm["delta1"])}
-    aucs = []
-    for b in range(cams["extrinsics"].shape[0]):
-        pm = metrics.pose_metrics(cams["extrinsics"][b].float(), batch["extrinsics"][b].float())
-        aucs.append(float(pm["auc30"]))
-    out["auc30"] = float(np.mean(aucs))
-    return out
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -548,18 +546,26 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
         if d.main:
             run.save(step, tensors, info)
 
-    t0, done = time.perf_counter(), 0
-    with _progress(console, cfg.steps, start) as (progress, task):
-        for step in range(start, cfg.steps):
-            terms = qat.step(step)
-            history.append({"step": step + 1, **terms})
-            done += 1
-            vps = done * cfg.batch * cfg.views / (time.perf_counter() - t0)
-            progress.update(task, advance=1, losses=_fmt_terms(terms), vps=f"{vps:.1f}")
-            if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
-                checkpoint(step + 1)
-            if stop_after is not None and step + 1 >= stop_after:
-                return {"stopped_at": step + 1, "history": history}
+    t0, done, saved_at = time.perf_counter(), 0, start
+    try:
+        with _progress(console, cfg.steps, start) as (progress, task):
+            for step in range(start, cfg.steps):
+                terms = qat.step(step)
+                history.append({"step": step + 1, **terms})
+                done += 1
+                vps = done * cfg.batch * cfg.views / (time.perf_counter() - t0)
+                progress.update(task, advance=1, losses=_fmt_terms(terms), vps=f"{vps:.1f}")
+                if (step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps:
+                    checkpoint(step + 1)
+                    saved_at = step + 1
+                if stop_after is not None and step + 1 >= stop_after:
+                    return {"stopped_at": step + 1, "history": history}
+    except KeyboardInterrupt:  # Ctrl-C: keep what is done (a kill -9 resumes from the last periodic checkpoint)
+        if history and history[-1]["step"] > saved_at:
+            checkpoint(history[-1]["step"])
+        console.print(f"interrupted; checkpoint at step {history[-1]['step'] if history else start} in {run.ckpt} "
+                      f"(continue with --resume)")
+        raise
     extra = {"world_size": d.world}
     if d.world > 1:  # DDP keeps the replicas identical; check it (the max |difference| to rank 0, over all ranks)
         flat = torch.cat([p.detach().float().flatten() for p in qat.params.values()])
@@ -644,6 +650,9 @@ class _progress:
         return self.p.__exit__(*exc)
 
 
+TABLE_METRICS = ("abs_rel", "delta1", "auc30", "auc5", "rot_err", "trans_err", "depth_vs_teacher", "kd", "task")
+
+
 def _table(metrics: dict, summary: dict):
     from rich.table import Table
 
@@ -653,7 +662,7 @@ def _table(metrics: dict, summary: dict):
     table.add_column("metric")
     for c in cols:
         table.add_column(c.replace("_init", " (init)"), justify="right")
-    keys = list(dict.fromkeys(k for c in cols for k in metrics[c]))
+    keys = [k for k in TABLE_METRICS if any(k in metrics[c] for c in cols)]  # all of them are in metrics.json
     for k in keys:
         table.add_row(k, *[f"{metrics[c][k]:.4g}" if k in metrics[c] else "-" for c in cols])
     return table

@@ -20,6 +20,8 @@ class TrainConfig:
     teacher: str | None = None  # dense checkpoint; None: random weights drawn from `seed`
     dataset: str = "synthetic"  # synthetic | blendedmvs
     data: str | None = None  # dataset root; None with synthetic: scenes rendered on the fly
+    scenes: int | None = None  # distinct training scenes (a seed-determined pool, cycled); 0: a new scene for every
+    #                            sample; default: 16 for synthetic scenes on the fly, 0 (all) with --data
     steps: int = 60
     batch: int = 2  # scenes per step, over all ranks
     views: int = 4  # views per scene
@@ -71,6 +73,9 @@ class TrainConfig:
             raise FileNotFoundError(f"--data {self.data}: no such directory")
         if self.teacher and not Path(self.teacher).is_file():
             raise FileNotFoundError(f"--teacher {self.teacher}: no such file")
+        object.__setattr__(self, "scenes", (0 if self.data else 16) if self.scenes is None else self.scenes)
+        if self.scenes < 0:
+            raise ValueError(f"--scenes must be 0 (a new scene for every sample) or positive, got {self.scenes}")
         for name in ("steps", "batch", "views", "block", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")

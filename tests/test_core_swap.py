@@ -316,6 +316,16 @@ def test_import_without_triton_typer_kernels():
     assert r.returncode == 0 and "ok (1, 2, 20, 8)" in r.stdout, r.stderr
 
 
+def test_import_is_lazy():
+    """Importing lite3r imports neither kernels nor triton (they load on the first dispatch)."""
+    r = _run("""
+        import sys, lite3r
+        assert not {"triton", "kernels", "typer"} & set(sys.modules), sorted({"triton", "kernels"} & set(sys.modules))
+        print("lazy")
+        """)
+    assert r.returncode == 0 and "lazy" in r.stdout, r.stderr
+
+
 def test_typecheck_switch():
     r = _run("""
         import torch, lite3r
@@ -333,3 +343,39 @@ def test_typecheck_switch():
         with pytest.raises(Exception) as e:
             lite3r.sla_attention(q, q, q, topk=1.0)
         assert "Type" in type(e.value).__name__ or "type" in str(e.value).lower()
+
+
+def test_typed_is_skipped_while_compiling(monkeypatch):
+    """Under torch.compile tracing the checker is bypassed (dynamo would graph-break on it): a call that fails the
+    type check eagerly goes straight to the function when is_compiling() is True."""
+    if not lite3r.TYPECHECK:
+        pytest.skip("LITE3R_TYPECHECK=0")
+    q = torch.randn(2, 20, 8)
+    with pytest.raises(Exception, match="[Tt]ype"):
+        lite3r.fp8_fake_quant(q.int(), axis=-1)  # ints are not Float
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert lite3r.fp8_fake_quant(q.int(), axis=-1).dtype == torch.int32  # unchecked: the body just runs
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_and_w8a8(monkeypatch):
+    """On a GPU: reference SLA block compiles with fullgraph and matches eager; FP8 scale math is bit-identical
+    compiled vs eager; FP8Linear runs W8A8 on sm90+ and agrees with fake quant to bf16 output rounding."""
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = TinyViT().cuda()
+    lite3r.swap_attention(model, topk=0.5, block_q=8, block_k=8)
+    x, pos = (t.cuda() for t in _inputs())
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, pos), model(x, pos), rtol=1e-4,
+                                   atol=1e-4)
+        a = (torch.randn(128, 96, device="cuda") * torch.logspace(-8, 8, 96, device="cuda")).bfloat16()
+        eager = lite3r.fp8_fake_quant(a, axis=-1)
+        assert torch.equal(torch.compile(lambda t: lite3r.fp8_fake_quant(t, axis=-1), fullgraph=True)(a), eager)
+        dep = lite3r.to_fp8_inference(copy.deepcopy(model))
+        ok = lite3r._scaled_mm_ok(x.device)
+        assert ok == (torch.cuda.get_device_capability() >= (9, 0))
+        lin = dep.blocks[0].mlp[0]
+        h = torch.randn(3, 37, 32, device="cuda", dtype=torch.bfloat16)
+        ref = model.blocks[0].mlp[0](h.float())
+        torch.testing.assert_close(lin(h).float(), ref, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,336 @@
+"""Depth Anything 3 (any-view network), state-dict compatible with the official depth-anything/DA3-LARGE weights.
+
+Architecture (written from the official ByteDance-Seed/Depth-Anything-3 code; see DESIGN.md section 4):
+- ``backbone.pretrained``: DINOv2 ViT-L/14 (no registers, no mask token, bicubic pos-embed interpolation without
+  antialias and with DINOv2's 0.1 offset; block LayerNorm eps 1e-6, final norm eps 1e-5). Per frame the tokens are
+  [cls, patches]. Blocks ``>= alt_start`` (8) have q/k LayerNorm and 2D RoPE (frequency 100); among them the odd
+  ones attend across all views (``scope="global"``, tokens of the S frames concatenated), all others within a
+  frame (``scope="frame"``). RoPE positions: frame blocks use (row+1, col+1) for patches and (0, 0) for the first
+  token; global blocks use (1, 1) for every patch and (0, 0) for the first token.
+- at block ``alt_start`` the first token of every frame is replaced by a learned camera token
+  (``camera_token[:, 0]`` for the reference view, ``camera_token[:, 1]`` for the others).
+- with >= 3 views the reference view is chosen before block ``alt_start - 1`` (``ref_view_strategy``, default
+  "saddle_balanced": the view whose cls-token similarity / norm / variance are closest to the median of the views)
+  and moved to the front; the outputs are put back in the input order.
+- outputs of layers 11, 15, 19, 23: concat(last frame-block output, normed layer output) [B, S, N, 2048]; the patch
+  part feeds the DualDPT head (``heads_da3.py``), the first token of layer 23 (not normed) the camera decoder
+  (``cam_dec``: 2 x (Linear + ReLU) -> t (3), quaternion xyzw (4), fov (2, ReLU)).
+- ``pose_enc`` [t, q, fov_h, fov_w] decodes to camera-to-world [R|t]; ``extrinsics`` are its inverse (world to
+  camera, OpenCV), intrinsics have fx = (W/2) / tan(fov_w/2) (tan clamped at 1e-6) and the principal point at the
+  image centre.
+- ``cam_enc`` (optional conditioning on known cameras): pose encoding of the camera-to-world matrices -> MLP ->
+  LayerNorm -> 4 transformer blocks over the S view tokens -> LayerNorm; replaces the learned camera tokens.
+
+Input normalisation: the official *network* does not normalise its input; the official input processor applies the
+ImageNet mean/std before it. lite3r's contract is ``model(images in [0,1])`` for every backbone, so ``normalize=True``
+(default) applies the ImageNet mean/std inside ``forward``; ``normalize=False`` feeds the input as it is (what the
+parity fixture does; then call ``normalize_images`` yourself to reproduce the official pipeline).
+
+Memory: only the 4 output layers are kept; the head runs ``frames_chunk_size`` frames at a time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+from torch import Tensor, nn
+
+from .heads_da3 import DualDPT
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
+from .vggt import IMAGENET_MEAN, IMAGENET_STD, mat_to_quat, quat_to_mat
+
+REF_VIEW_STRATEGIES = ("first", "middle", "saddle_balanced", "saddle_sim_range")
+REF_SELECTION_MIN_VIEWS = 3  # the official code reorders views only from 3 views on
+
+
+@dataclass(frozen=True)
+class DA3Config:
+    name: str = "da3-large"
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    patch_size: int = 14
+    img_size: int = 518  # the learned position embedding's grid (interpolated to other sizes)
+    mlp_ratio: float = 4.0
+    out_layers: tuple[int, ...] = (11, 15, 19, 23)
+    alt_start: int = 8  # first block with cross-view attention (odd blocks from here on) and camera tokens
+    qknorm_start: int = 8
+    rope_start: int = 8
+    rope_freq: float = 100.0
+    head_features: int = 256
+    head_out_channels: tuple[int, ...] = (256, 512, 1024, 1024)
+    head_features_2: int = 32
+    cam_enc_depth: int = 4
+    cam_enc_heads: int = 16
+    # inference options (read at every forward; may be changed with dataclasses.replace on model.config)
+    normalize: bool = True  # apply the ImageNet mean/std inside forward (input in [0,1]); False: feed as is
+    ref_view_strategy: str = "saddle_balanced"
+    frames_chunk_size: int | None = 8
+    with_ray: bool = False  # also return the aux head's ray / ray_conf (the official net drops them)
+
+    def __post_init__(self):
+        if self.ref_view_strategy not in REF_VIEW_STRATEGIES:
+            raise ValueError(f"ref_view_strategy must be one of {REF_VIEW_STRATEGIES}, got {self.ref_view_strategy!r}")
+        if len(self.out_layers) != 4 or not all(0 <= i < self.depth for i in self.out_layers):
+            raise ValueError(f"out_layers must be 4 block indices < depth={self.depth}, got {self.out_layers}")
+        if self.alt_start % 2:
+            raise ValueError(f"alt_start must be even (the block that receives the camera tokens is a frame block), "
+                             f"got {self.alt_start}")
+        if len(self.head_out_channels) != 4:
+            raise ValueError(f"head_out_channels needs 4 entries, got {self.head_out_channels}")
+
+
+CONFIGS: dict[str, DA3Config] = {
+    "da3-large": DA3Config(),
+    # Same code, small: forward+backward of 2-4 views at 126x168 in well under a second on CPU.
+    "da3-tiny": DA3Config(
+        name="da3-tiny",
+        embed_dim=64,
+        depth=6,
+        num_heads=2,
+        img_size=224,
+        out_layers=(1, 3, 4, 5),
+        alt_start=2,
+        qknorm_start=2,
+        rope_start=2,
+        head_features=32,
+        head_out_channels=(16, 32, 64, 64),
+        head_features_2=8,
+        cam_enc_depth=1,
+        cam_enc_heads=2,
+    ),
+}
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """[..., 3, H, W] in [0,1] -> ImageNet-normalised (what the official DA3 input processor does)."""
+    mean = images.new_tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = images.new_tensor(IMAGENET_STD).view(3, 1, 1)
+    return (images - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------- cameras
+
+
+def affine_inverse(m: Tensor) -> Tensor:
+    """[..., 3, 4] rigid [R|t] -> [R^T | -R^T t]."""
+    R, t = m[..., :3, :3], m[..., :3, 3:]
+    return torch.cat((R.mT, -R.mT @ t), dim=-1)
+
+
+def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """DA3 pose_enc [..., 9] -> (extrinsics w2c OpenCV [..., 3, 4], intrinsics [..., 3, 3]).
+
+    The encoding holds the camera-to-world pose; fx = (W/2) / max(tan(fov_w/2), 1e-6), principal point at centre.
+    """
+    H, W = image_hw
+    c2w = torch.cat((quat_to_mat(pose_enc[..., 3:7]), pose_enc[..., :3, None]), dim=-1)
+    fy = (H / 2.0) / torch.tan(pose_enc[..., 7] / 2.0).clamp_min(1e-6)
+    fx = (W / 2.0) / torch.tan(pose_enc[..., 8] / 2.0).clamp_min(1e-6)
+    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
+    intrinsics = torch.stack(
+        (fx, zero, zero + W / 2, zero, fy, zero + H / 2, zero, zero, one), dim=-1
+    ).unflatten(-1, (3, 3))
+    return affine_inverse(c2w), intrinsics
+
+
+def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
+    """extrinsics (w2c, [..., 3, 4] or [..., 4, 4]) + intrinsics -> DA3 pose_enc [..., 9] of the camera-to-world pose."""
+    H, W = image_hw
+    c2w = affine_inverse(extrinsics[..., :3, :4])
+    fov_h = 2 * torch.atan((H / 2) / intrinsics[..., 1, 1])
+    fov_w = 2 * torch.atan((W / 2) / intrinsics[..., 0, 0])
+    quat = mat_to_quat(c2w[..., :3, :3])
+    return torch.cat((c2w[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]), dim=-1).float()
+
+
+class CameraDec(nn.Module):
+    """Camera token [B, S, 2C] -> pose_enc [B, S, 9] (t, quaternion xyzw, relu'd fov_h, fov_w)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU())
+        self.fc_t = nn.Linear(dim, 3)
+        self.fc_qvec = nn.Linear(dim, 4)
+        self.fc_fov = nn.Sequential(nn.Linear(dim, 2), nn.ReLU())
+
+    def forward(self, token: Tensor) -> Tensor:
+        f = self.backbone(token).float()
+        return torch.cat((self.fc_t(f), self.fc_qvec(f), self.fc_fov(f)), dim=-1)
+
+
+class CameraEnc(nn.Module):
+    """Known cameras -> camera tokens [B, S, C] (used instead of the learned ones when cameras are given)."""
+
+    def __init__(self, dim: int, *, depth: int = 4, num_heads: int = 16) -> None:
+        super().__init__()
+        self.pose_branch = Mlp(9, dim // 2, dim)
+        self.token_norm = nn.LayerNorm(dim)
+        # attention over the S view tokens of one sample: cross-view
+        self.trunk = nn.Sequential(*[Block(dim, num_heads, init_values=0.01, scope="global") for _ in range(depth)])
+        self.trunk_norm = nn.LayerNorm(dim)
+
+    def forward(self, extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        tokens = self.token_norm(self.pose_branch(extri_intri_to_pose_encoding(extrinsics, intrinsics, image_hw)))
+        return self.trunk_norm(self.trunk(tokens))
+
+
+# ----------------------------------------------------------------------------------------------- reference view
+
+
+def select_reference_view(x: Tensor, strategy: str) -> Tensor:
+    """x [B, S, N, C] (first token = cls) -> index [B] of the reference view."""
+    B, S = x.shape[:2]
+    if S <= 1 or strategy == "first":
+        return torch.zeros(B, dtype=torch.long, device=x.device)
+    if strategy == "middle":
+        return torch.full((B,), S // 2, dtype=torch.long, device=x.device)
+    cls = x[:, :, 0]
+    unit = cls / cls.norm(dim=-1, keepdim=True)
+    sim = unit @ unit.mT - torch.eye(S, device=x.device, dtype=x.dtype)
+    if strategy == "saddle_sim_range":
+        return (sim.max(-1).values - sim.min(-1).values).argmax(1)
+
+    def unit_range(m: Tensor) -> Tensor:
+        lo, hi = m.min(1, keepdim=True).values, m.max(1, keepdim=True).values
+        return (m - lo) / (hi - lo + 1e-8)
+
+    score = sum((unit_range(m) - 0.5).abs() for m in (sim.sum(-1) / (S - 1), cls.norm(dim=-1), unit.var(dim=-1)))
+    return score.argmin(1)
+
+
+def reference_order(ref: Tensor, S: int) -> Tensor:
+    """[B] reference indices -> [B, S] view order with the reference first, the others in input order."""
+    pos = torch.arange(S, device=ref.device).expand(ref.shape[0], S)
+    order = torch.where((pos > 0) & (pos <= ref[:, None]), pos - 1, pos)
+    order[:, 0] = ref
+    return order
+
+
+def _take_views(x: Tensor, order: Tensor) -> Tensor:
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], order]
+
+
+# ----------------------------------------------------------------------------------------------- model
+
+
+class DA3(nn.Module):
+    """Depth Anything 3: ``forward(images [B,S,3,H,W] or [S,3,H,W] in [0,1], extrinsics=None, intrinsics=None)``.
+
+    Returns ``depth`` [B,S,H,W], ``depth_conf`` [B,S,H,W], ``extrinsics`` [B,S,3,4] (w2c OpenCV), ``intrinsics``
+    [B,S,3,3], ``pose_enc`` [B,S,9] (the camera decoder's raw output) and, with ``config.with_ray``, ``ray`` /
+    ``ray_conf``. H and W must be multiples of 14. ``extrinsics``/``intrinsics`` (w2c [B,S,3|4,4], [B,S,3,3]) condition
+    the network on known cameras through ``cam_enc`` as the official ``forward`` does.
+    See the module docstring for ``config.normalize``.
+    """
+
+    optional_checkpoint_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, config: DA3Config = DA3Config()) -> None:
+        super().__init__()
+        self.config = config
+        self.name = config.name
+        c = config
+        self.backbone = nn.Module()
+        self.backbone.pretrained = DinoViT(
+            embed_dim=c.embed_dim, depth=c.depth, num_heads=c.num_heads, patch_size=c.patch_size,
+            img_size=c.img_size, mlp_ratio=c.mlp_ratio, init_values=1.0, norm_eps=1e-6,
+            interpolate_antialias=False, interpolate_offset=0.1, with_mask_token=False, make_block=self._make_block,
+        )
+        vit = self.backbone.pretrained
+        vit.norm = nn.LayerNorm(c.embed_dim)  # the official final norm keeps torch's eps 1e-5
+        vit.camera_token = nn.Parameter(torch.zeros(1, 2, c.embed_dim))
+        self.head = DualDPT(
+            2 * c.embed_dim, patch_size=c.patch_size, features=c.head_features, out_channels=c.head_out_channels,
+            head_features_2=c.head_features_2,
+        )
+        self.cam_dec = CameraDec(2 * c.embed_dim)
+        self.cam_enc = CameraEnc(c.embed_dim, depth=c.cam_enc_depth, num_heads=c.cam_enc_heads)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    def _make_block(self, i: int) -> Block:
+        c = self.config
+        return Block(
+            c.embed_dim, c.num_heads, mlp_ratio=c.mlp_ratio, init_values=1.0, norm_eps=1e-6,
+            qk_norm=i >= c.qknorm_start, rope=RoPE2D(c.rope_freq) if i >= c.rope_start else None,
+            scope="global" if i >= c.alt_start and i % 2 == 1 else "frame",
+        )
+
+    def reset_parameters(self) -> None:
+        """Fresh init for models not loaded from a checkpoint: trunc-normal linears, small special tokens."""
+        init_vit_weights(self)
+        nn.init.normal_(self.backbone.pretrained.camera_token, std=0.02)
+
+    def attention_scopes(self) -> dict[str, str]:
+        """fqn -> "frame" | "global" for every attention module (what ``lite3r.swap_attention`` filters on)."""
+        return {n: m.scope for n, m in self.named_modules() if hasattr(m, "qkv") and hasattr(m, "scope")}
+
+    def forward(self, images: Tensor, extrinsics: Tensor | None = None, intrinsics: Tensor | None = None) -> dict:
+        if images.ndim == 4:
+            images = images[None]
+        if images.ndim != 5 or images.shape[2] != 3:
+            raise ValueError(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
+        if (extrinsics is None) != (intrinsics is None):
+            raise ValueError("extrinsics and intrinsics must be given together (or neither)")
+        H, W = images.shape[-2:]
+        cam_tokens = None
+        if extrinsics is not None:
+            with torch.autocast(images.device.type, enabled=False):
+                cam_tokens = self.cam_enc(extrinsics.float(), intrinsics.float(), (H, W))
+        x = normalize_images(images) if self.config.normalize else images
+        feats, cam_token = self._backbone(x, cam_tokens)
+        with torch.autocast(images.device.type, enabled=False):
+            out = self.head([f.float() for f in feats], (H, W), self.config.frames_chunk_size, self.config.with_ray)
+            pose_enc = self.cam_dec(cam_token.float())
+            out["extrinsics"], out["intrinsics"] = pose_encoding_to_extri_intri(pose_enc, (H, W))
+            out["pose_enc"] = pose_enc
+        return out
+
+    def _backbone(self, images: Tensor, cam_tokens: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        """-> (4 patch-token tensors [B, S, N_patch, 2C], last-layer camera token [B, S, 2C])."""
+        c, vit = self.config, self.backbone.pretrained
+        B, S, _, H, W = images.shape
+        h, w = H // c.patch_size, W // c.patch_size
+        x = vit.prepare_tokens(images.flatten(0, 1)).unflatten(0, (B, S))  # [B, S, 1 + h*w, C]
+        N, C = x.shape[2:]
+        pos_frame = patch_positions(B * S, h, w, 1, device=x.device)  # [B*S, N, 2]
+        one = torch.ones(1, N, 2, dtype=pos_frame.dtype, device=x.device)
+        one[:, 0] = 0
+        pos_global = one.repeat(1, S, 1).expand(B, -1, -1)  # patches (1, 1), first token (0, 0)
+        order = None
+        local_x = x
+        outs = []
+        for i, blk in enumerate(vit.blocks):
+            if i == c.alt_start - 1 and S >= REF_SELECTION_MIN_VIEWS and cam_tokens is None:
+                order = reference_order(select_reference_view(x, c.ref_view_strategy), S)
+                x, local_x = _take_views(x, order), _take_views(local_x, order)
+            if i == c.alt_start:
+                if cam_tokens is None:
+                    tok = vit.camera_token.to(x.dtype)
+                    cam = torch.cat((tok[:, :1].expand(B, 1, C), tok[:, 1:].expand(B, S - 1, C)), dim=1)
+                else:
+                    cam = cam_tokens.to(x.dtype)
+                x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
+            if blk.attn.scope == "global":
+                x = blk(x.reshape(B, S * N, C), pos=pos_global).reshape(B, S, N, C)
+            else:
+                x = blk(x.reshape(B * S, N, C), pos=pos_frame).reshape(B, S, N, C)
+                local_x = x
+            if i in c.out_layers:
+                y = torch.cat((local_x, x), dim=-1)
+                if order is not None:
+                    y = _take_views(y, torch.argsort(order, dim=1))
+                outs.append(y)
+        feats = [torch.cat((y[..., 1:, :C], vit.norm(y[..., 1:, C:])), dim=-1) for y in outs]
+        return feats, outs[-1][:, :, 0]
+
+    @staticmethod
+    def to_cameras(out: dict, image_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """Model output -> extrinsics [B,S,3,4] (w2c OpenCV), intrinsics [B,S,3,3], depth [B,S,H,W], depth_conf."""
+        H, W = image_hw
+        if tuple(out["depth"].shape[-2:]) != (H, W):
+            raise ValueError(f"image_hw {(H, W)} does not match the depth maps {tuple(out['depth'].shape[-2:])}")
+        return {k: out[k] for k in ("extrinsics", "intrinsics", "depth", "depth_conf")}
+
+
+MODEL = DA3

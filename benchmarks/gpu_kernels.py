@@ -1,0 +1,44 @@
+"""One GPU session for the kernels: correctness at real size + compile (pytest), then every timing as a table.
+
+    python benchmarks/gpu_kernels.py [--skip-tests] [--views 8 32 128] [--json $OUT/kernels.json]
+
+Writes the rows of kernels.bench.run as JSON (when --json) and prints a compact table; numbers go to
+docs/benchmarks.md."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-tests", action="store_true")
+    ap.add_argument("--views", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--topk", type=float, default=0.05)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    print(torch.__version__, torch.cuda.get_device_name(), flush=True)
+    if not args.skip_tests:
+        t = time.time()
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/test_kernels.py", "tests/test_kernels_fp8.py", "--durations=6"])
+        print(f"tests rc={rc} in {time.time() - t:.0f}s", flush=True)
+    from kernels import bench
+
+    t = time.time()
+    rows = bench.run(views=tuple(args.views), topk=args.topk)
+    print(bench.format_rows(rows))
+    print(f"bench in {time.time() - t:.0f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""`lite3r eval`: a backbone (dense, or a lite3r student) over a benchmark, with the field's metrics.
+
+For every scene: `views` views (evenly spaced, deterministic) -> model -> backbones.to_cameras -> metrics against
+the ground truth normalised the way the field does (frame 0 = world, unit mean distance of valid points to it):
+  depth   AbsRel, delta < 1.25, RMSE after per-image least-squares scale        (blendedmvs, synthetic)
+  pose    RRA/RTA @30/15/5/3, AUC @30/15/5/3 (VGGT protocol, all pairs)         (all)
+  points  accuracy, completeness, Chamfer, F-score after Umeyama Sim(3)          (blendedmvs, synthetic)
+The point clouds: predicted depth unprojected with the predicted cameras vs GT depth with GT cameras, aligned by
+Sim(3) on pixel correspondences, then subsampled to `max_points` each for the KD-tree search.
+
+    python -m recon.evaluate        # the embedded default: vggt-tiny (random weights) on 2 synthetic scenes, CPU
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+GROUPS = {
+    "depth": ("abs_rel", "delta1", "rmse"),
+    "pose": ("auc30", "auc15", "auc5", "auc3", "rot_err", "trans_err"),
+    "pose accuracy": ("rra30", "rta30", "rra15", "rta15", "rra5", "rta5", "rra3", "rta3"),
+    "points": ("accuracy", "completeness", "chamfer", "fscore"),
+}
+DEFAULT_SYNTHETIC = {"num": 2, "size": (126, 168), "seed": 1000}  # the embedded default: small, fast on CPU
+
+
+def load_model(model: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
+    """Backbone `model` (strictly loaded `weights`, or random weights from `seed`), or the lite3r student at
+    `student` built on it (recon.train.load_student)."""
+    from recon.train import dense_model, load_student
+
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such file")
+    dense = dense_model(model, weights, seed=seed)
+    if student:
+        return load_student(student, dense, device=device).eval()
+    return dense.to(device).eval()
+
+
+def _points(depth, extrinsics, intrinsics):
+    from recon.losses import unproject_depth
+
+    return unproject_depth(depth[None].double(), extrinsics[None].double(), intrinsics[None].double())[0]
+
+
+def evaluate_sample(model: torch.nn.Module, sample: dict, *, device: str | torch.device = "cpu",
+                    threshold: float = 0.05, max_points: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Metrics of `model` on one normalised sample (datasets.*.sample(..., normalize=True))."""
+    from backbones import to_cameras
+    from recon import metrics
+
+    images = sample["images"].to(device)
+    hw = tuple(images.shape[-2:])
+    with torch.inference_mode():
+        out = model(images[None])
+    out = {k: (v.float().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
+    cams = {k: v[0] for k, v in to_cameras(getattr(model, "name", None) or model, out, hw).items()}
+    row: dict[str, float] = {}
+    mask = sample["mask"]
+    if len(images) >= 2:
+        row.update({k: float(v) for k, v in metrics.pose_metrics(cams["extrinsics"], sample["extrinsics"]).items()})
+    if mask.any():
+        dm = metrics.depth_metrics(cams["depth"], sample["depth"], mask)
+        row.update({k: float(np.nanmean(dm[k].numpy())) for k in ("abs_rel", "delta1", "rmse")})
+        pred_pts = _points(cams["depth"], cams["extrinsics"], cams["intrinsics"])[mask]
+        gt_pts = _points(sample["depth"], sample["extrinsics"], sample["intrinsics"])[mask]
+        ok = torch.isfinite(pred_pts).all(-1)
+        pred_pts, gt_pts = pred_pts[ok], gt_pts[ok]
+        if len(gt_pts) >= 3:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(gt_pts), generator=g)[:max_points]
+            pc = metrics.pointcloud_metrics(pred_pts[idx], gt_pts[idx], threshold=threshold)
+            row.update({k: pc[k] for k in GROUPS["points"]})
+    return row
+
+
+def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.PathLike | None = None, views: int = 4,
+             weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
+             size: int | tuple[int, int] | None = None, max_scenes: int | None = None, device: str | None = None,
+             json_path: str | os.PathLike | None = None, overwrite: bool = False, quiet: bool = False,
+             threshold: float = 0.05, seed: int = 0) -> dict:
+    """What `lite3r eval` does; returns {"config", "scenes": [per-scene rows], "mean": {metric: value},
+    "groups": {group: [metrics]}, "seconds"}."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from recon import datasets
+    from recon.io import atomic_write_json, console, ensure_writable, rich_table
+
+    if views < 1:
+        raise ValueError(f"--views must be >= 1, got {views}")
+    if max_scenes is not None and max_scenes < 1:
+        raise ValueError(f"--max-scenes must be >= 1, got {max_scenes}")
+    if json_path:
+        ensure_writable(json_path, overwrite)  # fail before the long run, not after
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if dataset == "synthetic" and data is None:
+        ds = datasets.open_dataset("synthetic", None, size=size or DEFAULT_SYNTHETIC["size"],
+                                   num=max_scenes or DEFAULT_SYNTHETIC["num"], seed=DEFAULT_SYNTHETIC["seed"])
+    else:
+        if data is not None and not Path(data).exists():
+            raise FileNotFoundError(f"--data {data}: no such folder")
+        ds = datasets.open_dataset(dataset, data, size=size or 518)
+    n = min(len(ds), max_scenes) if max_scenes else len(ds)
+    model = load_model(model_name, weights=weights, student=student, device=device, seed=seed)
+    con = console(quiet)
+    rows, t0 = [], time.perf_counter()
+    with Progress(TextColumn("[bold blue]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeRemainingColumn(), console=con, disable=quiet) as progress:
+        task = progress.add_task("eval", total=n, info="")
+        for i in range(n):
+            sample = ds.sample(i, views=views, rng=None, normalize=True)
+            row = evaluate_sample(model, sample, device=device, threshold=threshold, seed=seed)
+            rows.append({"scene": sample["scene"], **row})
+            info = " ".join(f"{k} {row[k]:.3g}" for k in ("auc30", "abs_rel") if k in row)
+            progress.update(task, advance=1, info=info)
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "scene"))
+    mean = {k: float(np.nanmean([r.get(k, math.nan) for r in rows])) for k in keys}
+    groups = {g: [k for k in ks if k in mean] for g, ks in GROUPS.items()}
+    groups = {g: ks for g, ks in groups.items() if ks}
+    result = {"config": {"model": model_name, "student": str(student) if student else None,
+                         "weights": str(weights) if weights else None, "dataset": dataset,
+                         "data": str(data) if data else None, "views": views, "scenes": n, "device": str(device),
+                         "size": list(sample["images"].shape[-2:]) if rows else None, "threshold": threshold},
+              "mean": mean, "groups": groups, "scenes": rows, "seconds": round(time.perf_counter() - t0, 2)}
+    title = f"{model_name}{' student' if student else ''} on {dataset} ({n} scenes x {views} views)"
+    for g, ks in groups.items():
+        con.print(rich_table([{"scene": r["scene"], **{k: r.get(k) for k in ks}} for r in rows]
+                             + [{"scene": "mean", **{k: mean[k] for k in ks}}], title=f"{g}: {title}"))
+    if json_path:
+        atomic_write_json(json_path, result, overwrite=overwrite)
+        con.print(f"wrote {json_path}")
+    return result
+
+
+if __name__ == "__main__":
+    evaluate("vggt-tiny")

@@ -1,0 +1,259 @@
+"""`lite3r reconstruct`: images -> coloured world-space point cloud (PLY / GLB) + cameras (JSON).
+
+    result = reconstruct(["scene/images"], model="vggt-1b", weights="model.safetensors", out="scene.ply",
+                         json_path="cameras.json")
+
+Steps: `backbones.load_images` (crop / pad to multiples of 14) -> the dense backbone, or the lite3r student of
+`lite3r train` (`recon.train.load_student`) -> `backbones.to_cameras` (w2c OpenCV extrinsics, pixel intrinsics,
+depth, confidence) -> `unproject` every pixel into the world frame (the first view's camera for VGGT) -> drop the
+points below the `conf_percentile` percentile of the confidence over all views (and any non-finite point) -> write
+the cloud with trimesh and the cameras with per-view statistics, both atomically (recon.io), never replacing an
+existing file without `overwrite`.
+
+Pixel convention: pixel (row v, column u) sits at image coordinates (u, v), as in VGGT's own unprojection, so the
+principal point W/2, H/2 of the predicted intrinsics is the image centre.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+FORMATS = (".ply", ".glb")
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def unproject(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
+    """World points [..., H, W, 3] of depth maps [..., H, W] seen by cameras with w2c OpenCV `extrinsics`
+    [..., 3, 4] (x_cam = R x_world + t) and pixel `intrinsics` [..., 3, 3]; computed in float64, returned float32.
+
+    Pixel (v, u) -> camera point depth * K^-1 [u, v, 1] -> world point R^T (x_cam - t)."""
+    H, W = depth.shape[-2:]
+    d = depth.double()
+    K = intrinsics.double()
+    R, t = extrinsics.double()[..., :3, :3], extrinsics.double()[..., :3, 3]
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64, device=d.device),
+                          torch.arange(W, dtype=torch.float64, device=d.device), indexing="ij")
+    fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
+    cx, cy, skew = K[..., 0, 2, None, None], K[..., 1, 2, None, None], K[..., 0, 1, None, None]
+    y = (v - cy) / fy
+    x = (u - cx - skew * y) / fx
+    cam = torch.stack([x * d, y * d, d], dim=-1)  # [..., H, W, 3]
+    world = torch.einsum("...ji,...hwj->...hwi", R, cam - t[..., None, None, :])  # R^T (x - t)
+    return world.float()
+
+
+def camera_centers(extrinsics: Tensor) -> Tensor:
+    """World positions [..., 3] of w2c cameras [..., 3, 4]: -R^T t."""
+    R, t = extrinsics[..., :3, :3].double(), extrinsics[..., :3, 3].double()
+    return (-torch.einsum("...ji,...j->...i", R, t)).float()
+
+
+def confidence_threshold(conf: Tensor, percentile: float) -> float:
+    """The `percentile` (0-100) of the finite confidences; points with conf >= it are kept (0: keep all)."""
+    if not 0 <= percentile < 100:
+        raise ValueError(f"--conf-percentile must be in [0, 100), got {percentile}")
+    finite = conf[torch.isfinite(conf)].double()
+    if finite.numel() == 0 or percentile == 0:
+        return float("-inf")
+    return float(torch.quantile(finite.flatten()[:16_000_000], percentile / 100.0))
+
+
+def point_cloud(images: Tensor, cams: dict[str, Tensor], conf_percentile: float = 50.0
+                ) -> tuple[Tensor, Tensor, list[dict[str, Any]], float]:
+    """Coloured world points of one scene.
+
+    images [S,3,H,W] in [0,1]; cams: extrinsics [S,3,4], intrinsics [S,3,3], depth [S,H,W], depth_conf [S,H,W]
+    (to_cameras output without the batch axis). Returns (points [N,3] float32, colours [N,3] uint8, per-view stats,
+    confidence threshold). A point is kept when its confidence is >= the threshold and it and its depth are finite
+    and the depth is positive."""
+    depth, conf = cams["depth"].float().cpu(), cams["depth_conf"].float().cpu()
+    pts = unproject(depth, cams["extrinsics"].cpu(), cams["intrinsics"].cpu())
+    thr = confidence_threshold(conf, conf_percentile)
+    valid = torch.isfinite(pts).all(-1) & torch.isfinite(depth) & (depth > 0)
+    keep = valid & (conf >= thr)
+    colours = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    stats = []
+    for i in range(depth.shape[0]):
+        d = depth[i][valid[i]]
+        stats.append({"points_total": int(depth[i].numel()), "points_kept": int(keep[i].sum()),
+                      "depth_min": float(d.min()) if d.numel() else None,
+                      "depth_median": float(d.median()) if d.numel() else None,
+                      "depth_max": float(d.max()) if d.numel() else None,
+                      "conf_median": float(conf[i].median())})
+    return pts[keep], colours[keep], stats, thr
+
+
+def write_cloud(path: str | os.PathLike, points: Tensor, colours: Tensor, *, overwrite: bool = False) -> Path:
+    """PLY (binary) or GLB point cloud with per-vertex RGBA colours, written atomically."""
+    import trimesh
+
+    from recon.io import atomic_path
+
+    path = Path(path)
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"--out {path}: expected a .ply or .glb file")
+    rgba = torch.cat([colours, torch.full_like(colours[:, :1], 255)], dim=1).numpy()
+    cloud = trimesh.PointCloud(points.numpy(), colors=rgba)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        if path.suffix.lower() == ".glb":
+            trimesh.Scene(cloud).export(str(tmp), file_type="glb")
+        else:
+            cloud.export(str(tmp), file_type="ply")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ model
+def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files from files and folders (a folder: its images sorted by name), in the order given."""
+    from backbones import list_images
+
+    if not inputs:
+        raise ValueError("no images given: pass image files or a folder of images")
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            files += list_images(item)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise FileNotFoundError(f"{item}: no such image file or folder")
+    return files
+
+
+def check_model(name: str) -> str:
+    from backbones import list_backbones
+
+    if name not in list_backbones():
+        raise ValueError(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
+    return name
+
+
+def build_model(name: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
+                device: torch.device) -> nn.Module:
+    """The dense backbone `name` (checkpoint `weights`, random weights from seed 0 when absent), or, with
+    `student`, the lite3r student trained from it (recon.train.load_student)."""
+    from recon.train import dense_model, load_student
+
+    check_model(name)
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"--weights {weights}: no such checkpoint file")
+    if student is not None:
+        return load_student(student, name, weights=weights, device=device).eval()
+    return dense_model(name, weights, seed=0).eval().requires_grad_(False).to(device)
+
+
+def predict(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+    """Backbone forward of one scene images [S,3,H,W] (bf16 autocast on CUDA) -> to_cameras output without the
+    batch axis, float32 on the CPU."""
+    from backbones import to_cameras
+    from recon.bench import forward
+
+    out = forward(model, images[None])
+    cams = to_cameras(model, out, images.shape[-2:])
+    return {k: cams[k][0].detach().float().cpu() for k in ("extrinsics", "intrinsics", "depth", "depth_conf")}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------ command
+def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
+                weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
+                size: int = 518, mode: str = "crop", conf_percentile: float = 50.0,
+                out: str | os.PathLike = "scene.ply", json_path: str | os.PathLike | None = None,
+                overwrite: bool = False, device: str | None = None, quiet: bool = False,
+                net: nn.Module | None = None) -> dict[str, Any]:
+    """Run the whole command; returns the summary written to `json_path` (cameras, per-view stats, timings).
+    `net`: an already built backbone / student to use instead of building `model` (its name must be `model`)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from backbones import load_images
+    from recon.io import atomic_write_json, console, ensure_writable, rich_table
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    if mode not in ("crop", "pad"):
+        raise ValueError(f"--mode {mode!r}: expected crop or pad")
+    if size <= 0 or size % 14:
+        raise ValueError(f"--size {size}: expected a positive multiple of 14 (the patch size)")
+    if out.suffix.lower() not in FORMATS:
+        raise ValueError(f"--out {out}: expected a .ply or .glb file")
+    confidence_threshold(torch.zeros(1), conf_percentile)  # validates the percentile before any work
+    ensure_writable(out, overwrite)
+    if json_path is not None:
+        json_path = Path(json_path)
+        if json_path.resolve() == out.resolve():
+            raise ValueError(f"--json {json_path}: the same file as --out")
+        ensure_writable(json_path, overwrite)
+    check_model(model)
+    dev = resolve_device(device)
+    files = resolve_inputs(inputs)
+    con = console(quiet)
+    times: dict[str, float] = {}
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=con, transient=True, disable=quiet) as progress:
+        task = progress.add_task(f"loading {len(files)} images", total=5)
+        t = time.perf_counter()
+        images, _ = load_images(files, mode=mode, size=size)
+        times["load_s"] = time.perf_counter() - t
+        if net is None and weights is None:
+            con.print(f"[yellow]no --weights: {model} has random weights (a smoke test, not a reconstruction)[/]")
+        progress.update(task, advance=1, description=f"building {model}" + (" student" if student else ""))
+        t = time.perf_counter()
+        if net is None:
+            net = build_model(model, weights=weights, student=student, device=dev)
+        times["build_s"] = time.perf_counter() - t
+        progress.update(task, advance=1, description=f"{model} forward on {len(files)} views")
+        t = time.perf_counter()
+        cams = predict(net, images.to(next(net.parameters()).device))
+        times["forward_s"] = time.perf_counter() - t
+        progress.update(task, advance=1, description="unprojecting depth")
+        t = time.perf_counter()
+        points, colours, stats, thr = point_cloud(images, cams, conf_percentile)
+        times["unproject_s"] = time.perf_counter() - t
+        progress.update(task, advance=1, description=f"writing {out}")
+        t = time.perf_counter()
+        write_cloud(out, points, colours, overwrite=overwrite)
+        times["write_s"] = time.perf_counter() - t
+        progress.update(task, advance=1)
+    times["total_s"] = time.perf_counter() - t0
+    centers = camera_centers(cams["extrinsics"])
+    views = [{"image": str(f), **stats[i], "extrinsics_w2c": cams["extrinsics"][i], "intrinsics": cams["intrinsics"][i],
+              "center": centers[i]} for i, f in enumerate(files)]
+    summary = {"model": model, "student": str(student) if student else None,
+               "weights": str(weights) if weights else None, "image_hw": list(images.shape[-2:]), "mode": mode,
+               "size": size, "conf_percentile": conf_percentile, "conf_threshold": thr, "out": str(out),
+               "views": len(files), "points_total": sum(s["points_total"] for s in stats),
+               "points_kept": int(points.shape[0]), "device": str(dev), "time": times,
+               "convention": "extrinsics: world-to-camera [R|t], OpenCV axes (x right, y down, z forward); "
+                             "intrinsics in pixels of the processed image_hw", "cameras": views}
+    if json_path is not None:
+        atomic_write_json(json_path, summary, overwrite=overwrite)
+    if not quiet:
+        rows = [{"view": Path(v["image"]).name, "kept": v["points_kept"], "of": v["points_total"],
+                 "depth median": v["depth_median"], "conf median": v["conf_median"]} for v in views]
+        con.print(rich_table(rows, title=f"{model}{' student' if student else ''}: {len(files)} views, "
+                                         f"{tuple(images.shape[-2:])} px"))
+        con.print(rich_table([{"views": len(files), "points kept": summary["points_kept"],
+                               "of": summary["points_total"], "conf threshold": thr,
+                               "time (s)": times["total_s"], "forward (s)": times["forward_s"], "out": str(out)}]))
+    return summary
+
+
+__all__ = ["build_model", "camera_centers", "confidence_threshold", "point_cloud", "predict", "reconstruct",
+           "resolve_inputs", "unproject", "write_cloud"]

@@ -1,0 +1,326 @@
+"""Procedural multi-view scenes with exact geometry, rendered by vectorised ray casting in torch.
+
+A scene (a pure function of its seed): a finite textured ground plane (z = 0, world z up), boxes standing on it
+(rotated about z) and spheres, each with a procedural texture (checker, stripes or value noise, plus fine noise).
+Cameras sit on an orbit arc around the scene at one or two elevations, looking at its centre, like BlendedMVS /
+DTU captures. Every pixel ray (pixel centres at integer coordinates, OpenCV camera: x right, y down, z forward) is
+intersected with every primitive at once; the nearest hit gives the z-depth, the surface normal and the texture
+colour, shaded Lambertian (ambient + one directional light). Rays that miss everything are background: depth 0,
+invalid, a sky gradient in the image.
+
+    sample = render_sample(seed, views=4, size=(126, 168))   # in memory: images [S,3,H,W], depth, mask, cameras
+    write_scene("scenes/scene_0000", seed=0, views=16, size=518)   # BlendedMVS format on disk
+    make_scenes("scenes", num=100, views=16, size=518, seed=0)     # `lite3r make-scenes`
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+AMBIENT = 0.35
+BACKGROUND_TOP, BACKGROUND_BOTTOM = (0.55, 0.70, 0.95), (0.85, 0.90, 1.0)
+GROUND_HALF = 6.0  # the ground plane is the square |x|, |y| <= GROUND_HALF
+TEXTURES = ("checker", "stripes", "noise")
+
+
+# ------------------------------------------------------------------------------------------------ the scene
+@dataclasses.dataclass(frozen=True)
+class Primitive:
+    kind: str  # plane | box | sphere
+    center: tuple[float, float, float]
+    size: tuple[float, float, float]  # box half extents; sphere (r, r, r); plane (half, half, 0)
+    yaw: float  # rotation about z (boxes)
+    texture: str
+    scale: float  # texture period (world units)
+    color_a: tuple[float, float, float]
+    color_b: tuple[float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    primitives: tuple[Primitive, ...]
+    light: tuple[float, float, float]  # unit direction towards the light
+    extrinsics: np.ndarray  # [S,3,4] world-to-camera, float64
+    intrinsics: np.ndarray  # [S,3,3] pixels, float64
+    size: tuple[int, int]  # (H, W)
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if h < 8 or w < 8:
+        raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
+    return h, w
+
+
+def look_at(center: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """World-to-camera [3,4] (OpenCV) of a camera at `center` looking at `target` with world `up` above."""
+    f = target - center
+    f = f / np.linalg.norm(f)
+    r = np.cross(f, np.asarray(up, dtype=np.float64))
+    r = r / np.linalg.norm(r)
+    d = np.cross(f, r)
+    R = np.stack([r, d, f])
+    return np.concatenate([R, -(R @ center)[:, None]], 1)
+
+
+def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518) -> Scene:
+    """The scene and cameras of `seed` (numpy Generator; nothing global is touched)."""
+    if views < 1:
+        raise ValueError(f"views must be >= 1, got {views}")
+    H, W = _hw(size)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5CE7E])
+    color = lambda: tuple(float(c) for c in rng.uniform(0.1, 0.95, 3))  # noqa: E731
+    prims = [Primitive("plane", (0.0, 0.0, 0.0), (GROUND_HALF, GROUND_HALF, 0.0), 0.0, "checker",
+                       float(rng.uniform(0.3, 0.7)), color(), color())]
+    placed: list[tuple[float, float, float]] = []  # (x, y, footprint radius)
+    n_obj = int(rng.integers(4, 9))
+    for _ in range(200):
+        if len(placed) >= n_obj:
+            break
+        kind = "box" if rng.random() < 0.55 else "sphere"
+        if kind == "box":
+            hx, hy, hz = rng.uniform(0.15, 0.55), rng.uniform(0.15, 0.55), rng.uniform(0.15, 0.8)
+            foot = math.hypot(hx, hy)
+        else:
+            hx = hy = hz = rng.uniform(0.2, 0.6)
+            foot = hx
+        x, y = rng.uniform(-1.8, 1.8, 2)
+        if any(math.hypot(x - px, y - py) < foot + pr + 0.05 for px, py, pr in placed):
+            continue
+        z = hz if kind == "box" or rng.random() < 0.7 else hz + rng.uniform(0.1, 0.6)  # some spheres float
+        placed.append((x, y, foot))
+        prims.append(Primitive(kind, (float(x), float(y), float(z)), (float(hx), float(hy), float(hz)),
+                               float(rng.uniform(0, math.pi)), TEXTURES[int(rng.integers(3))],
+                               float(rng.uniform(0.08, 0.3)), color(), color()))
+    az = rng.uniform(0, 2 * math.pi)
+    light = np.array([math.cos(az), math.sin(az), rng.uniform(0.8, 2.0)])
+    light = tuple(float(v) for v in light / np.linalg.norm(light))
+
+    # cameras: an arc of azimuths at one or two elevations, looking at the scene centre (jittered)
+    az0, span = rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(90, 200))
+    rings = 2 if views >= 8 else 1
+    elev = np.radians(rng.uniform(20, 32, rings) + np.arange(rings) * 15)
+    fov = math.radians(rng.uniform(45, 60))
+    f = 0.5 * W / math.tan(0.5 * fov)
+    K = np.array([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1]], dtype=np.float64)
+    E = []
+    for i in range(views):
+        t = (i + 0.5) / views
+        a = az0 + span * (t - 0.5) + rng.normal(0, 0.03)
+        e = elev[i % rings] + rng.normal(0, 0.03)
+        r = rng.uniform(4.2, 5.5)
+        target = np.array([*rng.normal(0, 0.15, 2), rng.uniform(0.2, 0.5)])
+        center = target + r * np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
+        E.append(look_at(center, target))
+    return Scene(tuple(prims), light, np.stack(E), np.repeat(K[None], views, 0), (H, W))
+
+
+# --------------------------------------------------------------------------------------------- ray casting
+def _safe(d: Tensor) -> Tensor:
+    return torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
+
+
+def _rot_z(yaw: float, dtype) -> Tensor:
+    c, s = math.cos(yaw), math.sin(yaw)
+    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=dtype)
+
+
+def intersect(p: Primitive, o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Rays o [3], d [N,3] (unnormalised) -> (t [N], inf on a miss; unit normal [N,3]) of the first hit, t > 0."""
+    inf = torch.tensor(math.inf, dtype=d.dtype)
+    c = torch.tensor(p.center, dtype=d.dtype)
+    if p.kind == "plane":
+        t = -o[2] / _safe(d[:, 2])
+        x = o + t[:, None] * d
+        ok = (t > 1e-6) & (x[:, 0].abs() <= p.size[0]) & (x[:, 1].abs() <= p.size[1])
+        n = torch.zeros_like(d)
+        n[:, 2] = 1.0
+        return torch.where(ok, t, inf), n
+    if p.kind == "sphere":
+        r = p.size[0]
+        oc = o - c
+        a = (d * d).sum(-1)
+        b = (d @ oc)
+        disc = b * b - a * (oc @ oc - r * r)
+        t = (-b - disc.clamp_min(0).sqrt()) / a
+        ok = (disc >= 0) & (t > 1e-6)
+        n = (o + t[:, None] * d - c) / r
+        return torch.where(ok, t, inf), n
+    # box: slab test in the box frame (rotated about z by yaw)
+    R = _rot_z(p.yaw, d.dtype)  # box -> world
+    ol, dl = R.T @ (o - c), d @ R  # world -> box frame (d @ R = (R^T d^T)^T)
+    half = torch.tensor(p.size, dtype=d.dtype)
+    inv = 1.0 / _safe(dl)
+    t1, t2 = (-half - ol) * inv, (half - ol) * inv
+    tmin, axis = torch.minimum(t1, t2).max(-1)
+    tmax = torch.maximum(t1, t2).min(-1).values
+    ok = (tmax >= tmin) & (tmin > 1e-6)
+    nl = torch.zeros_like(d)
+    nl.scatter_(1, axis[:, None], -torch.sign(dl.gather(1, axis[:, None])))
+    return torch.where(ok, tmin, inf), nl @ R.T
+
+
+def waves(x: Tensor, salt: int, count: int = 8, freq: float = 1.0) -> Tensor:
+    """Smooth noise-like field in [0,1] at points x [N,3]: a sum of `count` plane waves with random directions,
+    frequencies around `freq` (cycles per unit) and phases drawn from `salt` (cheap and deterministic)."""
+    g = torch.Generator().manual_seed(int(salt) & 0x7FFFFFFF)
+    w = torch.nn.functional.normalize(torch.randn(3, count, generator=g), dim=0)
+    w = w * (freq * 2 * math.pi * (0.6 + 0.8 * torch.rand(count, generator=g)))
+    phase = 2 * math.pi * torch.rand(count, generator=g)
+    return 0.5 + 0.5 * torch.sin(x.float() @ w + phase).mean(-1) * math.sqrt(2.0)
+
+
+def texture(p: Primitive, x: Tensor, salt: int) -> Tensor:
+    """Albedo [N,3] of primitive `p` at world points x [N,3]."""
+    q = x / p.scale + 0.5  # + 0.5: surfaces at integer coordinates (the ground at z = 0) do not flicker
+    if p.texture == "checker":
+        m = (torch.floor(q).to(torch.int64).sum(-1) % 2).float()
+    elif p.texture == "stripes":
+        m = 0.5 + 0.5 * torch.sin(2 * math.pi * (q[:, 0] + 0.7 * q[:, 1] + 0.4 * q[:, 2]))
+    else:
+        m = waves(q, salt, freq=0.5).clamp(0, 1)
+    fine = 0.6 * waves(q, salt + 1, freq=2.0) + 0.4 * waves(q, salt + 2, freq=7.0)
+    a, b = torch.tensor(p.color_a), torch.tensor(p.color_b)
+    albedo = a * (1 - m[:, None]) + b * m[:, None]
+    return (albedo * (0.6 + 0.8 * fine[:, None])).clamp(0, 1)
+
+
+def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
+    """View `i` -> (image [3,H,W] float32 in [0,1], z-depth [H,W] float32, 0 where no surface)."""
+    H, W = scene.size
+    E = torch.from_numpy(scene.extrinsics[i])
+    K = torch.from_numpy(scene.intrinsics[i])
+    R, t = E[:, :3], E[:, 3]
+    o = -R.T @ t  # camera centre
+    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    pix = torch.stack([u.flatten(), v.flatten(), torch.ones(H * W, dtype=torch.float64)], -1)
+    d = ((pix @ torch.linalg.inv(K).T) @ R).float()  # [N,3] world directions, camera z-component 1: t = z-depth
+    o = o.float()
+    best = torch.full((H * W,), math.inf)
+    hit = torch.full((H * W,), -1, dtype=torch.int64)
+    normal = torch.zeros(H * W, 3)
+    for k, p in enumerate(scene.primitives):
+        tk, nk = intersect(p, o, d)
+        closer = tk < best
+        best = torch.where(closer, tk, best)
+        hit = torch.where(closer, torch.full_like(hit, k), hit)
+        normal = torch.where(closer[:, None], nk, normal)
+    x = o + best.clamp_max(1e9)[:, None] * d
+    light = torch.tensor(scene.light)
+    shade = AMBIENT + (1 - AMBIENT) * (normal @ light).clamp_min(0)
+    top, bottom = torch.tensor(BACKGROUND_TOP), torch.tensor(BACKGROUND_BOTTOM)
+    g = (v.flatten() / max(H - 1, 1)).float()[:, None]
+    rgb = top * (1 - g) + bottom * g
+    for k, p in enumerate(scene.primitives):
+        sel = (hit == k).nonzero().squeeze(1)
+        if sel.numel():
+            rgb[sel] = texture(p, x[sel], salt=1000 * k) * shade[sel, None]
+    depth = torch.where(hit >= 0, best, torch.zeros_like(best))
+    return rgb.clamp(0, 1).T.reshape(3, H, W).contiguous(), depth.reshape(H, W)
+
+
+def render_sample(seed: int, views: int = 4, size: int | tuple[int, int] = (126, 168)) -> dict[str, Tensor]:
+    """The scene of `seed` rendered in memory: images [S,3,H,W] float32 in [0,1], depth [S,H,W] (0: background),
+    mask [S,H,W] bool (valid depth), extrinsics [S,3,4] w2c, intrinsics [S,3,3] (float32, metric world)."""
+    scene = make_scene(seed, views, size)
+    imgs, depths = zip(*(render_view(scene, i) for i in range(views)))
+    depth = torch.stack(depths)
+    return {"images": torch.stack(imgs), "depth": depth, "mask": depth > 0,
+            "extrinsics": torch.from_numpy(scene.extrinsics).float(),
+            "intrinsics": torch.from_numpy(scene.intrinsics).float()}
+
+
+# --------------------------------------------------------------------------------------- BlendedMVS on disk
+def view_pairs(extrinsics: np.ndarray, top: int = 10) -> dict[int, list[tuple[int, float]]]:
+    """pair.txt content from view angles: for each view, the others ranked by a score peaking at a 15-degree
+    baseline angle between their optical axes (too similar or too different views score lower)."""
+    fwd = extrinsics[:, 2, :3]  # camera z axis in world coordinates
+    cos = np.clip(fwd @ fwd.T, -1, 1)
+    ang = np.degrees(np.arccos(cos))
+    score = np.exp(-((ang - 15.0) ** 2) / (2 * np.where(ang < 15.0, 8.0, 20.0) ** 2))
+    out = {}
+    for i in range(len(fwd)):
+        others = [j for j in np.argsort(-score[i], kind="stable") if j != i][:top]
+        out[i] = [(int(j), float(score[i, j])) for j in others]
+    return out
+
+
+def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | tuple[int, int] = 518, *,
+                overwrite: bool = False, image_format: str = "jpg") -> Path:
+    """Render the scene of `seed` into `out` in BlendedMVS layout: blended_images/{id:08d}.jpg,
+    cams/{id:08d}_cam.txt (+ cams/pair.txt), rendered_depth_maps/{id:08d}.pfm. Returns `out`."""
+    from PIL import Image
+
+    from recon import formats
+    from recon.io import atomic_write_bytes
+
+    out = Path(out)
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+    scene = make_scene(seed, views, size)
+    for sub in ("blended_images", "cams", "rendered_depth_maps"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(views):
+        img, depth = render_view(scene, i)
+        arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        import io as _io
+
+        buf = _io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG" if image_format == "jpg" else "PNG",
+                                  **({"quality": 95} if image_format == "jpg" else {}))
+        atomic_write_bytes(out / "blended_images" / f"{i:08d}.{image_format}", buf.getvalue(), overwrite=overwrite)
+        formats.write_pfm(out / "rendered_depth_maps" / f"{i:08d}.pfm", depth.numpy(), overwrite=overwrite)
+        valid = depth[depth > 0]
+        lo, hi = (float(valid.min()) * 0.9, float(valid.max()) * 1.1) if valid.numel() else (0.1, 10.0)
+        formats.write_cam(out / "cams" / f"{i:08d}_cam.txt", scene.extrinsics[i], scene.intrinsics[i],
+                          (lo, (hi - lo) / 191, 192, hi), overwrite=overwrite)
+    formats.write_pair(out / "cams" / "pair.txt", view_pairs(scene.extrinsics), overwrite=overwrite)
+    return out
+
+
+def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: int | tuple[int, int] = 518,
+                seed: int = 0, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """`lite3r make-scenes`: `num` scenes out/scene_{k:04d} (scene k has seed `seed + k`), with a progress bar.
+    Existing complete scenes are kept (so a killed run resumes); --overwrite re-renders them."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    from recon.io import atomic_write_json, console
+
+    if num < 1 or views < 1:
+        raise ValueError(f"--num and --views must be >= 1, got {num} and {views}")
+    H, W = _hw(size)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} is a file, expected a folder for the scenes")
+    out.mkdir(parents=True, exist_ok=True)
+    t0, made = time.perf_counter(), 0
+    con = console(quiet)
+    with Progress(TextColumn("[bold blue]make-scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=con, disable=quiet) as progress:
+        task = progress.add_task("scenes", total=num)
+        for k in range(num):
+            d = out / f"scene_{k:04d}"
+            done = (d / "cams" / "pair.txt").is_file()  # written last
+            if overwrite or not done:
+                write_scene(d, seed + k, views, (H, W), overwrite=True)
+                made += 1
+            progress.advance(task)
+    info = {"format": "blendedmvs", "generator": "lite3r synthetic", "num": num, "views": views, "size": [H, W],
+            "seed": seed, "scenes": [f"scene_{k:04d}" for k in range(num)], "rendered": made,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    atomic_write_json(out / "scenes.json", info, overwrite=True)
+    con.print(f"wrote {num} scenes x {views} views ({H}x{W}) to {out} in {info['seconds']} s ({made} rendered)")
+    return info
+
+
+__all__ = ["Primitive", "Scene", "look_at", "make_scene", "make_scenes", "render_sample", "render_view",
+           "view_pairs", "write_scene"]
