@@ -83,8 +83,8 @@ def _backend(t: Tensor, op: str):
     except Exception:
         ok = False
     if choice == "triton" and not ok:
-        raise RuntimeError(f"LITE3R_BACKEND=triton but kernels.{op} is unavailable for a {t.device.type} tensor "
-                           "(triton missing, kernels not importable, or device unsupported)")
+        raise RuntimeError(f"LITE3R_BACKEND=triton but kernels.{op} is unavailable for a {t.device.type} "
+                           f"{t.dtype} tensor (triton missing, kernels not importable, or device/dtype unsupported)")
     return mod if ok else None
 
 

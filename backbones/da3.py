@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .heads_da3 import DualDPT
@@ -66,6 +67,7 @@ class DA3Config:
     ref_view_strategy: str = "saddle_balanced"
     frames_chunk_size: int | None = 8
     with_ray: bool = False  # also return the aux head's ray / ray_conf (the official net drops them)
+    grad_checkpointing: bool = False  # recompute the trunk blocks in backward (training only)
 
     def __post_init__(self):
         if self.ref_view_strategy not in REF_VIEW_STRATEGIES:
@@ -300,6 +302,13 @@ class DA3(nn.Module):
         order = None
         local_x = x
         outs = []
+        ckpt = c.grad_checkpointing and self.training and torch.is_grad_enabled()
+
+        def run(blk: nn.Module, t: Tensor, pos: Tensor) -> Tensor:
+            if ckpt:
+                return torch.utils.checkpoint.checkpoint(blk, t, pos, use_reentrant=False)
+            return blk(t, pos)
+
         for i, blk in enumerate(vit.blocks):
             if i == c.alt_start - 1 and S >= REF_SELECTION_MIN_VIEWS and cam_tokens is None:
                 order = reference_order(select_reference_view(x, c.ref_view_strategy), S)
@@ -312,9 +321,9 @@ class DA3(nn.Module):
                     cam = cam_tokens.to(x.dtype)
                 x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
             if blk.attn.scope == "global":
-                x = blk(x.reshape(B, S * N, C), pos=pos_global).reshape(B, S, N, C)
+                x = run(blk, x.reshape(B, S * N, C), pos_global).reshape(B, S, N, C)
             else:
-                x = blk(x.reshape(B * S, N, C), pos=pos_frame).reshape(B, S, N, C)
+                x = run(blk, x.reshape(B * S, N, C), pos_frame).reshape(B, S, N, C)
                 local_x = x
             if i in c.out_layers:
                 y = torch.cat((local_x, x), dim=-1)

@@ -2,23 +2,24 @@
 
     student = make_student(build_backbone("vggt-1b"), topk=0.05, fp8=True)   # QAT structure (+ trained proj_l)
     model = deploy_model(student, device="cuda")                             # FP8 W8A8 linears, bf16 rest, compiled
-    save_artifact(student_deployed, "vggt.lite3r.safetensors")               # fp8 weights + scales + config JSON
+    save_artifact(model, "vggt.lite3r.safetensors")                          # fp8 weights + scales + config JSON
     model = load_artifact("vggt.lite3r.safetensors", device="cuda")          # no QAT model, no teacher file needed
 
-What `deploy_model` does, in order:
+What `deploy_model` does, in order (run the result under bf16 autocast, as the official demos run VGGT):
 1. `lite3r.to_fp8_inference`: every FP8 fake-quant linear becomes an `FP8Linear` (float8_e4m3fn weight, fp32
    per-output-row scale; W8A8 `torch._scaled_mm` with per-token dynamic activation scales on sm90+, weight-only
    FP8 elsewhere). Fake quant is gone.
-2. Every other floating tensor goes to `dtype` (bf16), except the FP8 weights and their fp32 scales, and except the
-   modules `keep_fp32` names (by default none: the forward runs under bf16 autocast, which already computes
-   LayerNorm, softmax and the reductions in fp32; pose regression and the final DPT activations stay where the
-   backbone puts them).
-3. `torch.compile`, per repeated block (regional: fast to compile, the top-level module stays eager so hooks and
-   profiler ranges still see the heads) or of the whole model; `mode` as torch.compile takes it ("default",
-   "max-autotune-no-cudagraphs", "reduce-overhead" for CUDA graphs where shapes are static).
+2. Geometry-fragile modules (`geometry_fragile`: camera/pose head, last DPT convolution before the depth / point
+   activations) compute in fp32 with autocast off (`run_in_fp32`); every other floating tensor goes to `dtype`
+   (bf16), FP8 weights and their fp32 scales excepted. Autocast keeps LayerNorm, softmax and RoPE in fp32.
+3. SLA modules run outside autocast in one dtype (`sla_outside_autocast`), their RoPE in fp32.
+4. `torch.compile` of each repeated block (regional, static shapes: compiled once per block kind, ~20 s for
+   VGGT-1B; the heads and glue stay eager) or of the whole model; `mode` as torch.compile takes it ("default",
+   "max-autotune-no-cudagraphs", "reduce-overhead" for CUDA graphs). SLA modules stay eager inside the compiled
+   blocks unless `compile_sla=True` (the kernels did not yet compile under Inductor on the GPU).
 
-SLA modules go through the fused kernel by themselves: `lite3r.sla_attention` dispatches to `kernels` when they
-are importable and support the device (LITE3R_BACKEND=auto).
+SLA goes through the fused kernel by itself: `lite3r.sla_attention` dispatches to `kernels` when they are
+importable and support the device (LITE3R_BACKEND=auto).
 """
 from __future__ import annotations
 

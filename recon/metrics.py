@@ -57,9 +57,11 @@ def rotation_angle(R1: Tensor, R2: Tensor) -> Tensor:
 
 
 def translation_angle(t1: Tensor, t2: Tensor, eps: float = 1e-15) -> Tensor:
-    """Direction error in degrees between translations [..., 3], folded: min(theta, 180 - theta)."""
-    cos = (t1 * t2).sum(-1) / (t1.norm(dim=-1) * t2.norm(dim=-1)).clamp_min(eps)
-    theta = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
+    """Direction error in degrees between translations [..., 3], folded: min(theta, 180 - theta); a zero
+    translation gives 90 (no direction)."""
+    t1, t2 = t1.double(), t2.double()
+    theta = torch.rad2deg(torch.atan2(torch.linalg.cross(t1, t2).norm(dim=-1), (t1 * t2).sum(-1)))  # exact near 0, 180
+    theta = torch.where((t1.norm(dim=-1) > eps) & (t2.norm(dim=-1) > eps), theta, torch.full_like(theta, 90.0))
     return torch.minimum(theta, 180.0 - theta)
 
 

@@ -273,7 +273,7 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
 
         buf = _io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG" if image_format == "jpg" else "PNG",
-                                  **({"quality": 95} if image_format == "jpg" else {}))
+                                  **({"quality": 95, "subsampling": 0} if image_format == "jpg" else {}))
         atomic_write_bytes(out / "blended_images" / f"{i:08d}.{image_format}", buf.getvalue(), overwrite=overwrite)
         formats.write_pfm(out / "rendered_depth_maps" / f"{i:08d}.pfm", depth.numpy(), overwrite=overwrite)
         valid = depth[depth > 0]
@@ -284,10 +284,15 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
     return out
 
 
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
 def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: int | tuple[int, int] = 518,
-                seed: int = 0, *, overwrite: bool = False, quiet: bool = False) -> dict:
+                seed: int = 0, *, overwrite: bool = False, quiet: bool = False, workers: int | None = None) -> dict:
     """`lite3r make-scenes`: `num` scenes out/scene_{k:04d} (scene k has seed `seed + k`), with a progress bar.
-    Existing complete scenes are kept (so a killed run resumes); --overwrite re-renders them."""
+    Existing complete scenes are kept (so a killed run resumes); --overwrite re-renders them. `workers`
+    processes (default: one per CPU core) render scenes in parallel."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
@@ -302,18 +307,27 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file, expected a folder for the scenes")
     out.mkdir(parents=True, exist_ok=True)
-    t0, made = time.perf_counter(), 0
+    t0 = time.perf_counter()
+    todo = [k for k in range(num) if overwrite or not (out / f"scene_{k:04d}" / "cams" / "pair.txt").is_file()]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     con = console(quiet)
     with Progress(TextColumn("[bold blue]make-scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TimeRemainingColumn(), console=con, disable=quiet) as progress:
-        task = progress.add_task("scenes", total=num)
-        for k in range(num):
-            d = out / f"scene_{k:04d}"
-            done = (d / "cams" / "pair.txt").is_file()  # written last
-            if overwrite or not done:
-                write_scene(d, seed + k, views, (H, W), overwrite=True)
-                made += 1
-            progress.advance(task)
+        task = progress.add_task("scenes", total=num, completed=num - len(todo))
+        args = [(out / f"scene_{k:04d}", seed + k, views, (H, W)) for k in todo]  # pair.txt is written last
+        if workers == 1:
+            for a in args:
+                write_scene(*a, overwrite=True)
+                progress.advance(task)
+        else:  # one single-threaded process per core: torch's intra-op threads gain little on these small ops
+            import concurrent.futures as cf
+            import multiprocessing as mp
+
+            with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) as ex:
+                for f in cf.as_completed([ex.submit(write_scene, *a, overwrite=True) for a in args]):
+                    f.result()
+                    progress.advance(task)
+    made = len(todo)
     info = {"format": "blendedmvs", "generator": "lite3r synthetic", "num": num, "views": views, "size": [H, W],
             "seed": seed, "scenes": [f"scene_{k:04d}" for k in range(num)], "rendered": made,
             "seconds": round(time.perf_counter() - t0, 2)}

@@ -73,6 +73,7 @@ class SceneSource:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        self.cache: dict[int, dict[str, Tensor]] | None = {} if cfg.scenes else None
         self.dataset = None
         if cfg.data:
             from recon import datasets
@@ -82,6 +83,14 @@ class SceneSource:
                 raise ValueError(f"--data {cfg.data}: no {cfg.dataset} scenes found")
 
     def sample(self, seed: int) -> dict[str, Tensor]:
+        if self.cache is not None and seed in self.cache:  # a finite pool (--scenes N) is rendered / read once
+            return self.cache[seed]
+        out = self._sample(seed)
+        if self.cache is not None:
+            self.cache[seed] = out
+        return out
+
+    def _sample(self, seed: int) -> dict[str, Tensor]:
         H, W = self.cfg.res
         if self.dataset is None:
             from recon import synthetic

@@ -48,8 +48,9 @@ def test_tiny_forward_backward_shapes():
     torch.testing.assert_close(R @ R.mT, torch.eye(3).expand_as(R), atol=1e-5, rtol=0)
 
 
-def test_scopes_queryable_and_recognised_by_lite3r():
+def test_scopes_queryable_and_recognised_by_lite3r(monkeypatch):
     lite3r = pytest.importorskip("lite3r")
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")  # the PyTorch SLA reference (kernels are tested elsewhere)
     model = _tiny()
     scopes = model.attention_scopes()
     blocks = {n: s for n, s in scopes.items() if n.startswith("backbone.pretrained.blocks.")}
@@ -114,6 +115,16 @@ def test_normalize_option_and_helper():
         raw = _tiny(normalize=False)(images)
     torch.testing.assert_close(inside["depth"], outside["depth"])
     assert not torch.allclose(inside["depth"], raw["depth"])
+
+
+def test_grad_checkpointing_same_gradients():
+    images = _images(S=2, H=70, W=84)
+    grads = []
+    for ckpt in (False, True):
+        model = _tiny(grad_checkpointing=ckpt).train()
+        model(images)["depth"].mean().backward()
+        grads.append(model.backbone.pretrained.blocks[0].attn.qkv.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_frame_chunks_match_one_batch():

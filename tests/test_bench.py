@@ -7,6 +7,13 @@ from typer.testing import CliRunner
 from recon import bench
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """The PyTorch references of lite3r, not the Triton kernels through the CPU interpreter (conftest sets
+    TRITON_INTERPRET=1): these tests are about deployment and benchmarking, the kernels have their own tests."""
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")
+
+
 def test_cli_bench_tiny_on_cpu(tmp_path):
     """`lite3r bench --views 2` on CPU: tiny config, four paths, table printed, JSON with latency, ratios and errors."""
     from cli import app

@@ -10,6 +10,13 @@ import lite3r
 from recon import deploy
 
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    """The PyTorch references of lite3r, not the Triton kernels through the CPU interpreter (conftest sets
+    TRITON_INTERPRET=1): these tests are about deployment and benchmarking, the kernels have their own tests."""
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")
+
+
 def _tiny_student(topk: float = 0.25, fp8: bool = True) -> nn.Module:
     """vggt-tiny as a QAT student with non-zero proj_l, so the linear branch counts in the outputs."""
     from backbones import build_backbone
@@ -142,3 +149,20 @@ def test_cast_floating_keeps_fp8():
     dep = deploy.deploy_model(qat, dtype=torch.bfloat16, compile_mode=None)
     assert dep[0].weight.dtype == torch.float8_e4m3fn and dep[0].weight_scale.dtype == torch.float32
     assert dep[1].weight.dtype == torch.bfloat16
+
+
+def test_cli_export_writes_a_loadable_artifact(tmp_path):
+    """`lite3r export --out F` (fresh vggt-tiny student): the artifact loads with FP8Linear and SLA modules, and the
+    same path again is refused without --overwrite."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    out = tmp_path / "tiny.lite3r.safetensors"
+    result = CliRunner().invoke(app, ["export", "--out", str(out), "--topk", "0.5"])
+    assert result.exit_code == 0, result.output
+    model = deploy.load_artifact(out)
+    assert any(isinstance(m, lite3r.FP8Linear) for m in model.modules())
+    assert {m.topk for m in model.modules() if isinstance(m, lite3r.SLAAttention)} == {0.5}
+    again = CliRunner().invoke(app, ["export", "--out", str(out)])
+    assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)

@@ -75,18 +75,19 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_default_job_distillation_loss_falls(tmp_path):
-    """The embedded default (vggt-tiny, random teacher, synthetic scenes), a few dozen steps: the held-out
-    distillation loss and the training curve both fall; metrics.json, loss.png and the student are written."""
-    cfg = T.TrainConfig(steps=30, eval_scenes=2)
-    s = T.train(cfg, tmp_path / "run", quiet=True)
+    """The embedded default (vggt-tiny, random teacher, its pool of synthetic scenes), a few dozen steps: the
+    attention distillation loss falls; metrics.json (teacher and student metrics), loss.png and the student exist."""
+    s = T.train(T.TrainConfig(steps=30, eval_scenes=1), tmp_path / "run", quiet=True)
     kd = [h["kd"] for h in s["history"]]
-    assert sum(kd[-5:]) < sum(kd[:5])
-    m = s["metrics"]
-    assert m["student"]["kd"] < m["student_init"]["kd"]
+    assert sum(kd[-6:]) < 0.95 * sum(kd[:6]), kd
     out = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert out["trainable_params"] < out["total_params"] and "teacher" in out["metrics"]
+    assert out["trainable_params"] < out["total_params"]
+    assert {"teacher", "student_init", "student"} <= set(out["metrics"])
+    assert "abs_rel" in out["metrics"]["teacher"] and "kd" in out["metrics"]["student"]
     assert (tmp_path / "run" / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "run" / "student.safetensors").is_file()
 
 
 def test_resume_after_interruption_reproduces_the_loss_curve(tmp_path):
