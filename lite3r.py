@@ -76,6 +76,8 @@ def _backend(t: Tensor, op: str):
         return None
     if choice not in ("auto", "triton"):
         raise ValueError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
+    if choice == "auto" and t.device.type != "cuda":  # the Triton interpreter is for testing, never picked by itself
+        return None
     mod = _kernels()
     try:  # the kernels take fp32/fp16/bf16; fp64 (gradcheck) stays on the reference
         ok = (mod is not None and bool(mod.AVAILABLE) and hasattr(mod, op) and t.dtype in _KERNEL_DTYPES
@@ -208,6 +210,17 @@ def sla_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
             _linear_reference(q, k, v, feature_map))
 
 
+def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # Under autocast the q/k norms and RoPE return fp32 while v comes out of the qkv GEMM in bf16; SDPA casts all
+    # three to the autocast dtype, and so do we. Outside autocast, mixed dtypes are a caller's mistake.
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
+    if torch.is_autocast_enabled(q.device.type):
+        dtype = torch.get_autocast_dtype(q.device.type)
+        return q.to(dtype), k.to(dtype), v.to(dtype)
+    raise ValueError(f"q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
 @typed
 def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
                   topk: float | int, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
@@ -220,10 +233,12 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     """
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    q, k, v = _common_dtype(q, k, v)
     kern = _backend(q, "sla_branches")
     if kern is not None:
-        o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
-                                     feature_map=feature_map)
+        with torch.autocast(q.device.type, enabled=False):  # the kernels keep their own fp32 state
+            o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
+                                         feature_map=feature_map)
         return o_s if proj_l is None else o_s + proj_l(o_l).to(o_s.dtype)
     lut = _block_map(q, k, float(topk), block_q, block_k)
     o_s = _sparse_reference(q, k, v, lut, block_q, block_k)

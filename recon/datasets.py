@@ -263,11 +263,11 @@ def scan_dtu64(root: str | os.PathLike, scans=DTU64_SCANS) -> list[SceneFiles]:
     cams = base / "Cameras"
     if not cams.is_dir():
         raise FileNotFoundError(f"{base}: no Cameras/ folder (expected DTU64 layout dtu64/Cameras, dtu64/scanN/image)")
-    scenes = []
+    scenes, missing = [], []
     for n in scans:
         img_dir = base / f"scan{n}" / "image"
         if not img_dir.is_dir():
-            warnings.warn(f"{img_dir}: missing DTU64 scan, skipped", stacklevel=2)
+            missing.append(f"scan{n}")
             continue
         views = []
         for p in sorted(img_dir.iterdir()):
@@ -279,6 +279,8 @@ def scan_dtu64(root: str | os.PathLike, scans=DTU64_SCANS) -> list[SceneFiles]:
             scenes.append(SceneFiles(f"scan{n}", tuple(views), None, needs_depth=False))
     if not scenes:
         raise ValueError(f"{base}: no DTU64 scans with images (scan{{N}}/image/*.png)")
+    if missing:
+        warnings.warn(f"{base}: {len(missing)} DTU64 scans missing, skipped: {' '.join(missing)}", stacklevel=2)
     return scenes
 
 

@@ -95,20 +95,22 @@ def test_loader_resize_and_normalize(tmp_path):
 
 def test_bad_files_are_skipped_with_a_warning_naming_them(tmp_path):
     d, _ = _scene(tmp_path, views=6)
-    (d / "rendered_depth_maps" / "00000001.pfm").write_bytes(b"Pf\n56 56\n-1.0\n\0\0")  # truncated
-    (d / "blended_images" / "00000002.jpg").write_bytes(b"not a jpeg")
-    formats.write_pfm(d / "rendered_depth_maps" / "00000003.pfm", np.zeros((56, 56)), overwrite=True)  # empty
-    cam = formats.read_cam(d / "cams" / "00000004_cam.txt")
-    formats.write_cam(d / "cams" / "00000004_cam.txt", cam.extrinsic, cam.intrinsic, (0.0, 1.0), overwrite=True)
+    (d / "rendered_depth_maps" / "00000000.pfm").write_bytes(b"Pf\n56 56\n-1.0\n\0\0")  # truncated
+    (d / "blended_images" / "00000001.jpg").write_bytes(b"not a jpeg")
+    formats.write_pfm(d / "rendered_depth_maps" / "00000002.pfm", np.zeros((56, 56)), overwrite=True)  # empty
+    cam = formats.read_cam(d / "cams" / "00000003_cam.txt")
+    formats.write_cam(d / "cams" / "00000003_cam.txt", cam.extrinsic, cam.intrinsic, (0.0, 1.0), overwrite=True)
     (d / "blended_images" / "00000000_masked.jpg").write_bytes(b"ignored")
     ds = datasets.open_dataset("blendedmvs", tmp_path, size=56)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         s = ds.sample(0, views=2)
     msgs = " | ".join(str(x.message) for x in w)
-    for name in ("00000001.pfm", "00000002.jpg", "00000003.pfm", "00000004_cam.txt"):
+    for name in ("00000000.pfm: truncated", "00000001.jpg: cannot read", "00000002.pfm: empty depth",
+                 "00000003_cam.txt: depth_min 0.0 <= 0"):
         assert name in msgs, (name, msgs)
-    assert [n.split("/")[-1] for n in s["names"]] == ["00000000.jpg", "00000005.jpg"]
+    # evenly spaced views 0 and 5 first; 0 is unusable, so the next usable one (4) replaces it
+    assert [n.split("/")[-1] for n in s["names"]] == ["00000005.jpg", "00000004.jpg"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="scene_0000: only 2 usable views of 6, 3 asked"):
