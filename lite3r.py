@@ -56,6 +56,7 @@ def typed(fn):
 # ------------------------------------------------------------------------------------------ kernels dispatch
 _KERNELS: list = []  # [module or None] once the lazy import was tried
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_AUTO_DEVICES = ("cuda",)  # where LITE3R_BACKEND=auto uses the kernels; "triton" forces them anywhere they run
 
 
 def _kernels():
@@ -76,7 +77,7 @@ def _backend(t: Tensor, op: str):
         return None
     if choice not in ("auto", "triton"):
         raise ValueError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
-    if choice == "auto" and t.device.type != "cuda":  # the Triton interpreter is for testing, never picked by itself
+    if choice == "auto" and t.device.type not in _AUTO_DEVICES:  # the Triton interpreter is never picked by itself
         return None
     mod = _kernels()
     try:  # the kernels take fp32/fp16/bf16; fp64 (gradcheck) stays on the reference

@@ -61,7 +61,8 @@ def confidence_threshold(conf: Tensor, percentile: float) -> float:
     finite = conf[torch.isfinite(conf)].double()
     if finite.numel() == 0 or percentile == 0:
         return float("-inf")
-    return float(torch.quantile(finite.flatten()[:16_000_000], percentile / 100.0))
+    step = -(-finite.numel() // 16_000_000)  # torch.quantile takes at most 2**24 values: an even subsample
+    return float(torch.quantile(finite.flatten()[::step], percentile / 100.0))
 
 
 def point_cloud(images: Tensor, cams: dict[str, Tensor], conf_percentile: float = 50.0
@@ -251,7 +252,8 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                                          f"{tuple(images.shape[-2:])} px"))
         con.print(rich_table([{"views": len(files), "points kept": summary["points_kept"],
                                "of": summary["points_total"], "conf threshold": thr,
-                               "time (s)": times["total_s"], "forward (s)": times["forward_s"], "out": str(out)}]))
+                               "time (s)": times["total_s"], "forward (s)": times["forward_s"]}]))
+        con.print(f"wrote {out}" + (f" and {json_path}" if json_path is not None else ""))
     return summary
 
 

@@ -15,6 +15,7 @@ invalid, a sky gradient in the image.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 from pathlib import Path
@@ -205,12 +206,26 @@ def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
     best = torch.full((H * W,), math.inf)
     hit = torch.full((H * W,), -1, dtype=torch.int64)
     normal = torch.zeros(H * W, 3)
+    dd = (d * d).sum(-1)
     for k, p in enumerate(scene.primitives):
-        tk, nk = intersect(p, o, d)
-        closer = tk < best
-        best = torch.where(closer, tk, best)
-        hit = torch.where(closer, torch.full_like(hit, k), hit)
-        normal = torch.where(closer[:, None], nk, normal)
+        if p.kind == "plane":
+            idx = None
+        else:  # only the rays that meet the primitive's bounding sphere
+            oc = o - torch.tensor(p.center)
+            b = d @ oc
+            idx = (b * b - dd * (oc @ oc - float(np.linalg.norm(p.size)) ** 2) >= 0).nonzero().squeeze(1)
+            if idx.numel() == 0:
+                continue
+        tk, nk = intersect(p, o, d if idx is None else d[idx])
+        if idx is None:
+            closer = tk < best
+            best = torch.where(closer, tk, best)
+            hit = torch.where(closer, torch.full_like(hit, k), hit)
+            normal = torch.where(closer[:, None], nk, normal)
+        else:
+            closer = tk < best[idx]
+            sel = idx[closer]
+            best[sel], hit[sel], normal[sel] = tk[closer], k, nk[closer]
     x = o + best.clamp_max(1e9)[:, None] * d
     light = torch.tensor(scene.light)
     shade = AMBIENT + (1 - AMBIENT) * (normal @ light).clamp_min(0)
@@ -269,9 +284,7 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
     for i in range(views):
         img, depth = render_view(scene, i)
         arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        import io as _io
-
-        buf = _io.BytesIO()
+        buf = io.BytesIO()
         Image.fromarray(arr).save(buf, format="JPEG" if image_format == "jpg" else "PNG",
                                   **({"quality": 95, "subsampling": 0} if image_format == "jpg" else {}))
         atomic_write_bytes(out / "blended_images" / f"{i:08d}.{image_format}", buf.getvalue(), overwrite=overwrite)

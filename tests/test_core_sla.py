@@ -225,6 +225,7 @@ def _fake_kernels(available=True, supports=True, calls=None):
                                                        (True, False, False), (True, "raise", False)])
 def test_auto_dispatch_guards(monkeypatch, available, supports, used):
     monkeypatch.setenv("LITE3R_BACKEND", "auto")
+    monkeypatch.setattr(lite3r, "_AUTO_DEVICES", ("cpu", "cuda"))  # pretend CPU is a kernel device
     fake, calls = _fake_kernels(available, supports)
     monkeypatch.setattr(lite3r, "_KERNELS", [fake])
     q, k, v = _qkv((1, 1, 20, 4), torch.float32)
@@ -237,6 +238,18 @@ def test_auto_dispatch_guards(monkeypatch, available, supports, used):
     else:
         torch.testing.assert_close(o, lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8,
                                                            feature_map="relu", proj_l=proj_l))
+
+
+def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
+    monkeypatch.setenv("LITE3R_BACKEND", "auto")
+    fake, calls = _fake_kernels(True, True)
+    monkeypatch.setattr(lite3r, "_KERNELS", [fake])
+    q, k, v = _qkv((1, 1, 20, 4), torch.float32)
+    lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8)
+    assert calls == []
+    monkeypatch.setenv("LITE3R_BACKEND", "triton")  # forcing still reaches the kernels on CPU
+    lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8)
+    assert len(calls) == 1
 
 
 def test_backend_env(monkeypatch):
@@ -271,6 +284,7 @@ def test_argument_errors():
 def test_auto_dispatch_dtype_and_fp8(monkeypatch):
     """fp64 never goes to the kernels (they take fp32/fp16/bf16); fp8_fake_quant / fp8_quantize dispatch too."""
     monkeypatch.setenv("LITE3R_BACKEND", "auto")
+    monkeypatch.setattr(lite3r, "_AUTO_DEVICES", ("cpu", "cuda"))  # pretend CPU is a kernel device
     fake, calls = _fake_kernels()
     fake.fp8_fake_quant = lambda x, *, axis: calls.append(("fq", axis)) or x
     fake.fp8_quantize = lambda x, *, axis: calls.append(("q", axis)) or (x, x)

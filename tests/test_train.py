@@ -78,10 +78,11 @@ def test_activation_checkpointing_gives_the_same_gradients():
 @pytest.mark.slow
 def test_default_job_distillation_loss_falls(tmp_path):
     """The embedded default (vggt-tiny, random teacher, its pool of synthetic scenes), a few dozen steps: the
-    attention distillation loss falls; metrics.json (teacher and student metrics), loss.png and the student exist."""
-    s = T.train(T.TrainConfig(steps=30, eval_scenes=1), tmp_path / "run", quiet=True)
-    kd = [h["kd"] for h in s["history"]]
-    assert sum(kd[-6:]) < 0.95 * sum(kd[:6]), kd
+    attention distillation loss on held-out scenes falls; metrics.json (teacher and student metrics), loss.png and
+    the student exist."""
+    s = T.train(T.TrainConfig(steps=30, eval_scenes=2), tmp_path / "run", quiet=True)
+    m = s["metrics"]
+    assert m["student"]["kd"] < 0.97 * m["student_init"]["kd"], m  # held-out scenes (measured: 0.819 -> 0.758)
     out = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert out["trainable_params"] < out["total_params"]
     assert {"teacher", "student_init", "student"} <= set(out["metrics"])
