@@ -32,6 +32,10 @@ def ensure_writable(path: str | os.PathLike, overwrite: bool = False, *, flag: s
     return path
 
 
+_UMASK = os.umask(0o22)
+os.umask(_UMASK)  # read once: os.umask can only be read by setting it
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, suffix: str | None = None) -> Iterator[Path]:
     """Yields a temporary path beside `path` (same suffix, so format-sniffing writers work); on success it is
@@ -47,6 +51,7 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, suffix: str
             raise FileNotFoundError(f"{path}: the writer produced no file")
         if not overwrite and path.exists():  # appeared while we wrote
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode a plain open() would give
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
+
 
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
@@ -57,62 +59,9 @@ class LossWeights:
 
 
 # ------------------------------------------------------------------------------------------------ camera geometry
-def mat_to_quat(R: Tensor) -> Tensor:
-    """Rotation matrices [..., 3, 3] -> unit quaternions [..., 4], xyzw (scalar last), real part >= 0."""
-    m = R.reshape(R.shape[:-2] + (9,))
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.unbind(-1)
-    q_abs = torch.stack([1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22], -1)
-    q_abs = torch.sqrt(q_abs.clamp_min(1e-12))
-    # candidates (r, i, j, k) scaled by each of r, i, j, k; take the best-conditioned one
-    cand = torch.stack(
-        [
-            torch.stack([q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01], -1),
-            torch.stack([m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20], -1),
-            torch.stack([m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21], -1),
-            torch.stack([m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2], -1),
-        ],
-        -2,
-    ) / (2 * q_abs[..., None].clamp_min(0.1))
-    best = q_abs.argmax(-1)[..., None, None].expand(*q_abs.shape[:-1], 1, 4)
-    q = cand.gather(-2, best).squeeze(-2)[..., [1, 2, 3, 0]]  # rijk -> ijkr
-    return torch.where(q[..., 3:] < 0, -q, q)
-
-
-def quat_to_mat(q: Tensor) -> Tensor:
-    """Quaternions [..., 4] xyzw -> rotation matrices [..., 3, 3] (normalises q)."""
-    i, j, k, r = q.unbind(-1)
-    two_s = 2.0 / (q * q).sum(-1)
-    o = torch.stack(
-        [
-            1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
-            two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
-            two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
-        ],
-        -1,
-    )
-    return o.reshape(q.shape[:-1] + (3, 3))
-
-
-def pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
-    """VGGT's "absT_quaR_FoV": extrinsics [B,S,3,4] (w2c) + intrinsics [B,S,3,3] -> [B,S,9] = t, quat xyzw, fov_h, fov_w."""
-    H, W = image_hw
-    t = extrinsics[..., :3, 3]
-    quat = mat_to_quat(extrinsics[..., :3, :3])
-    fov_h = 2 * torch.atan((H / 2) / intrinsics[..., 1, 1])
-    fov_w = 2 * torch.atan((W / 2) / intrinsics[..., 0, 0])
-    return torch.cat([t, quat, fov_h[..., None], fov_w[..., None]], -1).float()
-
-
-def pose_decoding(enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """Inverse of `pose_encoding`: [B,S,9] -> extrinsics [B,S,3,4], intrinsics [B,S,3,3] (principal point centred)."""
-    H, W = image_hw
-    R = quat_to_mat(enc[..., 3:7])
-    extrinsics = torch.cat([R, enc[..., :3, None]], -1)
-    fy = (H / 2) / torch.tan(enc[..., 7] / 2)
-    fx = (W / 2) / torch.tan(enc[..., 8] / 2)
-    K = torch.zeros(enc.shape[:-1] + (3, 3), dtype=enc.dtype, device=enc.device)
-    K[..., 0, 0], K[..., 1, 1], K[..., 0, 2], K[..., 1, 2], K[..., 2, 2] = fx, fy, W / 2, H / 2, 1.0
-    return extrinsics, K
+# One implementation of VGGT's pose encoding ("absT_quaR_FoV"), the backbone's; named here as the losses use it.
+pose_encoding = extri_intri_to_pose_encoding
+pose_decoding = pose_encoding_to_extri_intri
 
 
 def se3_inverse(E: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from recon import train as T
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = dict(res=(56, 70), views=2, batch=2, steps=4, ckpt_every=2, eval_scenes=1, warmup=1)
+SMALL = dict(res=(56, 70), views=2, batch=2, steps=4, ckpt_every=2, eval_scenes=1, warmup=1, scenes=3)
 
 
 @pytest.fixture(autouse=True)
