@@ -524,7 +524,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
         saved = RunDir(out).prepare(resume=True, overwrite=False)
     if saved is not None:
         cfg = _resume_config(TrainConfig.from_json(saved["config"]), cfg, explicit)
-    console = _console(quiet or not d.main)
+    from recon.io import console as make_console
+
+    console = make_console(quiet or not d.main)
     qat = QAT(cfg, d)
     if d.main:
         from recon.io import atomic_write_text
@@ -631,12 +633,6 @@ def _finish(qat: QAT, cfg: TrainConfig, run: RunDir, history: list[dict], init_m
 
 
 # -------------------------------------------------------------------------------------------- presentation
-def _console(quiet: bool):
-    from rich.console import Console
-
-    return Console(quiet=quiet, highlight=False)
-
-
 def _fmt_terms(terms: dict[str, float]) -> str:
     keys = [k for k in ("loss", "task", "kd", "camera", "depth", "point") if k in terms]
     return " ".join(f"{k} {terms[k]:.4g}" for k in keys)
