@@ -83,26 +83,28 @@ def grid_pos_embed(x: Tensor, image_hw: tuple[int, int], ratio: float = 0.1) -> 
 
 
 class ResidualConvUnit(nn.Module):
-    """relu(x) + conv2(relu(conv1(relu(x)))) (see the module docstring for why the skip is relu(x))."""
+    """skip + conv2(relu(conv1(relu(x)))) with skip = relu(x) for VGGT (see the module docstring for why) and
+    skip = x for DA3 (`relu_skip=False`: its ReLU is not in place)."""
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, *, relu_skip: bool = True) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(features, features, 3, padding=1)
         self.conv2 = nn.Conv2d(features, features, 3, padding=1)
+        self.relu_skip = relu_skip
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(x)
-        return x + self.conv2(F.relu(self.conv1(x)))
+        h = F.relu(x)
+        return (h if self.relu_skip else x) + self.conv2(F.relu(self.conv1(h)))
 
 
 class FeatureFusionBlock(nn.Module):
     """(x0 [+ rcu1(x1)]) -> rcu2 -> bilinear resize (align_corners) -> 1x1 out_conv."""
 
-    def __init__(self, features: int, has_residual: bool = True) -> None:
+    def __init__(self, features: int, has_residual: bool = True, *, relu_skip: bool = True) -> None:
         super().__init__()
         self.out_conv = nn.Conv2d(features, features, 1)
-        self.resConfUnit1 = ResidualConvUnit(features) if has_residual else None
-        self.resConfUnit2 = ResidualConvUnit(features)
+        self.resConfUnit1 = ResidualConvUnit(features, relu_skip=relu_skip) if has_residual else None
+        self.resConfUnit2 = ResidualConvUnit(features, relu_skip=relu_skip)
 
     def forward(self, x: Tensor, skip: Tensor | None = None, size: Sequence[int] | None = None) -> Tensor:
         if self.resConfUnit1 is not None and skip is not None:

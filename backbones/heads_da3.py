@@ -24,27 +24,6 @@ from torch import Tensor, nn
 from .heads import FeatureFusionBlock, interpolate_chunked, make_resize_layers, make_scratch, uv_grid
 
 
-class ResidualConvUnit(nn.Module):
-    """x + conv2(relu(conv1(relu(x)))) (DA3: the ReLU is not in place, the skip is x)."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(features, features, 3, padding=1)
-        self.conv2 = nn.Conv2d(features, features, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
-
-
-class FusionBlock(FeatureFusionBlock):
-    """heads.FeatureFusionBlock (rcu1 on the skip, rcu2, bilinear resize, 1x1 out_conv) with DA3's conv units."""
-
-    def __init__(self, features: int, has_residual: bool = True) -> None:
-        super().__init__(features, has_residual)
-        self.resConfUnit1 = ResidualConvUnit(features) if has_residual else None
-        self.resConfUnit2 = ResidualConvUnit(features)
-
-
 class Permute(nn.Module):
     def __init__(self, dims: tuple[int, ...]) -> None:
         super().__init__()
@@ -93,7 +72,8 @@ class DualDPT(nn.Module):
         sc = self.scratch = make_scratch(out_channels, features)
         for suffix in ("", "_aux"):
             for k in (1, 2, 3, 4):
-                sc.add_module(f"refinenet{k}{suffix}", FusionBlock(features, has_residual=k != 4))
+                block = FeatureFusionBlock(features, has_residual=k != 4, relu_skip=False)
+                sc.add_module(f"refinenet{k}{suffix}", block)
         sc.output_conv1 = nn.Conv2d(features, features // 2, 3, padding=1)
         sc.output_conv2 = nn.Sequential(
             nn.Conv2d(features // 2, head_features_2, 3, padding=1), nn.ReLU(), nn.Conv2d(head_features_2, 2, 1)
