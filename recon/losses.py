@@ -22,8 +22,6 @@ batch split over DDP ranks gives exactly the gradient of the whole batch.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -32,30 +30,7 @@ from torch import Tensor
 from backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
 
 
-@dataclasses.dataclass(frozen=True)
-class LossWeights:
-    """Weights of the task loss terms (defaults: the official VGGT training config)."""
-
-    camera: float = 5.0
-    depth: float = 1.0
-    point: float = 1.0
-    trans: float = 1.0
-    rot: float = 1.0
-    focal: float = 0.5
-    camera_gamma: float = 0.6  # decay over the camera head's refinement iterations
-    conf_gamma: float = 1.0
-    conf_alpha: float = 0.2  # weight of -log(conf)
-    grad_scales: int = 3
-    valid_range: float = 0.98  # per-sample quantile above which pixel errors are dropped (<= 0: keep all)
-    min_valid: int = 16  # frames / samples with fewer valid pixels are skipped (VGGT uses 100 at 518 px)
-
-    def __post_init__(self):
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"loss weight {f.name} must be finite, got {v}")
-        if self.conf_alpha < 0 or self.grad_scales < 0:
-            raise ValueError("conf_alpha and grad_scales must be non-negative")
+from recon.train_config import LossWeights  # noqa: E402,F401  (torch-free: TrainConfig takes its defaults)
 
 
 # ------------------------------------------------------------------------------------------------ camera geometry

@@ -12,6 +12,32 @@ RESUMABLE = ("steps", "ckpt_every", "eval_scenes")  # may change on --resume; ev
 
 
 @dataclasses.dataclass(frozen=True)
+class LossWeights:
+    """Weights of the task loss terms (defaults: the official VGGT training config)."""
+
+    camera: float = 5.0
+    depth: float = 1.0
+    point: float = 1.0
+    trans: float = 1.0
+    rot: float = 1.0
+    focal: float = 0.5
+    camera_gamma: float = 0.6  # decay over the camera head's refinement iterations
+    conf_gamma: float = 1.0
+    conf_alpha: float = 0.2  # weight of -log(conf)
+    grad_scales: int = 3
+    valid_range: float = 0.98  # per-sample quantile above which pixel errors are dropped (<= 0: keep all)
+    min_valid: int = 16  # frames / samples with fewer valid pixels are skipped (VGGT uses 100 at 518 px)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"loss weight {f.name} must be finite, got {v}")
+        if self.conf_alpha < 0 or self.grad_scales < 0:
+            raise ValueError("conf_alpha and grad_scales must be non-negative")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run. Saved with every checkpoint; the CLI overrides fields by name."""
 
@@ -42,9 +68,9 @@ class TrainConfig:
     feature_map: str = "softmax"  # softmax | elu | relu
     fp8: bool = True  # FP8 fake quant on the linears
     grad_ckpt: bool = False  # activation checkpointing per transformer block of the student
-    w_camera: float = 5.0
-    w_depth: float = 1.0
-    w_point: float = 1.0
+    w_camera: float = LossWeights.camera  # the task-loss weights the CLI exposes; the rest stay LossWeights'
+    w_depth: float = LossWeights.depth
+    w_point: float = LossWeights.point
     seed: int = 0
     ckpt_every: int = 20
     eval_scenes: int = 4
