@@ -22,15 +22,12 @@ batch split over DDP ranks gives exactly the gradient of the whole batch.
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
-
-
-from recon.train_config import LossWeights  # noqa: E402,F401  (torch-free: TrainConfig takes its defaults)
+from recon.train_config import LossWeights  # noqa: F401  (torch-free: TrainConfig takes its defaults from it)
 
 
 # ------------------------------------------------------------------------------------------------ camera geometry
