@@ -50,19 +50,20 @@ def compose(A: Tensor, B: Tensor) -> Tensor:
 
 
 def unproject_depth(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
-    """Depth [B,S,H,W] + cameras -> world points [B,S,H,W,3] (pixel centres at integer coordinates, as VGGT)."""
-    B, S, H, W = depth.shape
-    v, u = torch.meshgrid(
-        torch.arange(H, device=depth.device, dtype=depth.dtype),
-        torch.arange(W, device=depth.device, dtype=depth.dtype),
-        indexing="ij",
-    )
+    """World points [..., H, W, 3] of depth maps [..., H, W] seen by w2c OpenCV cameras `extrinsics` [..., 3, 4]
+    (x_cam = R x_world + t) with pixel `intrinsics` [..., 3, 3] (skew honoured), in depth's dtype and
+    differentiable. Pixel centres at integer coordinates, as VGGT: (v, u) -> depth * K^-1 [u, v, 1] -> R^T (x - t)."""
+    H, W = depth.shape[-2:]
     K = intrinsics.to(depth.dtype)
+    R, t = extrinsics.to(depth.dtype)[..., :3, :3], extrinsics.to(depth.dtype)[..., :3, 3]
+    v, u = torch.meshgrid(torch.arange(H, device=depth.device, dtype=depth.dtype),
+                          torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
     fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
-    cx, cy = K[..., 0, 2, None, None], K[..., 1, 2, None, None]
-    cam = torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], -1)  # [B,S,H,W,3]
-    c2w = se3_inverse(extrinsics.to(depth.dtype))  # [B,S,3,4]
-    return torch.einsum("bsij,bshwj->bshwi", c2w[..., :3, :3], cam) + c2w[..., None, None, :3, 3]
+    cx, cy, skew = K[..., 0, 2, None, None], K[..., 1, 2, None, None], K[..., 0, 1, None, None]
+    y = (v - cy) / fy
+    x = (u - cx - skew * y) / fx
+    cam = torch.stack([x * depth, y * depth, depth], dim=-1)  # [..., H, W, 3]
+    return torch.einsum("...ji,...hwj->...hwi", R, cam - t[..., None, None, :])
 
 
 @torch.no_grad()

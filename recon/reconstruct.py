@@ -29,23 +29,11 @@ FORMATS = (".ply", ".glb")
 
 # ------------------------------------------------------------------------------------------------ geometry
 def unproject(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
-    """World points [..., H, W, 3] of depth maps [..., H, W] seen by cameras with w2c OpenCV `extrinsics`
-    [..., 3, 4] (x_cam = R x_world + t) and pixel `intrinsics` [..., 3, 3]; computed in float64, returned float32.
+    """`recon.losses.unproject_depth` computed in float64 (large scenes, far points), returned float32:
+    depth [..., H, W], w2c `extrinsics` [..., 3, 4], `intrinsics` [..., 3, 3] -> world points [..., H, W, 3]."""
+    from recon.losses import unproject_depth
 
-    Pixel (v, u) -> camera point depth * K^-1 [u, v, 1] -> world point R^T (x_cam - t)."""
-    H, W = depth.shape[-2:]
-    d = depth.double()
-    K = intrinsics.double()
-    R, t = extrinsics.double()[..., :3, :3], extrinsics.double()[..., :3, 3]
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64, device=d.device),
-                          torch.arange(W, dtype=torch.float64, device=d.device), indexing="ij")
-    fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
-    cx, cy, skew = K[..., 0, 2, None, None], K[..., 1, 2, None, None], K[..., 0, 1, None, None]
-    y = (v - cy) / fy
-    x = (u - cx - skew * y) / fx
-    cam = torch.stack([x * d, y * d, d], dim=-1)  # [..., H, W, 3]
-    world = torch.einsum("...ji,...hwj->...hwi", R, cam - t[..., None, None, :])  # R^T (x - t)
-    return world.float()
+    return unproject_depth(depth.double(), extrinsics.double(), intrinsics.double()).float()
 
 
 def camera_centers(extrinsics: Tensor) -> Tensor:
