@@ -52,6 +52,8 @@ def bench(
                                                "eager bf16 with all vs only the head layers kept)")] = "a,b,c,d",
     compile_mode: Annotated[str, typer.Option(help="torch.compile mode for (b)-(d): default, "
                                                    "max-autotune-no-cudagraphs, reduce-overhead, or none")] = "default",
+    compile_sla: Annotated[bool, typer.Option("--compile-sla/--eager-sla", help="trace the SLA kernels into the compiled blocks (--eager-sla: "
+                                                   "run them eagerly inside them)")] = True,
     backbone: Annotated[Optional[str], typer.Option(help="backbone name instead of the family default "
                                                          "(e.g. vggt-tiny on a GPU)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
@@ -68,7 +70,7 @@ def bench(
         model=backbone or (target.value if target in (BenchTarget.vggt, BenchTarget.da3) else "vggt"),
         views=_bench.parse_views(views), res=res, topk=topk, repeats=repeats, warmup=warmup,
         variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
-        compile_mode=None if compile_mode == "none" else compile_mode,
+        compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
         weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
     _bench.main(target.value if target in (BenchTarget.kernels, BenchTarget.attention) else "model", cfg,
                 json_path=json_out, plot_path=plot, profile=profile, overwrite=overwrite)

@@ -202,19 +202,21 @@ class DPTHead(nn.Module):
         step = S if not frames_chunk_size or frames_chunk_size >= S else frames_chunk_size
         values, confs = [], []
         for s0 in range(0, S, step):
-            v, c = self._forward_frames(tokens, image_hw, patch_start_idx, s0, min(s0 + step, S))
+            chunk = [tokens[layer][:, s0:s0 + step, patch_start_idx:] for layer in self.intermediate_layer_idx]
+            v, c = self.forward_frames(chunk, image_hw)
             values.append(v)
             confs.append(c)
         if len(values) == 1:
             return values[0], confs[0]
         return torch.cat(values, dim=1), torch.cat(confs, dim=1)
 
-    def _forward_frames(self, tokens, image_hw, patch_start_idx: int, s0: int, s1: int) -> tuple[Tensor, Tensor]:
+    def forward_frames(self, chunk: list[Tensor], image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """One chunk of frames: the patch tokens [B, s, N_patch, dim_in] of each intermediate layer. Every chunk has
+        the same shapes (but the last), so a compiled forward_frames is one graph (`recon.deploy.compile_model`)."""
         H, W = image_hw
         ph, pw = H // self.patch_size, W // self.patch_size
         feats = []
-        for level, layer in enumerate(self.intermediate_layer_idx):
-            x = tokens[layer][:, s0:s1, patch_start_idx:]  # [B, s, N_patch, dim_in]
+        for level, x in enumerate(chunk):
             B, s = x.shape[:2]
             x = self.norm(x.reshape(B * s, -1, x.shape[-1]).to(self.norm.weight.dtype))
             x = x.permute(0, 2, 1).reshape(B * s, -1, ph, pw)

@@ -105,11 +105,11 @@ class DualDPT(nn.Module):
         B, S = feats[0].shape[:2]
         flat = [f.reshape(B * S, *f.shape[2:]) for f in feats]
         step = B * S if not frames_chunk_size or frames_chunk_size >= B * S else frames_chunk_size
-        parts = [self._forward_frames([f[s0:s0 + step] for f in flat], image_hw, with_ray)
+        parts = [self.forward_frames([f[s0:s0 + step] for f in flat], image_hw, with_ray)
                  for s0 in range(0, B * S, step)]
         return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}
 
-    def _forward_frames(self, feats: list[Tensor], image_hw: tuple[int, int], with_ray: bool) -> dict[str, Tensor]:
+    def forward_frames(self, feats: list[Tensor], image_hw: tuple[int, int], with_ray: bool) -> dict[str, Tensor]:
         H, W = image_hw
         ph, pw = H // self.patch_size, W // self.patch_size
         levels = []

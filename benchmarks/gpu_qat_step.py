@@ -4,8 +4,9 @@
 ../shared/reference into the git-ignored .cache/gputrain/ and carry it, then on the GPU machine, from the repo root:
     LITE3R_RECIPE_DIR=.cache/gputrain LITE3R_TYPECHECK=0 python benchmarks/gpu_qat_step.py OUT.json
 QAT_TINY=1 runs the same script on CPU with the tiny model (a dry run)."""
-import json, os, sys, time, traceback
+import faulthandler, json, os, sys, time, traceback
 import torch
+faulthandler.dump_traceback_later(60, repeat=True)  # a stack every minute: where a slow step spends its time
 HERE = os.environ.get("LITE3R_RECIPE_DIR", ".cache/gputrain")
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.getcwd())

@@ -52,6 +52,7 @@ class BenchConfig:
     warmup: int | None = None  # None: 2 on CUDA (compile, then autotune / CUDA-graph capture), 1 on CPU
     variants: tuple[str, ...] = ("a", "b", "c", "d")
     compile_mode: str | None = "default"  # None: eager; else a torch.compile mode
+    compile_sla: bool = True  # SLA kernels traced into the compiled blocks (False: eager inside them)
     weights: str | None = None  # dense checkpoint for the teacher (random weights when absent)
     student: str | None = None  # student.safetensors (trained proj_l) for (c) and (d)
     device: str | None = None  # None: cuda when available, else cpu
@@ -174,7 +175,8 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
         model = load_student(cfg.student, model)
     elif variant in ("c", "d"):
         model = deploy.make_student(model, topk=cfg.topk, fp8=variant == "d", student=cfg.student)
-    return deploy.deploy_model(model, device=device, dtype=compute_dtype(device), compile_mode=compile_mode)
+    return deploy.deploy_model(model, device=device, dtype=compute_dtype(device), compile_mode=compile_mode,
+                               compile_sla=cfg.compile_sla)
 
 
 def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tensor]:

@@ -12,14 +12,14 @@ What `deploy_model` does, in order (run the result under bf16 autocast, as the o
 2. Geometry-fragile modules (`geometry_fragile`: camera/pose head, last DPT convolution before the depth / point
    activations) compute in fp32 with autocast off (`run_in_fp32`); every other floating tensor goes to `dtype`
    (bf16), FP8 weights and their fp32 scales excepted. Autocast keeps LayerNorm, softmax and RoPE in fp32.
-3. SLA modules run outside autocast in one dtype (`sla_outside_autocast`), their RoPE in fp32.
-4. `torch.compile` of each repeated block (regional, static shapes: compiled once per block kind, ~20 s for
-   VGGT-1B; the heads and glue stay eager) or of the whole model; `mode` as torch.compile takes it ("default",
-   "max-autotune-no-cudagraphs", "reduce-overhead" for CUDA graphs). SLA modules stay eager inside the compiled
-   blocks unless `compile_sla=True` (the kernels did not yet compile under Inductor on the GPU).
+3. `torch.compile` of each repeated block and of each DPT head's per-chunk forward (regional, static shapes:
+   compiled once per block kind and chunk size; the glue stays eager) or of the whole model; `mode` as torch.compile takes it ("default",
+   "max-autotune-no-cudagraphs", "reduce-overhead" for CUDA graphs). The SLA kernels are torch.library ops, so
+   they trace into the compiled blocks (`compile_sla=False` keeps them eager instead).
 
 SLA goes through the fused kernel by itself: `lite3r.sla_attention` dispatches to `kernels` when they are
-importable and support the device (LITE3R_BACKEND=auto).
+importable and support the device (LITE3R_BACKEND=auto) and, like SDPA under autocast, casts q/k (fp32 out of the
+q/k LayerNorm and RoPE) and v to the autocast dtype.
 """
 from __future__ import annotations
 
@@ -142,67 +142,55 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_regions(model: nn.Module) -> list[nn.Module]:
-    """What regional compilation compiles: the repeated blocks (`repeated_blocks`). Blocks of one class share their
-    compiled code, so compile time does not grow with depth; the glue and the DPT heads stay eager (compiled whole,
-    their per-chunk loop unrolls: 85 s of compile at 32 views and 254 s at 128 on an H100, docs/benchmarks.md)."""
+    """What regional compilation compiles as modules: the repeated blocks (`repeated_blocks`). Blocks of one class
+    share their compiled code, so compile time does not grow with depth."""
     return repeated_blocks(model)
 
 
+def chunked_heads(model: nn.Module) -> list[nn.Module]:
+    """Heads that run frames in equal chunks (`forward_frames`, the DPT heads): compiled per chunk, one graph for
+    all chunks of one size. (Compiled whole, the loop over chunks unrolls: 85 s of compile at 32 views and 254 s
+    at 128 on an H100, docs/benchmarks.md.)"""
+    return [m for m in model.modules() if callable(getattr(type(m), "forward_frames", None))]
+
+
 def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = True) -> nn.Module:
-    """torch.compile (static shapes) of each of `compile_regions(model)` in place, or of the whole model.
-    Returns the module to call."""
+    """torch.compile (static shapes) of each of `compile_regions(model)` and of the `forward_frames` of each of
+    `chunked_heads(model)`, in place, or of the whole model (regional=False, or nothing regional found); the glue
+    stays eager. Returns the module to call."""
     mode = None if mode == "default" else mode
     regions = compile_regions(model) if regional else []
     if not regions:
         return torch.compile(model, mode=mode, dynamic=False)
     for region in regions:
         region.compile(mode=mode, dynamic=False)
+    for head in chunked_heads(model):
+        head.forward_frames = torch.compile(head.forward_frames, mode=mode, dynamic=False)
     return model
 
 
-def _rope_fp32_forward(self, t, pos):
-    """RoPE computed in fp32 whatever the dtype of `t`, returned in it (the class casts its angles to t's dtype,
-    which in bf16 rounds angles of up to ~40 rad to 2^-8 relative)."""
-    return type(self).forward(self, t.float(), pos).to(t.dtype)
+def _sla_eager_forward(self, *args, **kwargs):
+    return type(self).forward(self, *args, **kwargs)
 
 
-def _sla_outside_autocast_forward(self, x, pos=None, **kwargs):
-    """The SLA module's forward in the autocast dtype with autocast off: q, k, v reach the kernels in one dtype
-    (under autocast the q/k LayerNorm and RoPE give fp32 while v is bf16; SDPA casts, the kernels do not) and the
-    kernels' own fp32 math (linear-branch state) is not turned into bf16 by autocast."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-    with torch.autocast(device_type, enabled=False):
-        return type(self).forward(self, x.to(dtype), pos, **kwargs)
-
-
-_sla_outside_autocast_eager = torch.compiler.disable(_sla_outside_autocast_forward)
-
-
-def sla_outside_autocast(model: nn.Module, *, compile_sla: bool = False) -> nn.Module:
-    """Every SLAAttention runs as `_sla_outside_autocast_forward`, its RoPE in fp32 (`_rope_fp32_forward`; a RoPE
-    shared with dense attention computes the same there: under autocast it already gets fp32). Numerically this is
-    the dense path under autocast but for one bf16 rounding of the q/k LayerNorm output. (Belongs in
-    lite3r.SLAAttention / the kernels' autocast handling; here until it is there.) `compile_sla=False` keeps
-    the SLA modules out of torch.compile (a graph break around each; they run eagerly inside compiled blocks)."""
+def eager_sla(model: nn.Module) -> nn.Module:
+    """Keep every SLAAttention out of torch.compile (a graph break around each; they run eagerly inside the compiled
+    blocks). A fallback for GPUs / Triton versions where Inductor cannot compile the SLA kernels; not the default."""
     import types
 
-    forward = _sla_outside_autocast_forward if compile_sla else _sla_outside_autocast_eager
+    forward = torch.compiler.disable(_sla_eager_forward)
     for m in model.modules():
         if isinstance(m, lite3r.SLAAttention):
             m.forward = types.MethodType(forward, m)
-            if isinstance(m.rope, nn.Module):
-                m.rope.forward = types.MethodType(_rope_fp32_forward, m.rope)
     return model
 
 
 def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
-                 compile_mode: str | None = "default", regional: bool = True, compile_sla: bool = False,
+                 compile_mode: str | None = "default", regional: bool = True, compile_sla: bool = True,
                  keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile) -> nn.Module:
     """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
-    `dtype`; onto `device`; then compiled (compile_mode=None: eager). `compile_sla=False` (default, until the
-    kernels compile under Inductor on the GPU: see docs/benchmarks.md) runs the SLA modules eagerly inside the
-    compiled blocks."""
+    `dtype`; onto `device`; then compiled (compile_mode=None: eager). The SLA kernels are traced into the compiled
+    blocks (triton_op); `compile_sla=False` runs the SLA modules eagerly inside them instead (`eager_sla`)."""
     if device is not None:  # first: quantising and casting run faster there
         model = model.to(device)
     model = lite3r.to_fp8_inference(model)
@@ -210,7 +198,8 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     for module in keep:
         run_in_fp32(module)
     cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
-    sla_outside_autocast(model, compile_sla=compile_sla)
+    if not compile_sla:
+        eager_sla(model)
     model.eval().requires_grad_(False)
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
@@ -288,7 +277,6 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
             linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device))
     for fqn in config["fp32_modules"]:
         run_in_fp32(model.get_submodule(fqn))
-    sla_outside_autocast(model)
     fp32 = tuple(f + "." for f in config["fp32_modules"])
     dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
               and not k.endswith("weight_scale") and not k.startswith(fp32)}

@@ -25,7 +25,7 @@ def _reference_backend(monkeypatch):
 def rope_1d(t, pos):
     """A rotary embedding as a plain callable rope(t [B,H,N,D], pos [B,N,2]) (rotates pairs by pos[..., 0])."""
     D = t.shape[-1]
-    freq = 1.0 / (100.0 ** (torch.arange(0, D, 2, dtype=t.dtype) / D))
+    freq = 1.0 / (100.0 ** (torch.arange(0, D, 2, dtype=t.dtype, device=t.device) / D))
     ang = pos[..., :1].to(t.dtype)[:, None] * freq  # [B, 1, N, D/2]
     t1, t2 = t[..., 0::2], t[..., 1::2]
     return torch.stack([t1 * ang.cos() - t2 * ang.sin(), t1 * ang.sin() + t2 * ang.cos()], -1).flatten(-2)

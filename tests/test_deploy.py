@@ -166,3 +166,24 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path):
     assert {m.topk for m in model.modules() if isinstance(m, lite3r.SLAAttention)} == {0.5}
     again = CliRunner().invoke(app, ["export", "--out", str(out)])
     assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["sla", "sla+fp8"])
+def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
+    """Paths (c) and (d) as `lite3r bench` builds them: the SLA kernels (auto backend) traced into the compiled
+    blocks under bf16 autocast with no graph break, equal to the same deployed model run eagerly."""
+    from recon.bench import forward
+
+    monkeypatch.setenv("LITE3R_BACKEND", "auto")
+    student = _tiny_student(fp8=fp8)
+    images = _images(views=4, size=126).cuda()
+    hw = images.shape[-2:]
+    eager = deploy.deploy_model(copy.deepcopy(student), device="cuda", compile_mode=None)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = deploy.deploy_model(student, device="cuda", compile_mode="default")
+    want, got = _cams(forward(eager, images), hw), _cams(forward(compiled, images), hw)
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    for key in ("depth", "extrinsics"):
+        assert _spread_err(got[key].cpu(), want[key].cpu()) < 2e-2, key
