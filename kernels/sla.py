@@ -85,7 +85,7 @@ def _phi(b_x, m_d, FM: tl.constexpr):
 @triton.jit
 def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                    N, H, D, MQ, KK, sm_scale, eps,
+                    N, H, D, MQ, KK, SM_SCALE: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
                     TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, F32: tl.constexpr):
     """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units)."""
@@ -100,7 +100,7 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
     k_base = K + i_b * sk_b + i_h * sk_h
     v_base = V + i_b * sv_b + i_h * sv_h
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = SM_SCALE * 1.4426950408889634
     b_m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([TILE_Q], dtype=tl.float32)
     b_acc = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
@@ -131,14 +131,14 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
         b_kv = tl.load(KV + i_bh.to(tl.int64) * D * D + o_dd, mask=m_d[:, None] & m_d[None, :], other=0.0)
         b_ks = tl.load(KS + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)  # [TD]
         b_num = _dot(b_f, b_kv, F32)  # [TQ, TD]
-        b_den = tl.sum(b_f * b_ks[None, :], axis=1) + eps
+        b_den = tl.sum(b_f * b_ks[None, :], axis=1) + EPS
         tl.store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), mask=m_out)
 
 
 @triton.jit
 def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, DKS,
                        sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                       N, H, D, MQ, KK, sm_scale, eps,
+                       N, H, D, MQ, KK, SM_SCALE: tl.constexpr, EPS: tl.constexpr,
                        BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
                        TILE_D: tl.constexpr, FM: tl.constexpr, F32: tl.constexpr):
     """Grid (Mq, B*H). OS/DOS/DOL/DQ contiguous [B, H, N, D]; writes DELTA = rowsum(dO_s * O_s) for the dk/dv
@@ -161,7 +161,7 @@ def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, 
     k_base = K + i_b * sk_b + i_h * sk_h
     v_base = V + i_b * sv_b + i_h * sv_h
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = SM_SCALE * 1.4426950408889634
     b_dq = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
     for j in range(0, KK):
         i_kb = tl.load(p_lut + j)
@@ -175,7 +175,7 @@ def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, 
         b_dp = _dot(b_do, tl.trans(b_v), F32)  # [TQ, TK]
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq += _dot(b_ds.to(b_k.dtype), b_k, F32)
-    b_dq = b_dq * sm_scale
+    b_dq = b_dq * SM_SCALE
     # linear branch: o_l = num / den, num = phi(q) kv, den = phi(q) . ksum + eps
     b_x = b_q.to(tl.float32)
     b_f = _phi(b_x, m_d, FM)  # [TQ, TD]
@@ -183,7 +183,7 @@ def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, 
     m_dd = m_d[:, None] & m_d[None, :]
     b_kv = tl.load(KV + i_bh.to(tl.int64) * D * D + o_dd, mask=m_dd, other=0.0)  # [TD, TD]
     b_ks = tl.load(KS + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)
-    b_den = tl.sum(b_f * b_ks[None, :], axis=1) + eps  # [TQ]
+    b_den = tl.sum(b_f * b_ks[None, :], axis=1) + EPS  # [TQ]
     b_ol = _dot(b_f, b_kv, F32) / b_den[:, None]
     b_dol = tl.load(DOL + o_row, mask=m_qd, other=0.0).to(tl.float32)  # zero on padded rows
     b_dnum = b_dol / b_den[:, None]  # [TQ, TD]
@@ -204,7 +204,7 @@ def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ, DKV, 
 @triton.jit
 def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, QOFF, QCNT, QIDX, DK, DV,
                          sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
-                         N, H, D, MK, sm_scale,
+                         N, H, D, MK, SM_SCALE: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
                          TILE_D: tl.constexpr, F32: tl.constexpr):
     """Grid (Mk, B*H): dk, dv of the sparse branch for one key block, over the query blocks that kept it."""
@@ -224,7 +224,7 @@ def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, QOFF, QCNT, QIDX, DK, DV,
     i_slot = i_bh.to(tl.int64) * MK + i_n
     start = tl.load(QOFF + i_slot)
     count = tl.load(QCNT + i_slot)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = SM_SCALE * 1.4426950408889634
     b_dk = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
     b_dv = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
     for t in range(0, count):
@@ -243,7 +243,7 @@ def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, QOFF, QCNT, QIDX, DK, DV,
         b_dst = b_pt * (b_dpt - b_delta[None, :])
         b_dk += _dot(b_dst.to(b_q.dtype), b_q, F32)
     o_out = (row_base + o_k[:, None].to(tl.int64)) * D + o_d[None, :]
-    tl.store(DK + o_out, (b_dk * sm_scale).to(DK.dtype.element_ty), mask=m_kd)
+    tl.store(DK + o_out, (b_dk * SM_SCALE).to(DK.dtype.element_ty), mask=m_kd)
     tl.store(DV + o_out, b_dv.to(DV.dtype.element_ty), mask=m_kd)
 
 
