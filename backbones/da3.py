@@ -168,7 +168,7 @@ class CameraEnc(nn.Module):
         self.pose_branch = Mlp(9, dim // 2, dim)
         self.token_norm = nn.LayerNorm(dim)
         # attention over the S view tokens of one sample: cross-view
-        self.trunk = nn.Sequential(*[Block(dim, num_heads, init_values=0.01, scope="global") for _ in range(depth)])
+        self.trunk = nn.Sequential(*[Block(dim, num_heads, init_values=0.01, scope="camera") for _ in range(depth)])
         self.trunk_norm = nn.LayerNorm(dim)
 
     def forward(self, extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
@@ -264,7 +264,7 @@ class DA3(nn.Module):
         nn.init.normal_(self.backbone.pretrained.camera_token, std=0.02)
 
     def attention_scopes(self) -> dict[str, str]:
-        """fqn -> "frame" | "global" for every attention module (what ``lite3r.swap_attention`` filters on)."""
+        """fqn -> "frame" | "global" | "camera" for every attention module (what ``lite3r.swap_attention`` filters on)."""
         return {n: m.scope for n, m in self.named_modules() if hasattr(m, "qkv") and hasattr(m, "scope")}
 
     def forward(self, images: Tensor, extrinsics: Tensor | None = None, intrinsics: Tensor | None = None) -> dict:

@@ -3,7 +3,8 @@
 State-dict names follow DINOv2 / the official VGGT code (``qkv``, ``proj``, ``q_norm``, ``k_norm``, ``ls1.gamma``,
 ``mlp.fc1`` ...), so official checkpoints load without renaming. The attention module follows the lite3r contract
 (docs/architecture.md): ``qkv``/``proj`` linears, an int ``num_heads``, optional ``q_norm``/``k_norm`` over the head
-dim, optional ``rope``, a ``scope`` attribute ("frame" = within one view, "global" = across views) and
+dim, optional ``rope``, a ``scope`` attribute ("frame" = within one view, "global" = across views, "camera" = across the
+one token per view of a camera/pose trunk: too few tokens for block sparsity, SLA leaves it alone) and
 ``forward(x [B,N,C], pos [B,N,2] | None = None)``. ``lite3r.swap_attention`` finds these modules by that structure;
 nothing SLA- or FP8-specific lives here.
 """
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Scope = Literal["frame", "global"]
+Scope = Literal["frame", "global", "camera"]  # camera: across views, one token per view (pose trunks)
 
 
 class LayerScale(nn.Module):

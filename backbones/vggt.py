@@ -272,7 +272,7 @@ class CameraHead(nn.Module):
         self.target_dim = 9
         # the trunk attends across the S camera tokens of a scene: a cross-view ("global") attention
         self.trunk = nn.Sequential(
-            *[Block(dim_in, num_heads, mlp_ratio=4, init_values=init_values, scope="global") for _ in range(trunk_depth)]
+            *[Block(dim_in, num_heads, mlp_ratio=4, init_values=init_values, scope="camera") for _ in range(trunk_depth)]
         )
         self.token_norm = nn.LayerNorm(dim_in)
         self.trunk_norm = nn.LayerNorm(dim_in)

@@ -172,18 +172,21 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path):
 @pytest.mark.parametrize("fp8", [False, True], ids=["sla", "sla+fp8"])
 def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
     """Paths (c) and (d) as `lite3r bench` builds them: the SLA kernels (auto backend) traced into the compiled
-    blocks under bf16 autocast with no graph break, equal to the same deployed model run eagerly."""
+    blocks under bf16 autocast with no graph break. Compiled and eager bf16 differ by rounding only: each within
+    twice the eager bf16 model's error against the same model deployed in fp32 (+1e-3)."""
     from recon.bench import forward
 
     monkeypatch.setenv("LITE3R_BACKEND", "auto")
     student = _tiny_student(fp8=fp8)
     images = _images(views=4, size=126).cuda()
     hw = images.shape[-2:]
+    ref = deploy.deploy_model(copy.deepcopy(student), device="cuda", dtype=torch.float32, compile_mode=None)
     eager = deploy.deploy_model(copy.deepcopy(student), device="cuda", compile_mode=None)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = deploy.deploy_model(student, device="cuda", compile_mode="default")
-    want, got = _cams(forward(eager, images), hw), _cams(forward(compiled, images), hw)
+    want, base, got = (_cams(forward(m, images), hw) for m in (ref, eager, compiled))
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     for key in ("depth", "extrinsics"):
-        assert _spread_err(got[key].cpu(), want[key].cpu()) < 2e-2, key
+        budget = 2 * _spread_err(base[key].cpu(), want[key].cpu()) + 1e-3
+        assert _spread_err(got[key].cpu(), want[key].cpu()) < budget, key

@@ -97,7 +97,8 @@ def test_attention_scopes_and_structure(tiny):
     scopes = {n: m.scope for n, m in attn.items()}
     cfg = tiny.config
     assert sum(s == "frame" for s in scopes.values()) == cfg.depth + cfg.patch_embed_depth
-    assert sum(s == "global" for s in scopes.values()) == cfg.depth + cfg.camera_trunk_depth
+    assert sum(s == "global" for s in scopes.values()) == cfg.depth
+    assert sum(s == "camera" for s in scopes.values()) == cfg.camera_trunk_depth
     assert all(scopes[f"aggregator.global_blocks.{i}.attn"] == "global" for i in range(cfg.depth))
     assert all(scopes[f"aggregator.frame_blocks.{i}.attn"] == "frame" for i in range(cfg.depth))
     m = attn["aggregator.global_blocks.0.attn"]
@@ -211,7 +212,7 @@ def test_swap_attention_on_tiny_vggt(monkeypatch, tiny):
     report = lite3r.swap_attention(student, topk=1.0, fp8=False)
     assert report.attention_swapped == n_attn
     scopes = {m.scope for m in student.modules() if isinstance(m, lite3r.SLAAttention)}
-    assert scopes == {"frame", "global"}
+    assert scopes == {"frame", "global", "camera"}
     images = torch.rand(1, 2, 3, 56, 70)
     with torch.inference_mode():
         a, b = tiny(images), student(images)
