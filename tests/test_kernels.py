@@ -223,6 +223,8 @@ def test_opcheck_sla_ops():
                           (q, k, v, lut, kv.requires_grad_(), ksum.requires_grad_(), 16, 16, 0), **kw)
     torch.library.opcheck(torch.ops.lite3r.sla_block_map.default, (q.detach(), k.detach(), 0.5, 16, 16), **kw)
     torch.library.opcheck(torch.ops.lite3r.sla_linear_state.default, (k, v, 1), **kw)
+    torch.library.opcheck(torch.ops.lite3r.sla_linear_state_bwd.default,
+                          (k.detach(), v.detach(), torch.randn_like(kv), torch.randn_like(ksum), 2), **kw)
 
 
 def test_imports_without_triton():
@@ -276,13 +278,19 @@ def test_sla_compile_fullgraph_gpu():
     del mods
 
 
+@pytest.fixture
+def small_linear_chunk(monkeypatch):
+    """Linear-state chunks of 64 tokens (the tile), so that small N spans several chunks and their atomics."""
+    monkeypatch.setattr(kernels.sla, "_LINEAR_CHUNK", kernels.sla._LINEAR_TILE)
+
+
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
-def test_linear_state_matches_torch_twin(feature_map):
-    """The fused phi(k)^T v / sum phi(k) kernel (several chunks, partial last tile) and its gradients."""
-    from kernels.sla import _LINEAR_CHUNK, linear_state, linear_state_torch
+def test_linear_state_matches_torch_twin(feature_map, small_linear_chunk):
+    """The fused phi(k)^T v / sum phi(k) kernel (several chunks, partial last tile) and its backward kernel."""
+    from kernels.sla import linear_state, linear_state_torch
 
     gen = torch.Generator().manual_seed(7)
-    N = _LINEAR_CHUNK + 37 if DEVICE == "cuda" else 150
+    N = 150
     k, v = (torch.randn(1, 2, N, 24, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
     got, want = linear_state(k, v, feature_map), linear_state_torch(k, v, feature_map)
     g = [torch.randn(t.shape, generator=gen).to(DEVICE) for t in want]
@@ -312,3 +320,16 @@ def test_block_map_torch_topk_fallback_agrees(monkeypatch):
     monkeypatch.setattr(sla, "_TOPK_MAX_TILE", 4)
     fallback = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
     assert torch.equal(fused.sort(-1).values, fallback.sort(-1).values)
+
+
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+@pytest.mark.parametrize("N", [150, 64], ids=["odd150", "one-chunk"])
+def test_sla_grads_over_several_linear_chunks(feature_map, N, small_linear_chunk):
+    """d kv / d ksum of the SLA backward summed chunk by chunk (_sla_bwd_dstate_kernel): N = 150 is three chunks
+    of 64, the last partial."""
+    gen = torch.Generator().manual_seed(N)
+    n = -(-N // 32)
+    lut = random_lut(1, 2, n, n, max(1, n // 2), gen).to(DEVICE)
+    q, k, v = qkv(1, 2, N, 32, torch.float32, gen)
+    errs, _ = compare(q, k, v, lut, 32, 32, feature_map, gen)
+    assert max(errs) < (1e-5 if DEVICE == "cpu" else 5e-3), dict(zip(NAMES, errs))
