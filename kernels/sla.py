@@ -9,7 +9,8 @@ Block map: a pooling kernel sums q and k per block (fp32); `_topk_kernel` per qu
 and selects the top K (exact threshold search over order-preserving int keys), never materialising the [Mq, Mk]
 score matrix (for Mk > 1024 the score matrix + torch.topk is faster on an H100 and is used instead).
 Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
-with an online softmax (o_s, and the row log-sum-exp for backward), and computes the linear branch
+with an online softmax, STEP blocks gathered into one tile per update (o_s, and the row log-sum-exp for backward;
+an unmasked EVEN variant when every block is full), and computes the linear branch
 phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps) from kv = phi(k)^T v [D, D] and ksum [D], precomputed by
 `_linear_state_kernel` in one pass over k and v (backward: `_linear_state_bwd_kernel`, per token tile).
 Backward: `_sla_bwd_dq_kernel` per query block recomputes P from the LSE (dq of both branches, per-row work only);
@@ -36,9 +37,15 @@ LOG2E = 1.4426950408889634
 
 
 def _fwd_configs():
+    """STEP: kept key blocks per loop step of the forward kernel (one online-softmax update over a [TQ, STEP * TK]
+    score tile: fewer row reductions and accumulator rescales, deeper P @ V). 4 warps (one warpgroup) suit the
+    64-row query tile: with 8, the sm_90 code holds parts of it in both warpgroups (softmax done twice) and STEP = 2
+    fits one CTA per SM; STEP = 4 needs ~250 registers. Those stay as candidates only. The interpreter runs one
+    config (tests swap `_sla_fwd_kernel.configs` to reach every STEP)."""
     if interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+        return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
+    return ([triton.Config({"STEP": s}, num_warps=4, num_stages=n) for s in (1, 2) for n in (2, 3, 4)]
+            + [triton.Config({"STEP": s}, num_warps=8, num_stages=2) for s in (1, 2, 4)])
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -82,22 +89,72 @@ def _phi(b_x, m_d, FM: tl.constexpr):
     return tl.where(m_d[None, :], b_f, 0.0)
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM"])
+@triton.jit
+def _load(p, m, EVEN: tl.constexpr):
+    """tl.load of a tile; masked (zeros outside m) unless EVEN says every element is real."""
+    if EVEN:
+        return tl.load(p)
+    return tl.load(p, mask=m, other=0.0)
+
+
+@triton.jit
+def _store(p, x, m, EVEN: tl.constexpr):
+    """tl.store of a tile; masked by m unless EVEN says every element is real."""
+    if EVEN:
+        tl.store(p, x)
+    else:
+        tl.store(p, x, mask=m)
+
+
+@triton.jit
+def _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
+              BLOCK_K: tl.constexpr, TILE_K: tl.constexpr, TILE_D: tl.constexpr, STEP: tl.constexpr,
+              EVEN: tl.constexpr, F32: tl.constexpr):
+    """Online-softmax update of (row max b_m, row sum b_l, b_acc) over the key blocks of LUT slots j .. j+STEP-1,
+    gathered as one [STEP * TK, TD] key (value) tile. Unless EVEN, keys past N or past BLOCK_K and D columns past D
+    are masked."""
+    o_c = tl.arange(0, STEP * TILE_K)
+    o_r = o_c % TILE_K  # row inside its key block
+    o_d = tl.arange(0, TILE_D)
+    b_kb = tl.zeros([STEP * TILE_K], dtype=tl.int32) + tl.load(p_lut + j)  # [STEP * TK]: each row's key block
+    for g in tl.static_range(1, STEP):
+        b_kb = tl.where(o_c // TILE_K == g, tl.load(p_lut + j + g), b_kb)
+    o_k = b_kb * BLOCK_K + o_r  # token index
+    p_k = k_base + (o_k * sk_n)[:, None] + o_d[None, :]  # 32-bit offsets inside the head (_sla_fwd checks)
+    p_v = v_base + (o_k * sv_n)[:, None] + o_d[None, :]
+    m_k = (o_r < BLOCK_K) & (o_k < N)
+    m_kd = m_k[:, None] & (o_d < D)[None, :]
+    b_k = _load(p_k, m_kd, EVEN)  # [STEP * TK, TD]
+    b_v = _load(p_v, m_kd, EVEN)
+    b_s = _dot(b_q, tl.trans(b_k), F32)  # [TQ, STEP * TK] unscaled q . k
+    if not EVEN:
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+    b_mn = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)  # qk_scale > 0 commutes with the max
+    b_p = tl.math.exp2(b_s * qk_scale - b_mn[:, None])  # one FMA + exp2 per score
+    b_alpha = tl.math.exp2(b_m - b_mn)
+    b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
+    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    return b_mn, b_l, b_acc
+
+
+@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM", "LINEAR", "EVEN"])
 @triton.jit
 def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                     N, H, D, MQ, KK, SM_SCALE: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
-                    TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, F32: tl.constexpr):
-    """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units)."""
+                    TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, EVEN: tl.constexpr,
+                    STEP: tl.constexpr, F32: tl.constexpr):
+    """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units). EVEN: blocks are full
+    tiles of real tokens (BLOCK_Q = TILE_Q and BLOCK_K = TILE_K divide N) and D = TILE_D: no masks at all."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_q = i_m * BLOCK_Q + tl.arange(0, TILE_Q)
     o_d = tl.arange(0, TILE_D)
     m_q = (tl.arange(0, TILE_Q) < BLOCK_Q) & (o_q < N)
     m_d = o_d < D
-    p_q = Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :]
-    b_q = tl.load(p_q, mask=m_q[:, None] & m_d[None, :], other=0.0)  # [TQ, TD]
+    m_qd = m_q[:, None] & m_d[None, :]
+    b_q = _load(Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :], m_qd, EVEN)  # [TQ,TD]
     k_base = K + i_b * sk_b + i_h * sk_h
     v_base = V + i_b * sv_b + i_h * sv_h
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
@@ -105,35 +162,24 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
     b_m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([TILE_Q], dtype=tl.float32)
     b_acc = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
-    for j in range(0, KK):
-        i_kb = tl.load(p_lut + j)
-        o_k = i_kb * BLOCK_K + tl.arange(0, TILE_K)
-        m_k = (tl.arange(0, TILE_K) < BLOCK_K) & (o_k < N)
-        b_kt = tl.load(k_base + o_k[None, :].to(tl.int64) * sk_n + o_d[:, None],
-                       mask=m_k[None, :] & m_d[:, None], other=0.0)  # [TD, TK]
-        b_s = _dot(b_q, b_kt, F32) * qk_scale  # [TQ, TK]
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, axis=1))
-        b_p = tl.math.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.math.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
-        b_v = tl.load(v_base + o_k[:, None].to(tl.int64) * sv_n + o_d[None, :],
-                      mask=m_k[:, None] & m_d[None, :], other=0.0)  # [TK, TD]
-        b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
-        b_m = b_mn
+    for j in range(0, KK - KK % STEP, STEP):
+        b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
+                                    BLOCK_K, TILE_K, TILE_D, STEP, EVEN, F32)
+    for j in range(KK - KK % STEP, KK):  # the KK % STEP remaining slots, one at a time (no slot masks anywhere)
+        b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
+                                    BLOCK_K, TILE_K, TILE_D, 1, EVEN, F32)
     b_os = b_acc / b_l[:, None]
     o_out = i_bh.to(tl.int64) * N * D + o_q[:, None].to(tl.int64) * D + o_d[None, :]
-    m_out = m_q[:, None] & m_d[None, :]
-    tl.store(OS + o_out, b_os.to(OS.dtype.element_ty), mask=m_out)
-    tl.store(LSE + i_bh.to(tl.int64) * N + o_q, b_m + tl.math.log2(b_l), mask=m_q)
+    _store(OS + o_out, b_os.to(OS.dtype.element_ty), m_qd, EVEN)
+    _store(LSE + i_bh.to(tl.int64) * N + o_q, b_m + tl.math.log2(b_l), m_q, EVEN)
     if LINEAR:
         b_f = _phi(b_q.to(tl.float32), m_d, FM)  # [TQ, TD]
         o_dd = o_d[:, None] * D + o_d[None, :]
-        b_kv = tl.load(KV + i_bh.to(tl.int64) * D * D + o_dd, mask=m_d[:, None] & m_d[None, :], other=0.0)
-        b_ks = tl.load(KS + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0)  # [TD]
+        b_kv = _load(KV + i_bh.to(tl.int64) * D * D + o_dd, m_d[:, None] & m_d[None, :], EVEN)  # [TD, TD]
+        b_ks = _load(KS + i_bh.to(tl.int64) * D + o_d, m_d, EVEN)  # [TD]
         b_num = _dot(b_f, b_kv, F32)  # [TQ, TD]
         b_den = tl.sum(b_f * b_ks[None, :], axis=1) + EPS
-        tl.store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), mask=m_out)
+        _store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), m_qd, EVEN)
 
 
 @triton.jit
@@ -457,6 +503,9 @@ def sla_block_map(q: Tensor, k: Tensor, *, topk: float, block_q: int = 64, block
     return torch.ops.lite3r.sla_block_map(q.detach(), k.detach(), float(topk), int(block_q), int(block_k))
 
 
+_FWD_MAX_OFFSET = 2**31  # the forward kernel's key/value offsets inside a head are int32
+
+
 @triton_op("lite3r::sla_fwd", mutates_args={})
 def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor, block_q: int, block_k: int,
              feature_map: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -466,13 +515,18 @@ def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Ten
     o_s = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
     o_l = torch.empty_like(o_s)
     lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
+    if (N + block_k) * max(k.stride(2), v.stride(2)) >= _FWD_MAX_OFFSET:
+        k, v = k.contiguous(), v.contiguous()
+        if (N + block_k) * D >= _FWD_MAX_OFFSET:
+            raise ValueError(f"N={N} tokens of D={D} overflow the forward kernel's 32-bit in-head offsets")
+    even = all(b == _tile(b) and N % b == 0 for b in (block_q, block_k)) and D == _tile(D)
     wrap_triton(_sla_fwd_kernel)[(n_q, B * H)](
         q, k, v, lut, kv, ksum, o_s, o_l, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS,
         BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D),
-        FM=feature_map, LINEAR=True, F32=_full_fp32(q))
+        FM=feature_map, LINEAR=True, EVEN=even, F32=_full_fp32(q))
     return o_s, o_l, lse
 
 

@@ -89,6 +89,26 @@ def test_sla_matches_reference_fp32(B, H, N, D, block_q, block_k, frac, feature_
     assert max(errs) < tol, dict(zip(NAMES, errs))
 
 
+@pytest.mark.parametrize("step", [1, 2, 4], ids=lambda s: f"step{s}")
+@pytest.mark.parametrize("N,D,block_q,kept", [(64, 32, 16, 3), (64, 32, 32, 4), (61, 32, 16, 3), (64, 24, 16, 4)],
+                         ids=["even-odd-k", "even", "ragged-n", "d24"])
+def test_sla_fwd_every_step_and_even_path(monkeypatch, step, N, D, block_q, kept):
+    """Every forward code path: STEP kept key blocks per online-softmax step plus the KK % STEP remaining slots one
+    at a time (K = 3 at STEP = 4: remaining slots only), the unmasked EVEN path (blocks and D powers of two, N a
+    multiple of the blocks) and the masked one (N = 61, D = 24). The interpreter runs one autotune config: swap it."""
+    import triton
+
+    from kernels import sla
+
+    monkeypatch.setattr(sla._sla_fwd_kernel, "configs", [triton.Config({"STEP": step}, num_warps=4, num_stages=1)])
+    gen = torch.Generator().manual_seed(N + D + kept)
+    block_k = 16
+    lut = random_lut(1, 2, -(-N // block_q), -(-N // block_k), kept, gen).to(DEVICE)
+    q, k, v = qkv(1, 2, N, D, torch.float32, gen)
+    errs, _ = compare(q, k, v, lut, block_q, block_k, "softmax", gen)
+    assert max(errs) < (1e-5 if DEVICE == "cpu" else 5e-3), dict(zip(NAMES, errs))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("N,D,block", [(97, 64, 32), (64, 32, 64), (40, 16, 16)], ids=["odd97", "one-block", "d16"])
 def test_sla_low_precision_within_twice_torch_error(dtype, N, D, block):
@@ -128,6 +148,25 @@ def test_sla_strided_inputs_and_zero_block():
     want = lite3r.sla_reference(q, k, v, lut, block_q=16, block_k=16)
     for a, b in zip(got, want):
         assert rel_rms(a, b) < 1e-5
+
+
+def test_sla_fwd_contiguous_keys_past_int32_offsets(monkeypatch):
+    """The forward kernel's key offsets inside a head are int32: strided k, v past the limit are copied contiguous
+    first, and a head too long even then is refused (limit lowered so a small packed-qkv input crosses it)."""
+    from kernels import sla
+
+    gen = torch.Generator().manual_seed(6)
+    B, N, H, D = 1, 50, 2, 16
+    q, k, v = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE).permute(2, 0, 3, 1, 4)  # k.stride(2) = 96
+    lut = random_lut(B, H, 4, 4, 3, gen).to(DEVICE)
+    want = lite3r.sla_reference(q, k, v, lut, block_q=16, block_k=16)
+    monkeypatch.setattr(sla, "_FWD_MAX_OFFSET", (N + 16) * D + 1)  # strided offsets cross it, contiguous ones not
+    got = kernels.sla_branches(q, k, v, topk=1.0, block_q=16, block_k=16, lut=lut)
+    for a, b in zip(got, want):
+        assert rel_rms(a, b) < 1e-5
+    monkeypatch.setattr(sla, "_FWD_MAX_OFFSET", (N + 16) * D)
+    with pytest.raises(ValueError, match="32-bit"):
+        kernels.sla_branches(q, k, v, topk=1.0, block_q=16, block_k=16, lut=lut)
 
 
 @FAST
