@@ -212,13 +212,14 @@ def sla_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
 
 
 def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    # Under autocast the q/k norms and RoPE return fp32 while v comes out of the qkv GEMM in bf16; SDPA casts all
-    # three to the autocast dtype, and so do we. Outside autocast, mixed dtypes are a caller's mistake.
-    if q.dtype == k.dtype == v.dtype:
-        return q, k, v
+    # Under autocast the q/k norms and RoPE return fp32 while v comes out of the qkv GEMM in bf16 (or all three are
+    # fp32); SDPA casts all three to the autocast dtype, and so do we (fp32 would also send the kernels down their
+    # slow full-fp32 path). Outside autocast, mixed dtypes are a caller's mistake.
     if torch.is_autocast_enabled(q.device.type):
         dtype = torch.get_autocast_dtype(q.device.type)
         return q.to(dtype), k.to(dtype), v.to(dtype)
+    if q.dtype == k.dtype == v.dtype:
+        return q, k, v
     raise ValueError(f"q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
@@ -476,7 +477,10 @@ class FP8Linear(nn.Module):
                                out_dtype=out_dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        # like nn.Linear: the autocast dtype under autocast (LayerNorm hands us fp32 there), else the input's
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

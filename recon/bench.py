@@ -196,6 +196,7 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
     for variant in cfg.variants:
         log(f"[{name} x{views}] ({variant}) {VARIANTS[variant][1]}: building")
         _free(device)
+        torch._dynamo.reset()  # each path compiles from scratch, as in its own process
         t_build = time.perf_counter()
         model = build_variant(variant, name, cfg, device)
         t_build = time.perf_counter() - t_build

@@ -160,6 +160,9 @@ def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = T
     stays eager. Returns the module to call."""
     mode = None if mode == "default" else mode
     regions = compile_regions(model) if regional else []
+    # one Block class serves several block kinds (patch embed, frame, global, fp32 camera trunk): each is a
+    # recompile of the same code, and past dynamo's limit (8) the rest would silently run eagerly
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     if not regions:
         return torch.compile(model, mode=mode, dynamic=False)
     for region in regions:
