@@ -281,8 +281,10 @@ class DA3(nn.Module):
                 cam_tokens = self.cam_enc(extrinsics.float(), intrinsics.float(), (H, W))
         x = normalize_images(images) if self.config.normalize else images
         feats, cam_token = self._backbone(x, cam_tokens)
+        head_dtype = self.head.norm.weight.dtype  # fp32 as the official net; bf16 once deployed (lite3r bench)
         with torch.autocast(images.device.type, enabled=False):
-            out = self.head([f.float() for f in feats], (H, W), self.config.frames_chunk_size, self.config.with_ray)
+            out = self.head([f.to(head_dtype) for f in feats], (H, W), self.config.frames_chunk_size,
+                            self.config.with_ray)
             pose_enc = self.cam_dec(cam_token.float())
             out["extrinsics"], out["intrinsics"] = pose_encoding_to_extri_intri(pose_enc, (H, W))
             out["pose_enc"] = pose_enc

@@ -220,3 +220,16 @@ def test_parity_with_official_da3_large(shared_reference):
         torch.testing.assert_close(out[k], fx[k], rtol=1e-4, atol=1e-4 * fx[k].abs().max().item())
     cams = to_cameras(model, out, fx["images"].shape[-2:])
     assert cams["depth"].shape == fx["depth"].shape
+
+
+def test_bf16_weights_run_the_head_in_bf16():
+    """A deployed DA3 (bf16 weights but the fp32 pose decoder, as `lite3r bench` (b)-(d) runs it) feeds its head bf16 features: fp32 features into bf16
+    convolutions would be a dtype error."""
+    from backbones import build_backbone
+    from recon.deploy import deploy_model
+
+    torch.manual_seed(0)
+    model = deploy_model(build_backbone("da3-tiny").eval(), dtype=torch.bfloat16, compile_mode=None)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 2, 3, 56, 56))
+    assert torch.isfinite(out["depth"].float()).all() and out["depth"].shape[-2:] == (56, 56)
