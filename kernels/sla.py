@@ -39,13 +39,12 @@ LOG2E = 1.4426950408889634
 def _fwd_configs():
     """STEP: kept key blocks per loop step of the forward kernel (one online-softmax update over a [TQ, STEP * TK]
     score tile: fewer row reductions and accumulator rescales, deeper P @ V). 4 warps (one warpgroup) suit the
-    64-row query tile: with 8, the sm_90 code holds parts of it in both warpgroups (softmax done twice) and STEP = 2
-    fits one CTA per SM; STEP = 4 needs ~250 registers. Those stay as candidates only. The interpreter runs one
-    config (tests swap `_sla_fwd_kernel.configs` to reach every STEP)."""
+    64-row query tile; on an H100 8 warps ran at half the speed (148-195 vs 339-382 TFLOP/s, docs/benchmarks.md:
+    the softmax is done in both warpgroups) and STEP = 4 spills, so neither is a candidate. The interpreter runs
+    one config (tests swap `_sla_fwd_kernel.configs` to reach every STEP)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
-    return ([triton.Config({"STEP": s}, num_warps=4, num_stages=n) for s in (1, 2) for n in (2, 3, 4)]
-            + [triton.Config({"STEP": s}, num_warps=8, num_stages=2) for s in (1, 2, 4)])
+    return [triton.Config({"STEP": s}, num_warps=4, num_stages=n) for s in (1, 2) for n in (2, 3, 4)]
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
