@@ -5,9 +5,9 @@ Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept k
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
     o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
 
-Block map: a pooling kernel sums q and k per block (fp32); one GEMM per head scores every (query block, key block)
-pair ([Mq, Mk] fp32: blocks, not tokens, so 30 MB at 32 VGGT views); `_topk_kernel` selects each row's top K
-(exact threshold search over order-preserving int keys) in one read of the row (torch.topk past 16384 key blocks).
+Block map: a pooling kernel sums q and k per block (fp32); `_topk_kernel` per query block scores all key blocks
+and selects the top K (exact threshold search over order-preserving int keys), never materialising the [Mq, Mk]
+score matrix (for Mk > 1024 the score matrix + torch.topk is faster on an H100 and is used instead).
 Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
 with an online softmax, STEP blocks gathered into one tile per update (o_s, and the row log-sum-exp for backward;
 an unmasked EVEN variant when every block is full), and computes the linear branch
@@ -389,14 +389,18 @@ def _linear_state_bwd_kernel(K, V, DKV, DKS, DK, DV, N, H, D, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _topk_kernel(SCORES, LUT, MQ, MK, KK, TILE_MK: tl.constexpr):
-    """Grid (Mq, B*H): the indices of the KK largest of score row i (fp32 [B*H, Mq, Mk], one GEMM of pooled q and
-    pooled centred k; exact: binary search of the KK-th largest over order-preserving int keys, ties to the lowest
-    index) written unordered into LUT[bh, i, :]. One row read once per program: the scores cost one pass of HBM."""
+def _topk_kernel(PQ, PKT, LUT, MQ, MK, D, KK, TILE_MK: tl.constexpr):
+    """Grid (Mq, B*H): scores of query block i against every key block (pooled q [D] . pooled centred k, fp32),
+    then the indices of the KK largest (exact: binary search of the KK-th largest over order-preserving int
+    keys, ties to the lowest index) written unordered into LUT[bh, i, :]. PKT: pooled k transposed [B*H, D, Mk]."""
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     o_k = tl.arange(0, TILE_MK)
     m_k = o_k < MK
-    b_s = tl.load(SCORES + (i_bh.to(tl.int64) * MQ + i_m) * MK + o_k, mask=m_k, other=0.0)  # [TILE_MK]
+    p_q = PQ + (i_bh.to(tl.int64) * MQ + i_m) * D
+    p_k = PKT + i_bh.to(tl.int64) * D * MK + o_k
+    b_s = tl.zeros([TILE_MK], dtype=tl.float32)
+    for d in range(0, D):
+        b_s += tl.load(p_q + d) * tl.load(p_k + d * MK, mask=m_k, other=0.0)
     b_bits = b_s.to(tl.int32, bitcast=True)
     b_key = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)  # int order == float order
     b_key = tl.where(m_k, b_key, -2147483649)  # below every real key
@@ -452,7 +456,7 @@ def _block_sums(x: Tensor, block: int) -> Tensor:
     return out
 
 
-_TOPK_MAX_TILE = 16384  # key blocks per top-k program (a row in registers); above, torch.topk
+_TOPK_MAX_TILE = 1024  # key blocks per top-k program; above, torch.topk is faster (H100: 5.9 vs 3.1 ms at Mk=2748)
 
 
 @triton_op("lite3r::sla_block_map", mutates_args={})
@@ -469,15 +473,13 @@ def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: 
     sums_k = _block_sums(k, block_k)  # [B, H, Mk, D]
     k_mean = sums_k.sum(dim=2, keepdim=True) / N  # mean of k over all N tokens
     pooled_k = sums_k / cnt_k - k_mean  # = block mean of (k - mean_N k)
-    # [B, H, Mq, Mk] fp32 by one GEMM per head (H100: ~0.3 ms at Mk = 2748); a top-k kernel that computed its own
-    # row from pooled k re-read all of pooled k per query block (5.9 ms there)
-    scores = pooled_q @ pooled_k.transpose(-1, -2)
-    if n_k > _TOPK_MAX_TILE:
+    if n_k > _TOPK_MAX_TILE:  # long rows: the [Mq, Mk] score matrix + torch.topk
+        scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk] fp32
         return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
     lut = torch.empty((B, H, n_q, kept), device=q.device, dtype=torch.int32)
     tile = max(16, triton.next_power_of_2(n_k))
-    wrap_triton(_topk_kernel)[(n_q, B * H)](scores, lut, n_q, n_k, kept, TILE_MK=tile,
-                                            num_warps=4 if tile <= 1024 else 8 if tile <= 4096 else 16)
+    wrap_triton(_topk_kernel)[(n_q, B * H)](pooled_q.contiguous(), pooled_k.transpose(-1, -2).contiguous(), lut,
+                                            n_q, n_k, D, kept, TILE_MK=tile, num_warps=4 if tile <= 1024 else 8)
     return lut
 
 
