@@ -21,6 +21,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
+def resize_intrinsics(K, sx: float, sy: float):
+    """Pixel intrinsics [..., 3, 3] (numpy or torch, changed in place and returned) of an image resized by (sx, sy).
+    Pixel centres sit at integer coordinates (OpenCV) and a resize maps image edges to edges (PIL,
+    F.interpolate(align_corners=False)), so x' + 0.5 = (x + 0.5) s: fx and skew scale, cx' = (cx + 0.5) sx - 0.5."""
+    K[..., 0, :] *= sx
+    K[..., 1, :] *= sy
+    K[..., 0, 2] += 0.5 * (sx - 1.0)
+    K[..., 1, 2] += 0.5 * (sy - 1.0)
+    return K
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -103,8 +114,7 @@ def load_images(
             top, left = ph // 2, pw // 2
             x = F.pad(x, (left, pw - left, top, ph - top), value=1.0)
         if K is not None:
-            K[i, 0] *= w / w0  # fx, skew, cx scale with the width
-            K[i, 1] *= h / h0
+            resize_intrinsics(K[i], w / w0, h / h0)
             K[i, 0, 2] += left
             K[i, 1, 2] += top
         images.append(x)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backbones.preprocess import resize_intrinsics
 from recon import formats
 
 DTU64_SCANS = (24, 37, 40, 55, 63, 65, 69, 83, 97, 105, 114, 118, 122)
@@ -73,8 +74,7 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     x = x[:, top:top + H, left:left + W].contiguous()
     K = np.array(K, dtype=np.float64)
-    K[0] *= w / w0
-    K[1] *= h / h0
+    resize_intrinsics(K, w / w0, h / h0)
     K[0, 2] -= left
     K[1, 2] -= top
     d = None
@@ -83,8 +83,9 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
             dh, dw = depth.shape
         else:
             dh, dw = h0, w0
-        rows = np.clip(np.round((np.arange(H) + top) * dh / h), 0, dh - 1).astype(np.int64)
-        cols = np.clip(np.round((np.arange(W) + left) * dw / w), 0, dw - 1).astype(np.int64)
+        # nearest source pixel of each output pixel centre, same pixel-centre convention as resize_intrinsics
+        rows = np.clip(np.round((np.arange(H) + top + 0.5) * dh / h - 0.5), 0, dh - 1).astype(np.int64)
+        cols = np.clip(np.round((np.arange(W) + left + 0.5) * dw / w - 0.5), 0, dw - 1).astype(np.int64)
         d = torch.from_numpy(np.ascontiguousarray(depth[rows][:, cols], dtype=np.float32))
     return x, d, K
 

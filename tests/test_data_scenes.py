@@ -83,6 +83,7 @@ def test_loader_resize_and_normalize(tmp_path):
     assert s["images"].shape == (4, 3, 28, 42)
     # cover-scale 42/56 = 0.75 then centre crop rows (42 -> 28): 7 rows off the top
     K = scene.intrinsics[0] * np.array([[0.75], [0.75], [1]])
+    K[:2, 2] += 0.5 * (0.75 - 1)  # pixel centres: (c + 0.5) s - 0.5 (a centred principal point stays centred)
     K[1, 2] -= 7
     np.testing.assert_allclose(s["intrinsics"][0].numpy(), K, atol=1e-4)
     n = ds.sample(0, views=4, normalize=True)

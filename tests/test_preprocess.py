@@ -60,11 +60,11 @@ def test_intrinsics_follow_the_pixels(tmp_path, mode, wh):
     u0 = u0[:2] / u0[2]
     u1 = K[0].double().numpy() @ X
     u1 = u1[:2] / u1[2]
-    # expected: per-axis resize scale, then the crop (negative) or pad offset
+    # expected: per-axis resize of pixel-centre coordinates ((u + 0.5) s - 0.5), then the crop (negative) or pad
     th, tw = target_hw(h0, w0, mode)
     off_y = (H - th) // 2 if mode == "pad" else -((th - H) // 2)
     off_x = (W - tw) // 2 if mode == "pad" else 0
-    expect = np.array([u0[0] * tw / w0 + off_x, u0[1] * th / h0 + off_y])
+    expect = np.array([(u0[0] + 0.5) * tw / w0 - 0.5 + off_x, (u0[1] + 0.5) * th / h0 - 0.5 + off_y])
     np.testing.assert_allclose(u1, expect, atol=1e-3)
 
 
@@ -75,7 +75,7 @@ def test_mixed_shapes_padded_to_largest(tmp_path):
     assert images.shape == (2, 3, 392, 518)
     # b: 320 * 518/640 = 259 -> 252 rows (18.5 patches rounds to even), padded by 140 rows (70 on top)
     assert torch.all(images[1, :, :70] == 1.0) and not torch.all(images[1, :, 70] == 1.0)
-    assert abs(float(K[1, 1, 2]) - (160 * 252 / 320 + 70)) < 1e-3
+    assert abs(float(K[1, 1, 2]) - ((160 + 0.5) * 252 / 320 - 0.5 + 70)) < 1e-3
 
 
 def test_rgba_on_white(tmp_path):
