@@ -1,6 +1,6 @@
 """One GPU session for the kernels: correctness at real size + compile (pytest), then every timing as a table.
 
-    python benchmarks/gpu_kernels.py [--skip-tests] [--views 8 32 128] [--json $OUT/kernels.json]
+    python benchmarks/gpu_kernels.py [--skip-tests] [--views 8 32 128] [--configs] [--no-fp8] [--json $OUT/kernels.json]
 
 Writes the rows of kernels.bench.run as JSON (when --json) and prints a compact table; numbers go to
 docs/benchmarks.md."""
@@ -22,17 +22,21 @@ def main() -> None:
     ap.add_argument("--views", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--topk", type=float, default=0.05)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--configs", action="store_true", help="also time the fused forward at every autotune config")
+    ap.add_argument("--no-fp8", action="store_true", help="skip the FP8 cast rows")
+    ap.add_argument("--tests", nargs="*", default=["tests/test_kernels.py", "tests/test_kernels_fp8.py"])
     args = ap.parse_args()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     if not args.skip_tests:
         t = time.time()
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "tests/test_kernels.py", "tests/test_kernels_fp8.py", "--durations=6"])
+                              *args.tests, "--durations=6"])
         print(f"tests rc={rc} in {time.time() - t:.0f}s", flush=True)
     from kernels import bench
 
     t = time.time()
-    rows = bench.run(views=tuple(args.views), topk=args.topk)
+    rows = bench.run(views=tuple(args.views), topk=args.topk, configs=args.configs,
+                     fp8_widths=() if args.no_fp8 else (1024, 4096))
     print(bench.format_rows(rows))
     print(f"bench in {time.time() - t:.0f}s")
     if args.json:

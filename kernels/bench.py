@@ -33,8 +33,10 @@ def _row(name: str, shape: str, ms: float, flop: Optional[float] = None, ref_ms:
 
 
 def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int = 64, block: int = 64,
-             dtype: torch.dtype = torch.bfloat16, backward: bool = True, rep_ms: int = 200) -> list[dict]:
-    """SDPA vs SLA at N = views x 1374: forward (total and its parts) and forward + backward."""
+             dtype: torch.dtype = torch.bfloat16, backward: bool = True, configs: bool = False,
+             rep_ms: int = 200) -> list[dict]:
+    """SDPA vs SLA at N = views x 1374: forward (total and its parts; configs: the fused kernel at each candidate
+    autotune config too) and forward + backward."""
     from . import sla
 
     N = views * TOKENS_PER_VIEW
@@ -59,11 +61,19 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     lut = sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
     rows.append(_row("sla block map", shape,
                      _time(lambda: sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block), rep_ms)))
+    scores = sla.block_scores(q, k, block, block)
+    rows.append(_row("- block map: pooling + scores (CUDA graph)", shape,
+                     _time(lambda: sla.block_scores(q, k, block, block), rep_ms, graph=True)))
+    rows.append(_row("- block map: select kernel (CUDA graph)", shape, _time(lambda: sla.select_top(scores, kept), rep_ms, graph=True)))
+    rows.append(_row("- block map: torch.topk instead (CUDA graph)", shape,
+                     _time(lambda: scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32), rep_ms, graph=True)))
     rows.append(_row("sla linear state phi(k)^T v", shape, _time(lambda: sla.linear_state(k, v, "softmax"), rep_ms)))
     kv, ksum = sla.linear_state(k, v, "softmax")
     rows.append(_row("sla fused kernel (sparse + linear)", shape,
                      _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                      sparse_flop))
+    if configs:
+        rows += _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, sparse_flop, rep_ms)
     if backward:
         qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
         do = torch.randn_like(q)
@@ -78,6 +88,26 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
         ref = _time(sdpa_fb, rep_ms)
         rows.append(_row("sdpa fwd+bwd", shape, ref, 3.5 * dense_flop))
         rows.append(_row("sla fwd+bwd", shape, _time(sla_fb, rep_ms), 3.5 * sparse_flop, ref))
+    return rows
+
+
+def _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, flop, rep_ms) -> list[dict]:
+    """The fused forward kernel timed at each config (STEP, warps, stages) the autotuner could choose from."""
+    import triton
+
+    from . import sla
+
+    tuner = sla._sla_fwd_kernel
+    saved = tuner.configs
+    rows = []
+    try:
+        for step in (1, 2):
+            for stages in (2, 3, 4):
+                tuner.configs, tuner.cache = [triton.Config({"STEP": step}, num_warps=4, num_stages=stages)], {}
+                ms = _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms)
+                rows.append(_row(f"- fused kernel at STEP={step} 4 warps {stages} stages", shape, ms, flop))
+    finally:
+        tuner.configs, tuner.cache = saved, {}
     return rows
 
 
@@ -105,14 +135,14 @@ def fp8_rows(tokens: int, width: int, *, dtype: torch.dtype = torch.bfloat16, re
 
 def run(views=(8, 32, 128), topk: float = 0.05, *, heads: int = 16, head_dim: int = 64,
         dtype: torch.dtype = torch.bfloat16, backward_views=(8, 32), fp8_widths=(1024, 4096),
-        rep_ms: int = 200) -> list[dict]:
+        configs: bool = False, rep_ms: int = 200) -> list[dict]:
     """All kernel benchmarks as rows (see module doc). Needs CUDA."""
     if not torch.cuda.is_available():
         raise RuntimeError("kernel benchmarks need a CUDA GPU (timings on the CPU interpreter mean nothing)")
     rows = []
     for s in views:
         rows += sla_rows(s, topk=topk, heads=heads, head_dim=head_dim, dtype=dtype,
-                         backward=s in backward_views, rep_ms=rep_ms)
+                         backward=s in backward_views, configs=configs, rep_ms=rep_ms)
     tokens = 32 * TOKENS_PER_VIEW
     for w in fp8_widths:
         rows += fp8_rows(tokens, w, dtype=dtype, rep_ms=max(50, rep_ms // 2))

@@ -5,9 +5,10 @@ Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept k
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
     o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
 
-Block map: a pooling kernel sums q and k per block (fp32); `_topk_kernel` per query block scores all key blocks
-and selects the top K (exact threshold search over order-preserving int keys), never materialising the [Mq, Mk]
-score matrix (for Mk > 1024 the score matrix + torch.topk is faster on an H100 and is used instead).
+Block map: `_pool_kernel` sums q and k per block (fp32; k's sum over all tokens too, for the centring);
+`_block_scores_kernel` writes the [Mq, Mk] block scores (tf32x3 MMAs: fp32-level error); `_select_kernel` takes
+each score row's top K exactly (bracketed search over order-preserving keys, guessed probes first). The score
+matrix is (N / 64)^2 floats, nothing N x N.
 Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
 with an online softmax, STEP blocks gathered into one tile per update (o_s, and the row log-sum-exp for backward;
 an unmasked EVEN variant when every block is full), and computes the linear branch
@@ -22,6 +23,7 @@ Tiles: a block of `block_q` (`block_k`) tokens is held in a power-of-two tile >=
 >= 16 columns; masks handle partial blocks, the partial last block and D not a power of two.
 """
 import math
+import statistics
 
 import torch
 import triton
@@ -38,31 +40,39 @@ LOG2E = 1.4426950408889634
 
 def _fwd_configs():
     """STEP: kept key blocks per loop step of the forward kernel (one online-softmax update over a [TQ, STEP * TK]
-    score tile: fewer row reductions and accumulator rescales, deeper P @ V). 4 warps (one warpgroup) suit the
-    64-row query tile; on an H100 8 warps ran at half the speed (148-195 vs 339-382 TFLOP/s, docs/benchmarks.md:
-    the softmax is done in both warpgroups) and STEP = 4 spills, so neither is a candidate. The interpreter runs
-    one config (tests swap `_sla_fwd_kernel.configs` to reach every STEP)."""
+    score tile: fewer row reductions and accumulator rescales, deeper P @ V). On an H100 (docs/benchmarks.md) STEP=2
+    beat STEP=1 by 2-7 % at every stage count at 32 and 128 views, 8 warps ran at half the speed (the softmax is done
+    in both warpgroups) and STEP=4 spills; on an H200 STEP=2 with 4 stages was the best single config at both sizes,
+2 and 3 stages within 1-5 % of it (docs/benchmarks.md). The
+    interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to reach STEP=1)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
-    return [triton.Config({"STEP": s}, num_warps=4, num_stages=n) for s in (1, 2) for n in (2, 3, 4)]
+    return [triton.Config({"STEP": 2}, num_warps=4, num_stages=n) for n in (2, 3, 4)]
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _pool_kernel(X, OUT, N, H, sx_b, sx_h, sx_n, D,
-                 BLOCK: tl.constexpr, TILE: tl.constexpr, TILE_D: tl.constexpr):
-    """OUT[bh, i, :] = sum of x over the real tokens of block i (fp32). Grid (M, B*H)."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+def _pool_kernel(X, OUT, TOTAL, N, H, M, sx_b, sx_h, sx_n, D, BLOCK: tl.constexpr, TILE: tl.constexpr,
+                 TILE_D: tl.constexpr, BLOCKS: tl.constexpr, TOTALS: tl.constexpr):
+    """OUT[bh, i, :] = sum of x over the real tokens of block i (fp32), BLOCKS blocks per program (enough bytes per
+    program to stream at bandwidth); TOTALS: also adds the program's sum into TOTAL[bh, :] (zero-initialised).
+    Grid (cdiv(M, BLOCKS), B*H)."""
+    i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    o_n = i_m * BLOCK + tl.arange(0, TILE)
     o_d = tl.arange(0, TILE_D)
-    m_n = (tl.arange(0, TILE) < BLOCK) & (o_n < N)
     m_d = o_d < D
-    p_x = X + i_b.to(tl.int64) * sx_b + i_h.to(tl.int64) * sx_h + o_n[:, None].to(tl.int64) * sx_n + o_d[None, :]
-    b_x = tl.load(p_x, mask=m_n[:, None] & m_d[None, :], other=0.0).to(tl.float32)  # [TILE, TD]
-    b_s = tl.sum(b_x, axis=0)
-    M = tl.num_programs(0)
-    tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s, mask=m_d)
+    x_base = X + i_b.to(tl.int64) * sx_b + i_h.to(tl.int64) * sx_h
+    b_tot = tl.zeros([TILE_D], dtype=tl.float32)
+    for i_m in range(i_p * BLOCKS, tl.minimum(i_p * BLOCKS + BLOCKS, M)):
+        o_n = i_m * BLOCK + tl.arange(0, TILE)
+        m_n = (tl.arange(0, TILE) < BLOCK) & (o_n < N)
+        b_x = tl.load(x_base + o_n[:, None].to(tl.int64) * sx_n + o_d[None, :], mask=m_n[:, None] & m_d[None, :],
+                      other=0.0).to(tl.float32)  # [TILE, TD]
+        b_s = tl.sum(b_x, axis=0)
+        b_tot += b_s
+        tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s, mask=m_d)
+    if TOTALS:
+        tl.atomic_add(TOTAL + i_bh.to(tl.int64) * D + o_d, b_tot, mask=m_d)
 
 
 @triton.jit
@@ -353,9 +363,9 @@ def _linear_state_kernel(K, V, KV, KS, N, H, D, sk_b, sk_h, sk_n, sv_b, sv_h, sv
         b_k = tl.load(K + i_b * sk_b + i_h * sk_h + o_n[:, None].to(tl.int64) * sk_n + o_d[None, :], mask=m_nd,
                       other=0.0).to(tl.float32)
         b_v = tl.load(V + i_b * sv_b + i_h * sv_h + o_n[:, None].to(tl.int64) * sv_n + o_d[None, :], mask=m_nd,
-                      other=0.0).to(tl.float32)
-        b_f = tl.where(m_n[:, None], _phi(b_k, m_d, FM), 0.0)  # [TN, TD]
-        b_kv += _dot(tl.trans(b_f), b_v, F32)
+                      other=0.0)
+        b_f = tl.where(m_n[:, None], _phi(b_k, m_d, FM), 0.0)  # [TN, TD] fp32
+        b_kv += _dot(tl.trans(b_f.to(b_v.dtype)), b_v, F32)  # in the input dtype (bf16: 1.6x faster than tf32)
         b_ks += tl.sum(b_f, axis=0)
     o_dd = o_d[:, None] * D + o_d[None, :]
     tl.atomic_add(KV + i_bh.to(tl.int64) * D * D + o_dd, b_kv, mask=m_d[:, None] & m_d[None, :])
@@ -389,34 +399,107 @@ def _linear_state_bwd_kernel(K, V, DKV, DKS, DK, DV, N, H, D, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _topk_kernel(PQ, PKT, LUT, MQ, MK, D, KK, TILE_MK: tl.constexpr):
-    """Grid (Mq, B*H): scores of query block i against every key block (pooled q [D] . pooled centred k, fp32),
-    then the indices of the KK largest (exact: binary search of the KK-th largest over order-preserving int
-    keys, ties to the lowest index) written unordered into LUT[bh, i, :]. PKT: pooled k transposed [B*H, D, Mk]."""
-    i_m, i_bh = tl.program_id(0), tl.program_id(1)
+def _block_scores_kernel(SQ, SK, KSUM, S, N, MQ, MK, LD, D, BLOCK_Q, BLOCK_K, TILE_M: tl.constexpr,
+                         TILE_N: tl.constexpr, TILE_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid (cdiv(MQ, TILE_M), cdiv(MK, TILE_N), B*H): S[bh, i, j] = mean q of block i . (mean k of block j - mean
+    of k over all N tokens), fp32, from the block sums SQ [B*H, MQ, D] / SK [B*H, MK, D] and KSUM [B*H, D] (sum of k
+    over N). PRECISION "tf32x3" (three tf32 MMAs, fp32-level error) on the GPU, "ieee" in the interpreter."""
+    i_m, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    o_m = i_m * TILE_M + tl.arange(0, TILE_M)
+    o_n = i_n * TILE_N + tl.arange(0, TILE_N)
+    o_d = tl.arange(0, TILE_D)
+    m_d = o_d < D
+    cnt_q = tl.maximum(tl.minimum(N - o_m * BLOCK_Q, BLOCK_Q), 1).to(tl.float32)  # real tokens per block
+    cnt_k = tl.maximum(tl.minimum(N - o_n * BLOCK_K, BLOCK_K), 1).to(tl.float32)
+    b_q = tl.load(SQ + (i_bh.to(tl.int64) * MQ + o_m[:, None]) * D + o_d[None, :],
+                  mask=(o_m < MQ)[:, None] & m_d[None, :], other=0.0) / cnt_q[:, None]  # [TM, TD]
+    b_mu = tl.load(KSUM + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0) / N  # [TD]
+    b_k = tl.load(SK + (i_bh.to(tl.int64) * MK + o_n[:, None]) * D + o_d[None, :],
+                  mask=(o_n < MK)[:, None] & m_d[None, :], other=0.0) / cnt_k[:, None] - b_mu[None, :]  # [TN, TD]
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [TM, TN]
+    tl.store(S + (i_bh.to(tl.int64) * MQ + o_m[:, None]) * LD + o_n[None, :], b_s,
+             mask=(o_m < MQ)[:, None] & (o_n < MK)[None, :])
+
+
+@triton.jit
+def _key(x):
+    """fp32 -> uint32 with the same order (finite values map above 0)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    sign = tl.full([], 0x80000000, tl.uint32)
+    return tl.where((bits & sign) != 0, ~bits, bits | sign)
+
+
+@triton.jit
+def _unkey(key):
+    """Inverse of _key."""
+    sign = tl.full([], 0x80000000, tl.uint32)
+    return tl.where((key & sign) != 0, key ^ sign, ~key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _row_stats(lo_a, hi_a, s1_a, s2_a, lo_b, hi_b, s1_b, s2_b):
+    return tl.minimum(lo_a, lo_b), tl.maximum(hi_a, hi_b), s1_a + s1_b, s2_a + s2_b
+
+
+@triton.jit
+def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, GUESSES: tl.constexpr,
+                   TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr):
+    """Grid (rows,): the indices of the KK largest of each row of the scores S [rows, MK] (fp32, row stride LD),
+    ascending, into LUT [rows, KK]; ties go to the lowest index.
+
+    Exact: the KK-th largest is bracketed in order-preserving uint32 keys, [lo, hi] with #(key >= lo) >= KK >
+    #(key > hi), and the search stops as soon as a probe has exactly KK keys at or above it. The first GUESSES
+    probes are guessed: the normal quantile mean + Z std, then secant steps on the row's count curve (initial
+    slope: DENSITY = MK pdf(Z) per std), the value midpoint of the bracket when a guess leaves it; 4-6 probes on
+    typical rows instead of the ~16 of plain bisection. Then bisection of the keys, so every row ends."""
+    i_r = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, TILE_MK)
     m_k = o_k < MK
-    p_q = PQ + (i_bh.to(tl.int64) * MQ + i_m) * D
-    p_k = PKT + i_bh.to(tl.int64) * D * MK + o_k
-    b_s = tl.zeros([TILE_MK], dtype=tl.float32)
-    for d in range(0, D):
-        b_s += tl.load(p_q + d) * tl.load(p_k + d * MK, mask=m_k, other=0.0)
-    b_bits = b_s.to(tl.int32, bitcast=True)
-    b_key = tl.where(b_bits < 0, b_bits ^ 0x7FFFFFFF, b_bits).to(tl.int64)  # int order == float order
-    b_key = tl.where(m_k, b_key, -2147483649)  # below every real key
-    lo = tl.full([], -2147483648, tl.int64)
-    hi = tl.full([], 2147483647, tl.int64)
-    for _ in range(32):  # largest t with #(key >= t) >= KK, i.e. the KK-th largest key
-        mid = lo + (hi - lo + 1) // 2
-        ok = tl.sum((b_key >= mid).to(tl.int32), axis=0) >= KK
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid - 1)
-    m_gt = b_key > lo
-    n_gt = tl.sum(m_gt.to(tl.int32), axis=0)
-    m_eq = b_key == lo
-    m_sel = m_gt | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
+    b_s = tl.load(S + i_r * LD + o_k, mask=m_k, other=0.0)
+    b_key = tl.where(m_k, _key(b_s), tl.full([], 0, tl.uint32))  # padding: below every real key
+    b_lo = tl.where(m_k, b_key, tl.full([], 0xFFFFFFFF, tl.uint32))
+    if FUSED_STATS:  # one block-wide reduction for min, max, sum, sum of squares
+        lo, hi, s1, s2 = tl.reduce((b_lo, b_key, b_s, b_s * b_s), 0, _row_stats)
+    else:  # the interpreter runs a combine function element by element: four built-in reductions there
+        lo, hi, s1, s2 = tl.min(b_lo, axis=0), tl.max(b_key, axis=0), tl.sum(b_s, axis=0), tl.sum(b_s * b_s, axis=0)
+    mean = s1 / MK
+    std = tl.sqrt(tl.maximum(s2 / MK - mean * mean, 0.0))
+    t = mean + Z * std  # next guess (value)
+    slope = std / DENSITY  # value per key counted
+    t_prev = t
+    c_prev = -1
+    exact = MK == KK  # a probe reached exactly KK keys (or all are kept: no search)
+    hi = tl.where(exact, lo, hi)
+    one = tl.full([], 1, tl.uint32)
+    step = 0
+    while lo < hi:
+        gap = hi - lo
+        probe = lo + (gap >> 1) + (gap & 1)  # bisection: in (lo, hi]
+        if step < GUESSES:
+            v_lo = _unkey(lo)
+            v_hi = _unkey(hi)
+            if (t <= v_lo) | (t >= v_hi) | (t != t):  # outside the bracket, or NaN
+                t = 0.5 * v_lo + 0.5 * v_hi
+            probe = tl.minimum(tl.maximum(_key(t), lo + one), hi)
+        cnt = tl.sum((b_key >= probe).to(tl.int32), axis=0)
+        lo = tl.where(cnt >= KK, probe, lo)
+        hi = tl.where(cnt == KK, probe, tl.where(cnt >= KK, hi, probe - one))
+        exact = exact | (cnt == KK)
+        t_probe = _unkey(probe)
+        if (c_prev >= 0) & (cnt != c_prev) & (t_probe != t_prev):
+            slope = tl.abs((t_probe - t_prev) / (c_prev - cnt).to(tl.float32))  # secant
+        t = t_probe + (cnt - KK).to(tl.float32) * slope
+        t_prev = t_probe
+        c_prev = cnt
+        step += 1
+    m_sel = b_key >= lo  # exact: the KK keys at or above the probe
+    if not exact:  # lo is the KK-th largest key: the keys above it, then its ties by index
+        m_gt = b_key > lo
+        m_eq = (b_key == lo) & m_k
+        n_gt = tl.sum(m_gt.to(tl.int32), axis=0)
+        m_sel = m_gt | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
     o_pos = tl.cumsum(m_sel.to(tl.int32), axis=0) - 1
-    tl.store(LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK + o_pos, o_k, mask=m_sel)
+    tl.store(LUT + i_r * KK + o_pos, o_k, mask=m_sel)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -446,41 +529,87 @@ def num_kept(topk: float, n_blocks: int) -> int:
     return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
 
 
-def _block_sums(x: Tensor, block: int) -> Tensor:
-    """[B, H, N, D] -> fp32 [B, H, M, D]: per-block sums over the real tokens (Triton)."""
+_POOL_BLOCKS = 8  # blocks per pooling program
+
+
+def _block_sums(x: Tensor, block: int, total: Tensor | None = None) -> Tensor:
+    """[B, H, N, D] -> fp32 [B*H, M, D]: per-block sums over the real tokens (Triton); `total` (fp32 [B*H, D],
+    zeros): gets the sum over all N tokens added."""
     B, H, N, D = x.shape
     m = -(-N // block)
-    out = torch.empty((B, H, m, D), device=x.device, dtype=torch.float32)
-    wrap_triton(_pool_kernel)[(m, B * H)](x, out, N, H, x.stride(0), x.stride(1), x.stride(2), D,
-                                          BLOCK=block, TILE=_tile(block), TILE_D=_tile(D))
+    out = torch.empty((B * H, m, D), device=x.device, dtype=torch.float32)
+    wrap_triton(_pool_kernel)[(triton.cdiv(m, _POOL_BLOCKS), B * H)](
+        x, out, out if total is None else total, N, H, m, x.stride(0), x.stride(1), x.stride(2), D,
+        BLOCK=block, TILE=_tile(block), TILE_D=_tile(D), BLOCKS=_POOL_BLOCKS, TOTALS=total is not None)
     return out
 
 
-_TOPK_MAX_TILE = 1024  # key blocks per top-k program; above, torch.topk is faster (H100: 5.9 vs 3.1 ms at Mk=2748)
+_SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; longer rows go to torch.topk
+_GUESSED_PROBES = 10
+
+
+def _select_launch(n_k: int) -> tuple[int, int]:
+    """(TILE_MK, num_warps) of the select kernel for rows of n_k scores. The tile is at least one element per
+    thread: on an H200 a 16-wide tile over 32-128 threads (replicated elements) wrote wrong indices once the guessed
+    probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact."""
+    warps = min(16, max(4, _tile(n_k) // 1024))
+    return max(_tile(n_k), 32 * warps), warps
+
+
+def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
+    """(z, n pdf(z)) with P(X > z) = kept / n for a standard normal X (clamped half a block from 0 and 1): the
+    select kernel's first probe and the slope of its count curve."""
+    nd = statistics.NormalDist()
+    z = nd.inv_cdf(min(max(1.0 - kept / n, 0.5 / n), 1.0 - 0.5 / n))
+    return round(z, 4), round(n * nd.pdf(z), 4)
+
+
+_SCORE_TILES = (64, 64, 4)  # (query blocks, key blocks, warps) per score program at D <= 64
+_SCORE_PRECISION = "tf32x3"  # three tf32 MMAs: fp32-level error
+
+
+def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
+    """fp32 [B, H, Mq, Mk] (a view of rows padded to 16 floats): mean-pooled q of each query block . mean-pooled
+    centred k of each key block (two pooling launches, one score launch)."""
+    B, H, N, D = q.shape
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    sums_q = _block_sums(_last_dim_contiguous(q), block_q)  # [B*H, Mq, D]
+    ksum = torch.zeros((B * H, D), device=q.device, dtype=torch.float32)  # sum of k over N, for the centring
+    sums_k = _block_sums(_last_dim_contiguous(k), block_k, ksum)  # [B*H, Mk, D]
+    # rows padded to a multiple of 16 floats: 64-byte aligned, so the score stores and the select kernel's row loads
+    # vectorise (Triton specialises a stride divisible by 16; 687 or 2748 key blocks are not)
+    ld = -(-n_k // 16) * 16
+    scores = torch.empty((B, H, n_q, ld), device=q.device, dtype=torch.float32)
+    tile_d = _tile(D)
+    tile_m, tile_n, warps = _SCORE_TILES if tile_d <= 64 else (32, 64, 4)
+    wrap_triton(_block_scores_kernel)[(triton.cdiv(n_q, tile_m), triton.cdiv(n_k, tile_n), B * H)](
+        sums_q, sums_k, ksum, scores, N, n_q, n_k, ld, D, block_q, block_k, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
+        PRECISION="ieee" if interpreting() else _SCORE_PRECISION, num_warps=warps)
+    return scores[..., :n_k]
+
+
+def select_top(scores: Tensor, kept: int) -> Tensor:
+    """int32 [..., kept]: the indices of the `kept` largest of each row of fp32 `scores` [..., Mk], ascending, ties
+    to the lowest index (one select program per row; rows over _SELECT_MAX_TILE long: torch.topk, unordered)."""
+    n_k = scores.shape[-1]
+    tile, warps = _select_launch(n_k)
+    if tile > _SELECT_MAX_TILE:  # rows too long for one program's registers
+        return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+    rows = scores.reshape(-1, n_k)  # a view for block_scores' padded rows
+    if rows.stride(1) != 1:
+        rows = rows.contiguous()
+    lut = torch.empty((*scores.shape[:-1], kept), device=scores.device, dtype=torch.int32)
+    z, density = _normal_quantile(kept, n_k)
+    wrap_triton(_select_kernel)[(rows.shape[0],)](
+        rows, lut, n_k, rows.stride(0), kept, Z=z, DENSITY=density, GUESSES=_GUESSED_PROBES, TILE_MK=tile,
+        FUSED_STATS=not interpreting(), num_warps=warps)
+    return lut
 
 
 @triton_op("lite3r::sla_block_map", mutates_args={})
 def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
-    B, H, N, D = q.shape
-    n_q, n_k = -(-N // block_q), -(-N // block_k)
-    kept = num_kept(topk, n_k)
-    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    cnt_q = torch.full((n_q, 1), float(block_q), device=q.device)
-    cnt_q[-1] = N - (n_q - 1) * block_q
-    cnt_k = torch.full((n_k, 1), float(block_k), device=q.device)
-    cnt_k[-1] = N - (n_k - 1) * block_k
-    pooled_q = _block_sums(q, block_q) / cnt_q  # [B, H, Mq, D]
-    sums_k = _block_sums(k, block_k)  # [B, H, Mk, D]
-    k_mean = sums_k.sum(dim=2, keepdim=True) / N  # mean of k over all N tokens
-    pooled_k = sums_k / cnt_k - k_mean  # = block mean of (k - mean_N k)
-    if n_k > _TOPK_MAX_TILE:  # long rows: the [Mq, Mk] score matrix + torch.topk
-        scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk] fp32
-        return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
-    lut = torch.empty((B, H, n_q, kept), device=q.device, dtype=torch.int32)
-    tile = max(16, triton.next_power_of_2(n_k))
-    wrap_triton(_topk_kernel)[(n_q, B * H)](pooled_q.contiguous(), pooled_k.transpose(-1, -2).contiguous(), lut,
-                                            n_q, n_k, D, kept, TILE_MK=tile, num_warps=4 if tile <= 1024 else 8)
-    return lut
+    scores = block_scores(q, k, block_q, block_k)  # [B, H, Mq, Mk]
+    return select_top(scores, num_kept(topk, scores.shape[-1]))
 
 
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor, block_q: int, block_k: int) -> None:
@@ -611,6 +740,7 @@ def _phi_torch(x: Tensor, feature_map: str) -> Tensor:
 # tokens per program of the linear-state kernel and of its counterpart in the SLA backward (the d kv reduction):
 # N = 43968, 16 heads -> 1376 programs on 132 SMs, 86 fp32 atomic adds per element of kv
 _LINEAR_CHUNK = 512
+_LINEAR_STATE_CHUNK = 2048  # tokens per linear-state program (fewer atomics on kv)
 _LINEAR_TILE = 64  # tokens per step inside a chunk (divides _LINEAR_CHUNK)
 
 
@@ -619,9 +749,9 @@ def _linear_state_op(k: Tensor, v: Tensor, feature_map: int) -> tuple[Tensor, Te
     B, H, N, D = k.shape
     kv = torch.zeros((B, H, D, D), device=k.device, dtype=torch.float32)
     ksum = torch.zeros((B, H, D), device=k.device, dtype=torch.float32)
-    wrap_triton(_linear_state_kernel)[(triton.cdiv(N, _LINEAR_CHUNK), B * H)](
+    wrap_triton(_linear_state_kernel)[(triton.cdiv(N, _LINEAR_STATE_CHUNK), B * H)](
         k, v, kv, ksum, N, H, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        CHUNK=_LINEAR_CHUNK, TILE_N=_LINEAR_TILE, TILE_D=_tile(D), FM=feature_map, F32=_full_fp32(k),
+        CHUNK=_LINEAR_STATE_CHUNK, TILE_N=_LINEAR_TILE, TILE_D=_tile(D), FM=feature_map, F32=_full_fp32(k),
         num_warps=4)
     return kv, ksum
 

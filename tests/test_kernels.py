@@ -199,6 +199,46 @@ def test_block_map_keeps_top_scores(N, D, block_q, block_k, topk, seed):
         assert torch.equal(srt, ref.sort(dim=-1).values)
 
 
+@FAST
+@given(rows=st.integers(1, 5), MK=st.integers(1, 150), frac=st.floats(0.0, 1.0),
+       dist=st.sampled_from(["normal", "lognormal", "heavy", "bimodal", "ties", "constant"]),
+       guesses=st.sampled_from([0, 10]), fused_stats=st.booleans(), seed=st.integers(0, 2**16))
+def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats, seed):
+    """_select_kernel alone, launched as select_top launches it: the KK largest of each row, ties to the lowest
+    index, written ascending, on rows whose shape defeats the guessed probes (skewed, heavy-tailed, two clusters,
+    many ties, all equal) and with bisection only; both reductions of the row statistics."""
+    from kernels.sla import _normal_quantile, _select_kernel, _select_launch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, MK, generator=gen)
+    s = {"normal": x, "lognormal": x.exp(), "heavy": x / torch.rand(rows, MK, generator=gen).clamp_min(1e-3),
+         "bimodal": x + 50.0 * (torch.rand(rows, MK, generator=gen) < 0.5), "ties": x.mul(2).round() + 0.5,
+         "constant": torch.full((rows, MK), 3.0)}[dist]
+    kk = max(1, min(MK, round(frac * MK)))
+    z, density = _normal_quantile(kk, MK)
+    lut = torch.full((rows, kk), -1, dtype=torch.int32)
+    s, lut = s.to(DEVICE), lut.to(DEVICE)
+    tile, warps = _select_launch(MK)
+    _select_kernel[(rows,)](s, lut, MK, MK, kk, Z=z, DENSITY=density, GUESSES=guesses, TILE_MK=tile,
+                            FUSED_STATS=fused_stats, num_warps=warps)
+    order = torch.sort(s.cpu(), dim=1, descending=True, stable=True).indices  # stable: ties by index
+    want = order[:, :kk].sort(dim=1).values.to(torch.int32)
+    assert torch.equal(lut.cpu(), want)
+
+
+@pytest.mark.parametrize("MK", [16, 128, 687, 1024])
+def test_select_top_power_of_two_and_vggt_rows(MK):
+    """select_top on 64 rows of normal scores whose length fills the tile exactly (16, 128, 1024) or not (687: VGGT
+    at 32 views): equal to a stable sort's top K (a 16-wide row once came out wrong on the GPU)."""
+    from kernels.sla import select_top
+
+    gen = torch.Generator().manual_seed(MK)
+    s = torch.randn(64, MK, generator=gen)
+    kk = num_kept(0.05, MK) if MK > 16 else 2
+    want = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values.to(torch.int32)
+    assert torch.equal(select_top(s.to(DEVICE), kk).cpu(), want)
+
+
 def test_block_map_selects_planted_blocks():
     """Keys of block j aligned with the queries of block i -> block i keeps exactly j (plus nothing else at K=1)."""
     D, bs, m = 16, 16, 5
@@ -293,6 +333,28 @@ def test_sla_real_size_gpu(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("views", [32, 128])
+def test_block_map_real_size_gpu(views):
+    """N = views x 1374, 64-token blocks (Mk = 687 / 2748 key blocks), topk = 0.05: the select kernel's kept blocks
+    are the top K of the fp64 scores up to fp32 rounding, and equal torch.topk's on the kernel's own scores."""
+    from kernels.sla import block_scores, select_top
+
+    gen = torch.Generator().manual_seed(views)
+    N, D, bs = views * 1374, 64, 64
+    q, k = (torch.randn(1, 2, N, D, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    lut = kernels.sla_block_map(q, k, topk=0.05, block_q=bs, block_k=bs)
+    kept = num_kept(0.05, -(-N // bs))
+    assert lut.shape == (1, 2, -(-N // bs), kept)
+    qd, kd = q.double(), k.double()
+    exact = lite3r._block_mean(qd, bs) @ lite3r._block_mean(kd - kd.mean(dim=2, keepdim=True), bs).transpose(-1, -2)
+    kth = exact.topk(kept, dim=-1).values[..., -1:]
+    assert (exact.gather(-1, lut.long()) >= kth - 1e-5 * exact.abs().amax(-1, keepdim=True)).all()
+    scores = block_scores(q, k, bs, bs)
+    want = scores.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    assert torch.equal(select_top(scores, kept), want)
+
+
+@pytest.mark.gpu
 def test_sla_compile_fullgraph_gpu():
     """torch.compile(fullgraph=True) of an SLA attention block (qkv -> SLA kernels -> proj_l, proj) forward and
     backward, equal to eager."""
@@ -319,8 +381,10 @@ def test_sla_compile_fullgraph_gpu():
 
 @pytest.fixture
 def small_linear_chunk(monkeypatch):
-    """Linear-state chunks of 64 tokens (the tile), so that small N spans several chunks and their atomics."""
+    """Linear-state chunks of 64 tokens (the tile), forward and backward, so that small N spans several chunks and
+    their atomics."""
     monkeypatch.setattr(kernels.sla, "_LINEAR_CHUNK", kernels.sla._LINEAR_TILE)
+    monkeypatch.setattr(kernels.sla, "_LINEAR_STATE_CHUNK", kernels.sla._LINEAR_TILE)
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
@@ -341,7 +405,7 @@ def test_linear_state_matches_torch_twin(feature_map, small_linear_chunk):
 
 
 def test_block_map_all_ties_still_picks_k_distinct():
-    """Every score equal (q = 0): the top-k kernel must still write K distinct in-range indices."""
+    """Every score equal (q = 0): the select kernel must still write K distinct in-range indices."""
     q = torch.zeros(1, 2, 300, 16, device=DEVICE)
     k = torch.randn(1, 2, 300, 16, device=DEVICE)
     lut = kernels.sla_block_map(q, k, topk=0.3, block_q=16, block_k=16)
@@ -350,13 +414,13 @@ def test_block_map_all_ties_still_picks_k_distinct():
 
 
 def test_block_map_torch_topk_fallback_agrees(monkeypatch):
-    """Rows longer than the top-k kernel's tile go through torch.topk: same kept sets on separated scores."""
+    """Rows longer than the select kernel's tile go through torch.topk: same kept sets on separated scores."""
     import kernels.sla as sla
 
     gen = torch.Generator().manual_seed(11)
     q, k = (torch.randn(1, 2, 200, 16, generator=gen).to(DEVICE) for _ in range(2))
     fused = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
-    monkeypatch.setattr(sla, "_TOPK_MAX_TILE", 4)
+    monkeypatch.setattr(sla, "_SELECT_MAX_TILE", 4)
     fallback = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
     assert torch.equal(fused.sort(-1).values, fallback.sort(-1).values)
 
