@@ -346,6 +346,10 @@ class SLAAttention(nn.Module):
         if dim % self.num_heads:
             raise ValueError(f"qkv in_features {dim} not divisible by num_heads {self.num_heads}")
         self.head_dim = dim // self.num_heads
+        scale = getattr(attn, "scale", None)  # timm / DINOv2 keep the softmax scale here
+        if isinstance(scale, (int, float)) and not math.isclose(scale, self.head_dim ** -0.5, rel_tol=1e-6):
+            raise ValueError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
+                             f"{self.head_dim ** -0.5:.6g}; leave this module dense (swap_attention(filter=...))")
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self.rope = getattr(attn, "rope", None)  # a module (registered) or a plain callable rope(t, pos)
@@ -359,7 +363,12 @@ class SLAAttention(nn.Module):
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
 
-    def forward(self, x: Tensor, pos: Tensor | None = None, **ignored) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None = None, **extra) -> Tensor:
+        # callers pass attn_mask=None (timm) or attn_bias=None (DINOv2); a real mask cannot be honoured
+        given = [name for name, value in extra.items() if value is not None]
+        if given:
+            raise ValueError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
+                             "SLA; leave this module dense (swap_attention(filter=...))")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, D]

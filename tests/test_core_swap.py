@@ -192,6 +192,25 @@ def test_swap_errors(teacher):
         lite3r.swap_attention(Attention(32, 2))
 
 
+def test_custom_scale_and_masks_are_refused(teacher):
+    """A softmax scale other than head_dim**-0.5, or a real attention mask / bias, would be silently wrong under
+    SLA: refused with a one-line error; the None defaults timm and DINOv2 pass still work."""
+    odd = copy.deepcopy(teacher)
+    odd.blocks[0].attn.scale = 0.5
+    with pytest.raises(ValueError, match=r"scale is 0\.5"):
+        lite3r.swap_attention(odd)
+    student = copy.deepcopy(teacher)
+    student.blocks[1].attn.scale = (32 // 2) ** -0.5  # the default value is fine
+    lite3r.swap_attention(student, fp8=False)
+    attn = student.blocks[0].attn
+    x = torch.randn(1, 20, 32)
+    assert attn(x, attn_mask=None, attn_bias=None).shape == x.shape
+    with pytest.raises(ValueError, match="attn_mask"):
+        attn(x, attn_mask=torch.ones(20, 20, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_bias"):
+        attn(x, attn_bias=torch.zeros(20, 20))
+
+
 def test_training_step_moves_only_proj_l(teacher):
     student = copy.deepcopy(teacher)
     lite3r.swap_attention(student, topk=0.5, block_q=8, block_k=8, feature_map="elu")
