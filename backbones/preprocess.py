@@ -75,8 +75,11 @@ def load_images(
     mode: str = "crop",
     size: int = 518,
     intrinsics: Tensor | np.ndarray | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Load images -> (images [S,3,H,W] float32 in [0,1], adjusted intrinsics [S,3,3] or None).
+    with_mask: bool = False,
+) -> tuple[Tensor, Tensor | None] | tuple[Tensor, Tensor | None, Tensor]:
+    """Load images -> (images [S,3,H,W] float32 in [0,1], adjusted intrinsics [S,3,3] or None), and with
+    ``with_mask`` also the real pixels, bool [S,H,W] (False on the white padding of pad mode and of mixed aspect
+    ratios, which the network still sees and predicts depth for).
 
     ``paths`` may be a list of files or one folder (its images, sorted by name). ``size`` must be a multiple of
     14. ``intrinsics``: pixel intrinsics of the original images, one per path.
@@ -96,7 +99,7 @@ def load_images(
         if K.shape != (len(paths), 3, 3):
             raise ValueError(f"intrinsics must be [{len(paths)}, 3, 3] (one per image), got {tuple(K.shape)}")
 
-    images = []
+    images, masks = [], []
     for i, path in enumerate(paths):
         img = _open_rgb(path)
         w0, h0 = img.size
@@ -105,27 +108,33 @@ def load_images(
 
         img = img.resize((w, h), Image.Resampling.BICUBIC)
         x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+        m = torch.ones(1, h, w, dtype=torch.bool)
         top = left = 0
         if mode == "crop" and h > size:
             top = -((h - size) // 2)
-            x = x[:, -top : -top + size]
+            x, m = x[:, -top : -top + size], m[:, -top : -top + size]
         elif mode == "pad":
             ph, pw = size - h, size - w
             top, left = ph // 2, pw // 2
             x = F.pad(x, (left, pw - left, top, ph - top), value=1.0)
+            m = F.pad(m, (left, pw - left, top, ph - top), value=False)
         if K is not None:
             resize_intrinsics(K[i], w / w0, h / h0)
             K[i, 0, 2] += left
             K[i, 1, 2] += top
         images.append(x)
+        masks.append(m)
 
     H = max(x.shape[1] for x in images)
     W = max(x.shape[2] for x in images)
     for i, x in enumerate(images):  # crop mode with mixed aspect ratios: pad to the largest, centred, white
         ph, pw = H - x.shape[1], W - x.shape[2]
         if ph or pw:
-            images[i] = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=1.0)
+            border = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+            images[i] = F.pad(x, border, value=1.0)
+            masks[i] = F.pad(masks[i], border, value=False)
             if K is not None:
                 K[i, 0, 2] += pw // 2
                 K[i, 1, 2] += ph // 2
-    return torch.stack(images), (K.float() if K is not None else None)
+    out = torch.stack(images), (K.float() if K is not None else None)
+    return (*out, torch.cat(masks)) if with_mask else out

@@ -53,28 +53,32 @@ def confidence_threshold(conf: Tensor, percentile: float) -> float:
     return float(torch.quantile(finite.flatten()[::step], percentile / 100.0))
 
 
-def point_cloud(images: Tensor, cams: dict[str, Tensor], conf_percentile: float = 50.0
-                ) -> tuple[Tensor, Tensor, list[dict[str, Any]], float]:
+def point_cloud(images: Tensor, cams: dict[str, Tensor], conf_percentile: float = 50.0,
+                pixels: Tensor | None = None) -> tuple[Tensor, Tensor, list[dict[str, Any]], float]:
     """Coloured world points of one scene.
 
     images [S,3,H,W] in [0,1]; cams: extrinsics [S,3,4], intrinsics [S,3,3], depth [S,H,W], depth_conf [S,H,W]
     (to_cameras output without the batch axis). Returns (points [N,3] float32, colours [N,3] uint8, per-view stats,
     confidence threshold). A point is kept when its confidence is >= the threshold and it and its depth are finite
-    and the depth is positive."""
+    and the depth is positive. `pixels` (bool [S,H,W], load_images' mask): only these pixels count (padding is not
+    part of the scene: no points, no statistics, not in the confidence percentile)."""
     depth, conf = cams["depth"].float().cpu(), cams["depth_conf"].float().cpu()
+    real = torch.ones_like(depth, dtype=torch.bool) if pixels is None else pixels.cpu()
+    if real.shape != depth.shape:
+        raise ValueError(f"pixel mask is {tuple(real.shape)}, the depth maps are {tuple(depth.shape)}")
     pts = unproject(depth, cams["extrinsics"].cpu(), cams["intrinsics"].cpu())
-    thr = confidence_threshold(conf, conf_percentile)
-    valid = torch.isfinite(pts).all(-1) & torch.isfinite(depth) & (depth > 0)
+    thr = confidence_threshold(conf[real], conf_percentile)
+    valid = real & torch.isfinite(pts).all(-1) & torch.isfinite(depth) & (depth > 0)
     keep = valid & (conf >= thr)
     colours = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
     stats = []
     for i in range(depth.shape[0]):
         d = depth[i][valid[i]]
-        stats.append({"points_total": int(depth[i].numel()), "points_kept": int(keep[i].sum()),
+        stats.append({"points_total": int(real[i].sum()), "points_kept": int(keep[i].sum()),
                       "depth_min": float(d.min()) if d.numel() else None,
                       "depth_median": float(d.median()) if d.numel() else None,
                       "depth_max": float(d.max()) if d.numel() else None,
-                      "conf_median": float(conf[i].median())})
+                      "conf_median": float(conf[i][real[i]].median()) if real[i].any() else None})
     return pts[keep], colours[keep], stats, thr
 
 
@@ -198,7 +202,7 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                   console=con, transient=True, disable=quiet) as progress:
         task = progress.add_task(f"loading {len(files)} images", total=5)
         t = time.perf_counter()
-        images, _ = load_images(files, mode=mode, size=size)
+        images, _, pixels = load_images(files, mode=mode, size=size, with_mask=True)
         times["load_s"] = time.perf_counter() - t
         if net is None and weights is None:
             con.print(f"[yellow]no --weights: {model} has random weights (a smoke test, not a reconstruction)[/]")
@@ -213,7 +217,7 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         times["forward_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description="unprojecting depth")
         t = time.perf_counter()
-        points, colours, stats, thr = point_cloud(images, cams, conf_percentile)
+        points, colours, stats, thr = point_cloud(images, cams, conf_percentile, pixels)
         times["unproject_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description=f"writing {out}")
         t = time.perf_counter()

@@ -46,6 +46,20 @@ def test_pad_is_white_and_content_centred(tmp_path):
     assert torch.all(images[0, :, 63 : 63 + 392] == 0.0)
 
 
+def test_mask_marks_real_pixels_in_pad_and_mixed_crop(tmp_path):
+    """with_mask: False exactly on the white padding (pad mode, and crop mode padding a narrower image to the
+    widest); the rest of the return is unchanged."""
+    p = _write(tmp_path / "a.png", 640, 480, color=(0, 0, 0))
+    images, K, mask = load_images([p], mode="pad", with_mask=True)
+    assert mask.shape == (1, 518, 518) and mask.dtype == torch.bool and K is None
+    assert torch.equal(mask[0], (images[0] == 0.0).all(0))  # black content, white padding
+    assert torch.equal(images, load_images([p], mode="pad")[0])
+    tall = _write(tmp_path / "b.png", 480, 960, color=(0, 0, 0))  # crop: 518 x 518; the wide one is 518 x 392
+    images, _, mask = load_images([p, tall], mode="crop", with_mask=True)
+    assert mask[1].all() and not mask[0].all()
+    assert torch.equal(mask[0], (images[0] == 0.0).all(0)) and int(mask[0].sum()) == 392 * 518
+
+
 @pytest.mark.parametrize("mode,wh", [("crop", (640, 480)), ("crop", (480, 960)), ("pad", (640, 480)), ("pad", (480, 640))])
 def test_intrinsics_follow_the_pixels(tmp_path, mode, wh):
     """A 3D point projects to the same image content before and after preprocessing."""

@@ -102,6 +102,23 @@ def test_point_cloud_filters_by_confidence_percentile_and_keeps_colours():
             R.point_cloud(images, cams, bad)
 
 
+def test_point_cloud_drops_padding_pixels():
+    """Padding (load_images' mask False) yields no points, no statistics and no say in the confidence percentile."""
+    S, H, W = 2, 4, 5
+    E = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1).expand(S, 3, 4)
+    K = torch.tensor([[5.0, 0, 2], [0, 5.0, 2], [0, 0, 1]]).expand(S, 3, 3)
+    conf = torch.arange(S * H * W, dtype=torch.float32).reshape(S, H, W)
+    cams = dict(extrinsics=E, intrinsics=K, depth=torch.ones(S, H, W), depth_conf=conf)
+    pixels = torch.ones(S, H, W, dtype=torch.bool)
+    pixels[:, 0] = False  # the top row of both views is padding
+    pts, _, stats, thr = R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels)
+    assert pts.shape[0] == S * (H - 1) * W and [s["points_total"] for s in stats] == [(H - 1) * W] * S
+    _, _, _, thr = R.point_cloud(torch.rand(S, 3, H, W), cams, 50.0, pixels)
+    assert thr == pytest.approx(float(conf[pixels].quantile(0.5)))
+    with pytest.raises(ValueError, match="pixel mask"):
+        R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels[:, 1:])
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def _write_images(folder, colours, hw=(60, 80)):
     folder.mkdir(parents=True, exist_ok=True)
