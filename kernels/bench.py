@@ -64,7 +64,8 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     scores = sla.block_scores(q, k, block, block)
     rows.append(_row("- block map: pooling + scores (CUDA graph)", shape,
                      _time(lambda: sla.block_scores(q, k, block, block), rep_ms, graph=True)))
-    rows.append(_row("- block map: select kernel (CUDA graph)", shape, _time(lambda: sla.select_top(scores, kept), rep_ms, graph=True)))
+    rows.append(_row("- block map: select kernel (CUDA graph)", shape,
+                     _time(lambda: sla.select_top(scores, kept), rep_ms, graph=True)))
     rows.append(_row("- block map: torch.topk instead (CUDA graph)", shape,
                      _time(lambda: scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32), rep_ms, graph=True)))
     rows.append(_row("sla linear state phi(k)^T v", shape, _time(lambda: sla.linear_state(k, v, "softmax"), rep_ms)))

@@ -43,8 +43,8 @@ def _fwd_configs():
     score tile: fewer row reductions and accumulator rescales, deeper P @ V). On an H100 (docs/benchmarks.md) STEP=2
     beat STEP=1 by 2-7 % at every stage count at 32 and 128 views, 8 warps ran at half the speed (the softmax is done
     in both warpgroups) and STEP=4 spills; on an H200 STEP=2 with 4 stages was the best single config at both sizes,
-2 and 3 stages within 1-5 % of it (docs/benchmarks.md). The
-    interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to reach STEP=1)."""
+    2 and 3 stages within 1-5 % of it. The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
+    reach STEP=1)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
     return [triton.Config({"STEP": 2}, num_warps=4, num_stages=n) for n in (2, 3, 4)]
@@ -565,7 +565,6 @@ def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
 
 
 _SCORE_TILES = (64, 64, 4)  # (query blocks, key blocks, warps) per score program at D <= 64
-_SCORE_PRECISION = "tf32x3"  # three tf32 MMAs: fp32-level error
 
 
 def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
@@ -584,7 +583,7 @@ def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
     tile_m, tile_n, warps = _SCORE_TILES if tile_d <= 64 else (32, 64, 4)
     wrap_triton(_block_scores_kernel)[(triton.cdiv(n_q, tile_m), triton.cdiv(n_k, tile_n), B * H)](
         sums_q, sums_k, ksum, scores, N, n_q, n_k, ld, D, block_q, block_k, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
-        PRECISION="ieee" if interpreting() else _SCORE_PRECISION, num_warps=warps)
+        PRECISION="ieee" if interpreting() else "tf32x3", num_warps=warps)
     return scores[..., :n_k]
 
 
@@ -737,11 +736,11 @@ def _phi_torch(x: Tensor, feature_map: str) -> Tensor:
     return torch.relu(x)
 
 
-# tokens per program of the linear-state kernel and of its counterpart in the SLA backward (the d kv reduction):
+# tokens per program of the SLA backward's d kv reduction (_sla_bwd_dstate_kernel):
 # N = 43968, 16 heads -> 1376 programs on 132 SMs, 86 fp32 atomic adds per element of kv
 _LINEAR_CHUNK = 512
-_LINEAR_STATE_CHUNK = 2048  # tokens per linear-state program (fewer atomics on kv)
-_LINEAR_TILE = 64  # tokens per step inside a chunk (divides _LINEAR_CHUNK)
+_LINEAR_STATE_CHUNK = 2048  # tokens per linear-state program (fewer atomics on kv; H200: 0.113 vs 0.124 ms at 512)
+_LINEAR_TILE = 64  # tokens per step inside a chunk (divides both chunks)
 
 
 @triton_op("lite3r::sla_linear_state", mutates_args={})

@@ -38,6 +38,11 @@ def random_lut(B: int, H: int, n_q: int, n_k: int, kept: int, gen: torch.Generat
     return torch.rand(B, H, n_q, n_k, generator=gen).argsort(dim=-1)[..., :kept].to(torch.int32)
 
 
+def stable_top_k(s: torch.Tensor, kk: int) -> torch.Tensor:
+    """int32 [rows, kk]: the indices of the kk largest of each row, ties to the lowest index, ascending."""
+    return torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values.to(torch.int32)
+
+
 def qkv(B, H, N, D, dtype, gen, scale=1.0):
     return [(torch.randn(B, H, N, D, generator=gen) * scale).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
 
@@ -221,9 +226,7 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
     tile, warps = _select_launch(MK)
     _select_kernel[(rows,)](s, lut, MK, MK, kk, Z=z, DENSITY=density, GUESSES=guesses, TILE_MK=tile,
                             FUSED_STATS=fused_stats, num_warps=warps)
-    order = torch.sort(s.cpu(), dim=1, descending=True, stable=True).indices  # stable: ties by index
-    want = order[:, :kk].sort(dim=1).values.to(torch.int32)
-    assert torch.equal(lut.cpu(), want)
+    assert torch.equal(lut.cpu(), stable_top_k(s.cpu(), kk))
 
 
 @pytest.mark.parametrize("MK", [16, 128, 687, 1024])
@@ -235,8 +238,7 @@ def test_select_top_power_of_two_and_vggt_rows(MK):
     gen = torch.Generator().manual_seed(MK)
     s = torch.randn(64, MK, generator=gen)
     kk = num_kept(0.05, MK) if MK > 16 else 2
-    want = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values.to(torch.int32)
-    assert torch.equal(select_top(s.to(DEVICE), kk).cpu(), want)
+    assert torch.equal(select_top(s.to(DEVICE), kk).cpu(), stable_top_k(s, kk))
 
 
 def test_block_map_selects_planted_blocks():
