@@ -58,6 +58,11 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
                      density=round(kept / n_blocks, 4)))
     rows.append(_row("sla fwd, CUDA graph (no launch overhead)", shape, _time(sla_fwd, rep_ms, graph=True),
                      sparse_flop, sdpa_ms))
+    sla.OVERLAP = False  # the linear state on the main stream too
+    try:
+        rows.append(_row("- sla fwd, one stream (eager)", shape, _time(sla_fwd, rep_ms), sparse_flop, sdpa_ms))
+    finally:
+        sla.OVERLAP = True
     lut = sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
     rows.append(_row("sla block map", shape,
                      _time(lambda: sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block), rep_ms)))
@@ -73,6 +78,14 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     rows.append(_row("sla fused kernel (sparse + linear)", shape,
                      _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                      sparse_flop))
+    if sla.USE_TMA and N % block == 0:  # the same kernel with pointer loads instead of TMA descriptors
+        sla.USE_TMA = False
+        try:
+            rows.append(_row("- fused kernel, pointer loads (no TMA)", shape,
+                             _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
+                             sparse_flop))
+        finally:
+            sla.USE_TMA = True
     if configs:
         rows += _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, sparse_flop, rep_ms)
     if backward:

@@ -94,7 +94,8 @@ def _launch(x: Tensor, y: Tensor, scale: Tensor, dequant: bool) -> None:
     if R == 0 or C == 0:
         return
     block = min(triton.next_power_of_2(C), _MAX_TILE)
-    warps = 1 if block <= 512 else 4 if block <= 2048 else 8
+    # H200, 43968 rows: 1024 columns 3.5 TB/s at 2 warps (2.9 at 4), 4096 columns 3.6 at 4 (3.5 at 8)
+    warps = 1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 4096 else 8
     wrap_triton(_fp8_rows_kernel)[(R,)](x, y, scale, C, x.stride(0), y.stride(0), BLOCK_C=block,
                                        ONE_PASS=block >= C, DEQUANT=dequant,
                                        EMULATE=interpreting(), RECIPROCAL=x.is_cuda, num_warps=warps)

@@ -5,15 +5,18 @@ Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept k
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
     o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
 
-Block map: `_pool_kernel` sums q and k per block (fp32; k's sum over all tokens too, for the centring);
+Block map: `_pool_kernel` averages q and k per block (fp32; k's sum over all tokens too, for the centring);
 `_block_scores_kernel` writes the [Mq, Mk] block scores (tf32x3 MMAs: fp32-level error); `_select_kernel` takes
-each score row's top K exactly (bracketed search over order-preserving keys, guessed probes first). The score
-matrix is (N / 64)^2 floats, nothing N x N.
+each score row's top K exactly (bracketed search over order-preserving keys, guessed probes first; long rows write
+their indices chunk by chunk). The score matrix is (N / 64)^2 floats, nothing N x N.
 Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
 with an online softmax, STEP blocks gathered into one tile per update (o_s, and the row log-sum-exp for backward;
 an unmasked EVEN variant when every block is full), and computes the linear branch
 phi(q) (phi(k)^T v) / (phi(q) . sum phi(k) + eps) from kv = phi(k)^T v [D, D] and ksum [D], precomputed by
-`_linear_state_kernel` in one pass over k and v (backward: `_linear_state_bwd_kernel`, per token tile).
+`_linear_state_kernel` in one pass over k and v (backward: `_linear_state_bwd_kernel`, per token tile). When every
+block is full the kept key/value blocks come through TMA descriptors (`USE_TMA`; eager only: torch's tracing of a
+triton_op cannot capture a descriptor, so compiled graphs use pointer loads), and in eager CUDA `sla_branches` runs
+the linear state on a side stream beside the block map (`OVERLAP`).
 Backward: `_sla_bwd_dq_kernel` per query block recomputes P from the LSE (dq of both branches, per-row work only);
 `_sla_bwd_dstate_kernel` per chunk of tokens sums d kv and d ksum (one atomic add per chunk);
 `_sla_bwd_dkdv_kernel` per key block walks the query blocks that selected it (the transposed LUT, CSR) for dk and
@@ -29,9 +32,15 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
 from . import interpreting
+
+try:  # host-side TMA descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:
+    _TensorDescriptor = None
 
 LINEAR_EPS = 1e-6  # same as lite3r.LINEAR_EPS
 FEATURE_MAPS = ("softmax", "elu", "relu")  # kernel code 0, 1, 2
@@ -54,8 +63,8 @@ def _fwd_configs():
 @triton.jit
 def _pool_kernel(X, OUT, TOTAL, N, H, M, sx_b, sx_h, sx_n, D, BLOCK: tl.constexpr, TILE: tl.constexpr,
                  TILE_D: tl.constexpr, BLOCKS: tl.constexpr, TOTALS: tl.constexpr):
-    """OUT[bh, i, :] = sum of x over the real tokens of block i (fp32), BLOCKS blocks per program (enough bytes per
-    program to stream at bandwidth); TOTALS: also adds the program's sum into TOTAL[bh, :] (zero-initialised).
+    """OUT[bh, i, :] = mean of x over the real tokens of block i (fp32), BLOCKS blocks per program (enough bytes per
+    program to stream at bandwidth); TOTALS: also adds the program's token sum into TOTAL[bh, :] (zero-initialised).
     Grid (cdiv(M, BLOCKS), B*H)."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -70,7 +79,8 @@ def _pool_kernel(X, OUT, TOTAL, N, H, M, sx_b, sx_h, sx_n, D, BLOCK: tl.constexp
                       other=0.0).to(tl.float32)  # [TILE, TD]
         b_s = tl.sum(b_x, axis=0)
         b_tot += b_s
-        tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s, mask=m_d)
+        count = tl.minimum(N - i_m * BLOCK, BLOCK).to(tl.float32)  # >= 1: block i_m starts before N
+        tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s / count, mask=m_d)
     if TOTALS:
         tl.atomic_add(TOTAL + i_bh.to(tl.int64) * D + o_d, b_tot, mask=m_d)
 
@@ -87,10 +97,10 @@ def _dot(a, b, F32: tl.constexpr):
 @triton.jit
 def _phi(b_x, m_d, FM: tl.constexpr):
     """Feature map of an fp32 [rows, TD] tile over its real columns (m_d); padded columns -> 0."""
-    if FM == 0:  # softmax over D
+    if FM == 0:  # softmax over D; one reciprocal per row (a division per element made the linear state 25 % slower)
         b_x = tl.where(m_d[None, :], b_x, float("-inf"))
-        b_e = tl.exp(b_x - tl.max(b_x, axis=1)[:, None])
-        b_f = b_e / tl.sum(b_e, axis=1)[:, None]
+        b_e = tl.math.exp2((b_x - tl.max(b_x, axis=1)[:, None]) * 1.4426950408889634)
+        b_f = b_e * (1.0 / tl.sum(b_e, axis=1))[:, None]
     elif FM == 1:  # elu + 1
         b_f = tl.where(b_x > 0, b_x + 1.0, tl.exp(tl.minimum(b_x, 0.0)))
     else:  # relu
@@ -116,12 +126,27 @@ def _store(p, x, m, EVEN: tl.constexpr):
 
 
 @triton.jit
+def _new_max(b_m, b_mx, qk_scale):
+    """(new running row max in log2 units, rescale factor of what was accumulated) from the step's raw score max."""
+    b_mn = tl.maximum(b_m, b_mx * qk_scale)  # qk_scale > 0 commutes with the max
+    return b_mn, tl.math.exp2(b_m - b_mn)
+
+
+@triton.jit
+def _accumulate(b_acc, b_l, b_s, b_v, b_mn, qk_scale, F32: tl.constexpr):
+    """Adds the softmax numerators of a raw score tile b_s (one FMA + exp2 per score) times b_v to b_acc, their row
+    sums to b_l."""
+    b_p = tl.math.exp2(b_s * qk_scale - b_mn[:, None])
+    return b_acc + _dot(b_p.to(b_v.dtype), b_v, F32), b_l + tl.sum(b_p, axis=1)
+
+
+@triton.jit
 def _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
               BLOCK_K: tl.constexpr, TILE_K: tl.constexpr, TILE_D: tl.constexpr, STEP: tl.constexpr,
               EVEN: tl.constexpr, F32: tl.constexpr):
     """Online-softmax update of (row max b_m, row sum b_l, b_acc) over the key blocks of LUT slots j .. j+STEP-1,
-    gathered as one [STEP * TK, TD] key (value) tile. Unless EVEN, keys past N or past BLOCK_K and D columns past D
-    are masked."""
+    gathered by pointers as one [STEP * TK, TD] key (value) tile. Unless EVEN, keys past N or past BLOCK_K and D
+    columns past D are masked."""
     o_c = tl.arange(0, STEP * TILE_K)
     o_r = o_c % TILE_K  # row inside its key block
     o_d = tl.arange(0, TILE_D)
@@ -138,24 +163,47 @@ def _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, 
     b_s = _dot(b_q, tl.trans(b_k), F32)  # [TQ, STEP * TK] unscaled q . k
     if not EVEN:
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-    b_mn = tl.maximum(b_m, tl.max(b_s, axis=1) * qk_scale)  # qk_scale > 0 commutes with the max
-    b_p = tl.math.exp2(b_s * qk_scale - b_mn[:, None])  # one FMA + exp2 per score
-    b_alpha = tl.math.exp2(b_m - b_mn)
-    b_acc = b_acc * b_alpha[:, None] + _dot(b_p.to(b_v.dtype), b_v, F32)
-    b_l = b_l * b_alpha + tl.sum(b_p, axis=1)
+    b_mn, b_alpha = _new_max(b_m, tl.max(b_s, axis=1), qk_scale)
+    b_acc, b_l = _accumulate(b_acc * b_alpha[:, None], b_l * b_alpha, b_s, b_v, b_mn, qk_scale, F32)
     return b_mn, b_l, b_acc
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM", "LINEAR", "EVEN"])
+@triton.jit
+def _fwd_step_tma(b_q, b_m, b_l, b_acc, K, V, i_b, i_h, p_lut, j, qk_scale, BLOCK_K: tl.constexpr,
+                  TILE_D: tl.constexpr, STEP: tl.constexpr, F32: tl.constexpr):
+    """_fwd_step for full blocks (EVEN) through TMA descriptors K, V of [B, H, N, D] with [1, 1, BLOCK_K, D]
+    boxes: STEP (1 or 2) kept blocks, one score tile and one P @ V each (gathering them into one tile would cost a
+    round trip through shared memory), one max and one rescale per step."""
+    kb = tl.load(p_lut + j) * BLOCK_K
+    b_k0 = K.load([i_b, i_h, kb, 0]).reshape(BLOCK_K, TILE_D)
+    b_v0 = V.load([i_b, i_h, kb, 0]).reshape(BLOCK_K, TILE_D)
+    b_s0 = _dot(b_q, tl.trans(b_k0), F32)
+    b_mx = tl.max(b_s0, axis=1)
+    if STEP == 2:
+        kb = tl.load(p_lut + j + 1) * BLOCK_K
+        b_k1 = K.load([i_b, i_h, kb, 0]).reshape(BLOCK_K, TILE_D)
+        b_v1 = V.load([i_b, i_h, kb, 0]).reshape(BLOCK_K, TILE_D)
+        b_s1 = _dot(b_q, tl.trans(b_k1), F32)
+        b_mx = tl.maximum(b_mx, tl.max(b_s1, axis=1))
+    b_mn, b_alpha = _new_max(b_m, b_mx, qk_scale)
+    b_acc, b_l = _accumulate(b_acc * b_alpha[:, None], b_l * b_alpha, b_s0, b_v0, b_mn, qk_scale, F32)
+    if STEP == 2:
+        b_acc, b_l = _accumulate(b_acc, b_l, b_s1, b_v1, b_mn, qk_scale, F32)
+    return b_mn, b_l, b_acc
+
+
+@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM", "LINEAR", "EVEN", "TMA"])
 @triton.jit
 def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
                     N, H, D, MQ, KK, SM_SCALE: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
                     TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, EVEN: tl.constexpr,
-                    STEP: tl.constexpr, F32: tl.constexpr):
+                    TMA: tl.constexpr, STEP: tl.constexpr, F32: tl.constexpr):
     """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units). EVEN: blocks are full
-    tiles of real tokens (BLOCK_Q = TILE_Q and BLOCK_K = TILE_K divide N) and D = TILE_D: no masks at all."""
+    tiles of real tokens (BLOCK_Q = TILE_Q and BLOCK_K = TILE_K divide N) and D = TILE_D: no masks at all. TMA
+    (EVEN only): K and V are TMA descriptors of [B, H, N, D] (the sk_*/sv_* strides are unused)."""
+    tl.static_assert((STEP == 1) | (STEP == 2), "STEP must be 1 or 2")
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
     o_q = i_m * BLOCK_Q + tl.arange(0, TILE_Q)
@@ -164,19 +212,28 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
     m_d = o_d < D
     m_qd = m_q[:, None] & m_d[None, :]
     b_q = _load(Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :], m_qd, EVEN)  # [TQ,TD]
-    k_base = K + i_b * sk_b + i_h * sk_h
-    v_base = V + i_b * sv_b + i_h * sv_h
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
     qk_scale = SM_SCALE * 1.4426950408889634
     b_m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([TILE_Q], dtype=tl.float32)
     b_acc = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
-    for j in range(0, KK - KK % STEP, STEP):
-        b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
-                                    BLOCK_K, TILE_K, TILE_D, STEP, EVEN, F32)
-    for j in range(KK - KK % STEP, KK):  # the KK % STEP remaining slots, one at a time (no slot masks anywhere)
-        b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D, qk_scale,
-                                    BLOCK_K, TILE_K, TILE_D, 1, EVEN, F32)
+    # the KK % STEP remaining slots go one at a time after the loop (no slot masks anywhere)
+    if TMA:
+        for j in range(0, KK - KK % STEP, STEP):
+            b_m, b_l, b_acc = _fwd_step_tma(b_q, b_m, b_l, b_acc, K, V, i_bh // H, i_bh % H, p_lut, j, qk_scale,
+                                            BLOCK_K, TILE_D, STEP, F32)
+        for j in range(KK - KK % STEP, KK):
+            b_m, b_l, b_acc = _fwd_step_tma(b_q, b_m, b_l, b_acc, K, V, i_bh // H, i_bh % H, p_lut, j, qk_scale,
+                                            BLOCK_K, TILE_D, 1, F32)
+    else:
+        k_base = K + i_b * sk_b + i_h * sk_h
+        v_base = V + i_b * sv_b + i_h * sv_h
+        for j in range(0, KK - KK % STEP, STEP):
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D,
+                                        qk_scale, BLOCK_K, TILE_K, TILE_D, STEP, EVEN, F32)
+        for j in range(KK - KK % STEP, KK):
+            b_m, b_l, b_acc = _fwd_step(b_q, b_m, b_l, b_acc, k_base, v_base, p_lut, j, sk_n, sv_n, N, D,
+                                        qk_scale, BLOCK_K, TILE_K, TILE_D, 1, EVEN, F32)
     b_os = b_acc / b_l[:, None]
     o_out = i_bh.to(tl.int64) * N * D + o_q[:, None].to(tl.int64) * D + o_d[None, :]
     _store(OS + o_out, b_os.to(OS.dtype.element_ty), m_qd, EVEN)
@@ -399,23 +456,21 @@ def _linear_state_bwd_kernel(K, V, DKV, DKS, DK, DV, N, H, D, sk_b, sk_h, sk_n, 
 
 
 @triton.jit
-def _block_scores_kernel(SQ, SK, KSUM, S, N, MQ, MK, LD, D, BLOCK_Q, BLOCK_K, TILE_M: tl.constexpr,
-                         TILE_N: tl.constexpr, TILE_D: tl.constexpr, PRECISION: tl.constexpr):
+def _block_scores_kernel(MQ_, MK_, KSUM, S, N, MQ, MK, LD, D, TILE_M: tl.constexpr, TILE_N: tl.constexpr,
+                         TILE_D: tl.constexpr, PRECISION: tl.constexpr):
     """Grid (cdiv(MQ, TILE_M), cdiv(MK, TILE_N), B*H): S[bh, i, j] = mean q of block i . (mean k of block j - mean
-    of k over all N tokens), fp32, from the block sums SQ [B*H, MQ, D] / SK [B*H, MK, D] and KSUM [B*H, D] (sum of k
-    over N). PRECISION "tf32x3" (three tf32 MMAs, fp32-level error) on the GPU, "ieee" in the interpreter."""
+    of k over all N tokens), fp32, from the block means MQ_ [B*H, MQ, D] / MK_ [B*H, MK, D] and KSUM [B*H, D] (sum of
+    k over N). PRECISION "tf32x3" (three tf32 MMAs, fp32-level error) on the GPU, "ieee" in the interpreter."""
     i_m, i_n, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_m = i_m * TILE_M + tl.arange(0, TILE_M)
     o_n = i_n * TILE_N + tl.arange(0, TILE_N)
     o_d = tl.arange(0, TILE_D)
     m_d = o_d < D
-    cnt_q = tl.maximum(tl.minimum(N - o_m * BLOCK_Q, BLOCK_Q), 1).to(tl.float32)  # real tokens per block
-    cnt_k = tl.maximum(tl.minimum(N - o_n * BLOCK_K, BLOCK_K), 1).to(tl.float32)
-    b_q = tl.load(SQ + (i_bh.to(tl.int64) * MQ + o_m[:, None]) * D + o_d[None, :],
-                  mask=(o_m < MQ)[:, None] & m_d[None, :], other=0.0) / cnt_q[:, None]  # [TM, TD]
+    b_q = tl.load(MQ_ + (i_bh.to(tl.int64) * MQ + o_m[:, None]) * D + o_d[None, :],
+                  mask=(o_m < MQ)[:, None] & m_d[None, :], other=0.0)  # [TM, TD]
     b_mu = tl.load(KSUM + i_bh.to(tl.int64) * D + o_d, mask=m_d, other=0.0) / N  # [TD]
-    b_k = tl.load(SK + (i_bh.to(tl.int64) * MK + o_n[:, None]) * D + o_d[None, :],
-                  mask=(o_n < MK)[:, None] & m_d[None, :], other=0.0) / cnt_k[:, None] - b_mu[None, :]  # [TN, TD]
+    b_k = tl.load(MK_ + (i_bh.to(tl.int64) * MK + o_n[:, None]) * D + o_d[None, :],
+                  mask=(o_n < MK)[:, None] & m_d[None, :], other=0.0) - b_mu[None, :]  # [TN, TD]
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [TM, TN]
     tl.store(S + (i_bh.to(tl.int64) * MQ + o_m[:, None]) * LD + o_n[None, :], b_s,
              mask=(o_m < MQ)[:, None] & (o_n < MK)[None, :])
@@ -443,7 +498,7 @@ def _row_stats(lo_a, hi_a, s1_a, s2_a, lo_b, hi_b, s1_b, s2_b):
 
 @triton.jit
 def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, GUESSES: tl.constexpr,
-                   TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr):
+                   TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr, FINAL_CHUNK: tl.constexpr):
     """Grid (rows,): the indices of the KK largest of each row of the scores S [rows, MK] (fp32, row stride LD),
     ascending, into LUT [rows, KK]; ties go to the lowest index.
 
@@ -451,7 +506,10 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
     #(key > hi), and the search stops as soon as a probe has exactly KK keys at or above it. The first GUESSES
     probes are guessed: the normal quantile mean + Z std, then secant steps on the row's count curve (initial
     slope: DENSITY = MK pdf(Z) per std), the value midpoint of the bracket when a guess leaves it; 4-6 probes on
-    typical rows instead of the ~16 of plain bisection. Then bisection of the keys, so every row ends."""
+    typical rows instead of the ~16 of plain bisection. Then bisection of the keys, so every row ends.
+    FINAL_CHUNK > 0: the indices are written by a pass over the row in chunks of that many keys, re-read from memory
+    (L1/L2), instead of from the whole tile in registers: a prefix sum over the tile holds the registers that bound
+    how many rows an SM runs at once (H200, 2748-wide rows: 0.69 vs 0.87 ms; 687-wide: 0.061 vs 0.055)."""
     i_r = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, TILE_MK)
     m_k = o_k < MK
@@ -492,14 +550,32 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
         t_prev = t_probe
         c_prev = cnt
         step += 1
-    m_sel = b_key >= lo  # exact: the KK keys at or above the probe
-    if not exact:  # lo is the KK-th largest key: the keys above it, then its ties by index
-        m_gt = b_key > lo
-        m_eq = (b_key == lo) & m_k
-        n_gt = tl.sum(m_gt.to(tl.int32), axis=0)
-        m_sel = m_gt | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
-    o_pos = tl.cumsum(m_sel.to(tl.int32), axis=0) - 1
-    tl.store(LUT + i_r * KK + o_pos, o_k, mask=m_sel)
+    # exact: the KK keys at or above the probe; else lo is the KK-th largest key: the keys above it, then its ties
+    # by index
+    n_gt = 0
+    if not exact:
+        n_gt = tl.sum((b_key > lo).to(tl.int32), axis=0)
+    if FINAL_CHUNK == 0:
+        m_sel = b_key >= lo
+        if not exact:
+            m_eq = (b_key == lo) & m_k
+            m_sel = (b_key > lo) | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
+        tl.store(LUT + i_r * KK + tl.cumsum(m_sel.to(tl.int32), axis=0) - 1, o_k, mask=m_sel)
+    else:
+        o_c = tl.arange(0, FINAL_CHUNK)
+        n_sel = 0  # indices written so far
+        n_eq = 0  # ties of lo seen so far
+        for c0 in range(0, MK, FINAL_CHUNK):
+            m_c = (c0 + o_c) < MK
+            c_s = tl.load(S + i_r * LD + c0 + o_c, mask=m_c, other=0.0)
+            c_key = tl.where(m_c, _key(c_s), tl.full([], 0, tl.uint32))
+            m_sel = c_key >= lo
+            if not exact:
+                m_eq = (c_key == lo) & m_c
+                m_sel = (c_key > lo) | (m_eq & (n_eq + tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
+                n_eq += tl.sum(m_eq.to(tl.int32), axis=0)
+            tl.store(LUT + i_r * KK + n_sel + tl.cumsum(m_sel.to(tl.int32), axis=0) - 1, c0 + o_c, mask=m_sel)
+            n_sel += tl.sum(m_sel.to(tl.int32), axis=0)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -529,18 +605,18 @@ def num_kept(topk: float, n_blocks: int) -> int:
     return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
 
 
-_POOL_BLOCKS = 8  # blocks per pooling program
+_POOL_BLOCKS = 8  # blocks per pooling program (H200, 128 views: 2 warps 0.103 ms, 3.5 TB/s; 4 warps 0.140)
 
 
-def _block_sums(x: Tensor, block: int, total: Tensor | None = None) -> Tensor:
-    """[B, H, N, D] -> fp32 [B*H, M, D]: per-block sums over the real tokens (Triton); `total` (fp32 [B*H, D],
+def _block_means(x: Tensor, block: int, total: Tensor | None = None) -> Tensor:
+    """[B, H, N, D] -> fp32 [B*H, M, D]: per-block means over the real tokens (Triton); `total` (fp32 [B*H, D],
     zeros): gets the sum over all N tokens added."""
     B, H, N, D = x.shape
     m = -(-N // block)
     out = torch.empty((B * H, m, D), device=x.device, dtype=torch.float32)
     wrap_triton(_pool_kernel)[(triton.cdiv(m, _POOL_BLOCKS), B * H)](
         x, out, out if total is None else total, N, H, m, x.stride(0), x.stride(1), x.stride(2), D,
-        BLOCK=block, TILE=_tile(block), TILE_D=_tile(D), BLOCKS=_POOL_BLOCKS, TOTALS=total is not None)
+        BLOCK=block, TILE=_tile(block), TILE_D=_tile(D), BLOCKS=_POOL_BLOCKS, TOTALS=total is not None, num_warps=2)
     return out
 
 
@@ -548,12 +624,14 @@ _SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; lo
 _GUESSED_PROBES = 10
 
 
-def _select_launch(n_k: int) -> tuple[int, int]:
-    """(TILE_MK, num_warps) of the select kernel for rows of n_k scores. The tile is at least one element per
-    thread: on an H200 a 16-wide tile over 32-128 threads (replicated elements) wrote wrong indices once the guessed
-    probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact."""
+def _select_launch(n_k: int) -> tuple[int, int, int]:
+    """(TILE_MK, num_warps, FINAL_CHUNK) of the select kernel for rows of n_k scores. The tile is at least one
+    element per thread: on an H200 a 16-wide tile over 32-128 threads (replicated elements) wrote wrong indices once
+    the guessed probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact. Rows
+    of 4096-key tiles and longer write their indices chunk by chunk (see _select_kernel)."""
     warps = min(16, max(4, _tile(n_k) // 1024))
-    return max(_tile(n_k), 32 * warps), warps
+    tile = max(_tile(n_k), 32 * warps)
+    return tile, warps, 1024 if tile >= 4096 else 0
 
 
 def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
@@ -564,7 +642,9 @@ def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
     return round(z, 4), round(n * nd.pdf(z), 4)
 
 
-_SCORE_TILES = (64, 64, 4)  # (query blocks, key blocks, warps) per score program at D <= 64
+# (query blocks, key blocks, warps) per score program at D <= 64; H200, 128 views: (64, 128, 4) 0.61 ms with
+# the pooling, (64, 64, 4) 0.65, (128, 64, 8) 0.85 (docs/benchmarks.md, session 4)
+_SCORE_TILES = (64, 128, 4)
 
 
 def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
@@ -572,9 +652,9 @@ def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
     centred k of each key block (two pooling launches, one score launch)."""
     B, H, N, D = q.shape
     n_q, n_k = -(-N // block_q), -(-N // block_k)
-    sums_q = _block_sums(_last_dim_contiguous(q), block_q)  # [B*H, Mq, D]
+    means_q = _block_means(_last_dim_contiguous(q), block_q)  # [B*H, Mq, D]
     ksum = torch.zeros((B * H, D), device=q.device, dtype=torch.float32)  # sum of k over N, for the centring
-    sums_k = _block_sums(_last_dim_contiguous(k), block_k, ksum)  # [B*H, Mk, D]
+    means_k = _block_means(_last_dim_contiguous(k), block_k, ksum)  # [B*H, Mk, D]
     # rows padded to a multiple of 16 floats: 64-byte aligned, so the score stores and the select kernel's row loads
     # vectorise (Triton specialises a stride divisible by 16; 687 or 2748 key blocks are not)
     ld = -(-n_k // 16) * 16
@@ -582,7 +662,7 @@ def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
     tile_d = _tile(D)
     tile_m, tile_n, warps = _SCORE_TILES if tile_d <= 64 else (32, 64, 4)
     wrap_triton(_block_scores_kernel)[(triton.cdiv(n_q, tile_m), triton.cdiv(n_k, tile_n), B * H)](
-        sums_q, sums_k, ksum, scores, N, n_q, n_k, ld, D, block_q, block_k, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
+        means_q, means_k, ksum, scores, N, n_q, n_k, ld, D, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
         PRECISION="ieee" if interpreting() else "tf32x3", num_warps=warps)
     return scores[..., :n_k]
 
@@ -591,7 +671,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     """int32 [..., kept]: the indices of the `kept` largest of each row of fp32 `scores` [..., Mk], ascending, ties
     to the lowest index (one select program per row; rows over _SELECT_MAX_TILE long: torch.topk, unordered)."""
     n_k = scores.shape[-1]
-    tile, warps = _select_launch(n_k)
+    tile, warps, final_chunk = _select_launch(n_k)
     if tile > _SELECT_MAX_TILE:  # rows too long for one program's registers
         return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
     rows = scores.reshape(-1, n_k)  # a view for block_scores' padded rows
@@ -601,7 +681,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     z, density = _normal_quantile(kept, n_k)
     wrap_triton(_select_kernel)[(rows.shape[0],)](
         rows, lut, n_k, rows.stride(0), kept, Z=z, DENSITY=density, GUESSES=_GUESSED_PROBES, TILE_MK=tile,
-        FUSED_STATS=not interpreting(), num_warps=warps)
+        FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, num_warps=warps)
     return lut
 
 
@@ -631,6 +711,26 @@ def sla_block_map(q: Tensor, k: Tensor, *, topk: float, block_q: int = 64, block
 
 
 _FWD_MAX_OFFSET = 2**31  # the forward kernel's key/value offsets inside a head are int32
+# TMA loads of the kept key/value blocks when every block is full (H200, 128 views: 16.51-16.65 vs 16.71-16.82 ms
+# for pointer loads in three runs; 32 views: the same within 1 %); False: pointer loads everywhere (tests and
+# benchmarks compare the two)
+USE_TMA = True
+
+
+def _tma_descriptors(k: Tensor, v: Tensor, block_k: int):
+    """TMA descriptors of k and v ([1, 1, block_k, D] boxes), or None where TMA does not apply: a GPU before Hopper,
+    a stride or base not 16-byte aligned, no host-side descriptors in this Triton, or inside torch.compile's tracing
+    (torch's tracing of a triton_op cannot capture a descriptor yet: compiled graphs take the pointer loads)."""
+    if torch.compiler.is_compiling() or not USE_TMA or _TensorDescriptor is None or is_fake(k):
+        return None
+    if not interpreting() and torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    for t in (k, v):
+        size = t.element_size()
+        if (t.storage_offset() * size) % 16 or any((st * size) % 16 for st in t.stride()[:-1]):
+            return None
+    box = [1, 1, block_k, k.shape[-1]]
+    return _TensorDescriptor.from_tensor(k, box), _TensorDescriptor.from_tensor(v, box)
 
 
 @triton_op("lite3r::sla_fwd", mutates_args={})
@@ -647,13 +747,15 @@ def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Ten
         if (N + block_k) * D >= _FWD_MAX_OFFSET:
             raise ValueError(f"N={N} tokens of D={D} overflow the forward kernel's 32-bit in-head offsets")
     even = all(b == _tile(b) and N % b == 0 for b in (block_q, block_k)) and D == _tile(D)
+    descriptors = _tma_descriptors(k, v, block_k) if even else None
+    k_arg, v_arg = descriptors or (k, v)
     wrap_triton(_sla_fwd_kernel)[(n_q, B * H)](
-        q, k, v, lut, kv, ksum, o_s, o_l, lse,
+        q, k_arg, v_arg, lut, kv, ksum, o_s, o_l, lse,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS,
         BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D),
-        FM=feature_map, LINEAR=True, EVEN=even, F32=_full_fp32(q))
+        FM=feature_map, LINEAR=True, EVEN=even, TMA=descriptors is not None, F32=_full_fp32(q))
     return o_s, o_l, lse
 
 
@@ -739,7 +841,8 @@ def _phi_torch(x: Tensor, feature_map: str) -> Tensor:
 # tokens per program of the SLA backward's d kv reduction (_sla_bwd_dstate_kernel):
 # N = 43968, 16 heads -> 1376 programs on 132 SMs, 86 fp32 atomic adds per element of kv
 _LINEAR_CHUNK = 512
-_LINEAR_STATE_CHUNK = 2048  # tokens per linear-state program (fewer atomics on kv; H200: 0.113 vs 0.124 ms at 512)
+_LINEAR_STATE_CHUNK = 2048  # tokens per linear-state program (fewer atomics on kv; H200: 0.113 vs 0.124 ms at 512;
+# 2 stages: 0.33 vs 0.38 ms at 128 views, 8 warps or 128-token tiles slower)
 _LINEAR_TILE = 64  # tokens per step inside a chunk (divides both chunks)
 
 
@@ -751,7 +854,7 @@ def _linear_state_op(k: Tensor, v: Tensor, feature_map: int) -> tuple[Tensor, Te
     wrap_triton(_linear_state_kernel)[(triton.cdiv(N, _LINEAR_STATE_CHUNK), B * H)](
         k, v, kv, ksum, N, H, D, k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         CHUNK=_LINEAR_STATE_CHUNK, TILE_N=_LINEAR_TILE, TILE_D=_tile(D), FM=feature_map, F32=_full_fp32(k),
-        num_warps=4)
+        num_warps=4, num_stages=2)
     return kv, ksum
 
 
@@ -795,6 +898,20 @@ def linear_state_torch(k: Tensor, v: Tensor, feature_map: str) -> tuple[Tensor, 
     return fk.transpose(-1, -2) @ v.float(), fk.sum(dim=2)
 
 
+OVERLAP = True  # eager CUDA: the linear state on a side stream while the block map runs (False: one stream)
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(t: Tensor):
+    """The side stream of t's GPU, or None (OVERLAP off, CPU, or inside torch.compile's tracing, where the graph
+    is one stream)."""
+    if torch.compiler.is_compiling() or not OVERLAP or not t.is_cuda or is_fake(t):
+        return None
+    if t.device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[t.device] = torch.cuda.Stream(t.device)
+    return _SIDE_STREAMS[t.device]
+
+
 def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64,
                  feature_map: str = "softmax", lut: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(o_s, o_l), both [B, H, N, D] in q.dtype, differentiable in q, k, v (lut is not): o_s exact softmax
@@ -806,13 +923,22 @@ def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int =
     fm = _fm_code(feature_map)
     B, H, N, D = q.shape
     n_q, n_k = -(-N // block_q), -(-N // block_k)
+    if lut is not None and (lut.dim() != 4 or tuple(lut.shape[:3]) != (B, H, n_q) or not 1 <= lut.shape[3] <= n_k):
+        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K] with 1 <= K <= {n_k}")
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    side = _side_stream(k) if lut is None else None
+    if side is None:
+        kv, ksum = linear_state(k, v, feature_map)
+    else:  # the linear state beside the block map: both are latency-bound, together they fill the GPU better
+        main = torch.cuda.current_stream(k.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            kv, ksum = linear_state(k, v, feature_map)
     if lut is None:
         lut = sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
-    elif lut.dim() != 4 or tuple(lut.shape[:3]) != (B, H, n_q) or not 1 <= lut.shape[3] <= n_k:
-        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K] with 1 <= K <= {n_k}")
+    if side is not None:
+        main.wait_stream(side)  # kv / ksum are read only after this, and the next call's side work waits for main
     lut = lut.to(torch.int32).contiguous()
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    kv, ksum = linear_state(k, v, feature_map)
     o_s, o_l, _ = torch.ops.lite3r.sla_fwd(q, k, v, lut, kv.contiguous(), ksum.contiguous(), int(block_q),
                                            int(block_k), fm)
     return o_s, o_l

@@ -94,24 +94,32 @@ def test_sla_matches_reference_fp32(B, H, N, D, block_q, block_k, frac, feature_
     assert max(errs) < tol, dict(zip(NAMES, errs))
 
 
-@pytest.mark.parametrize("step", [1, 2, 4], ids=lambda s: f"step{s}")
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
+@pytest.mark.parametrize("step", [1, 2], ids=lambda s: f"step{s}")
 @pytest.mark.parametrize("N,D,block_q,kept", [(64, 32, 16, 3), (64, 32, 32, 4), (61, 32, 16, 3), (64, 24, 16, 4)],
                          ids=["even-odd-k", "even", "ragged-n", "d24"])
-def test_sla_fwd_every_step_and_even_path(monkeypatch, step, N, D, block_q, kept):
+def test_sla_fwd_every_step_and_even_path(monkeypatch, tma, step, N, D, block_q, kept):
     """Every forward code path: STEP kept key blocks per online-softmax step plus the KK % STEP remaining slots one
-    at a time (K = 3 at STEP = 4: remaining slots only), the unmasked EVEN path (blocks and D powers of two, N a
-    multiple of the blocks) and the masked one (N = 61, D = 24). The interpreter runs one autotune config: swap it."""
+    at a time (K = 3 at STEP = 2), the unmasked EVEN path (blocks and D powers of two, N a multiple of the blocks)
+    with TMA descriptors or pointer loads, and the masked one (N = 61, D = 24; never TMA). The interpreter runs one
+    autotune config: swap it."""
     import triton
 
     from kernels import sla
 
     monkeypatch.setattr(sla._sla_fwd_kernel, "configs", [triton.Config({"STEP": step}, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(sla, "USE_TMA", tma)
+    used = []
+    real = sla._tma_descriptors
+    monkeypatch.setattr(sla, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
     gen = torch.Generator().manual_seed(N + D + kept)
     block_k = 16
     lut = random_lut(1, 2, -(-N // block_q), -(-N // block_k), kept, gen).to(DEVICE)
     q, k, v = qkv(1, 2, N, D, torch.float32, gen)
     errs, _ = compare(q, k, v, lut, block_q, block_k, "softmax", gen)
     assert max(errs) < (1e-5 if DEVICE == "cpu" else 5e-3), dict(zip(NAMES, errs))
+    even = N % 32 == 0 and D == 32
+    assert [d is not None for d in used] == ([tma] if even else []), "TMA taken where it should not be, or not"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -207,11 +215,13 @@ def test_block_map_keeps_top_scores(N, D, block_q, block_k, topk, seed):
 @FAST
 @given(rows=st.integers(1, 5), MK=st.integers(1, 150), frac=st.floats(0.0, 1.0),
        dist=st.sampled_from(["normal", "lognormal", "heavy", "bimodal", "ties", "constant"]),
-       guesses=st.sampled_from([0, 10]), fused_stats=st.booleans(), seed=st.integers(0, 2**16))
-def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats, seed):
+       guesses=st.sampled_from([0, 10]), fused_stats=st.booleans(), chunked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats, chunked, seed):
     """_select_kernel alone, launched as select_top launches it: the KK largest of each row, ties to the lowest
     index, written ascending, on rows whose shape defeats the guessed probes (skewed, heavy-tailed, two clusters,
-    many ties, all equal) and with bisection only; both reductions of the row statistics."""
+    many ties, all equal) and with bisection only; both reductions of the row statistics; indices written from the
+    tile in registers or chunk by chunk (one key per thread per chunk: rows over 128 keys span two chunks)."""
     from kernels.sla import _normal_quantile, _select_kernel, _select_launch
 
     gen = torch.Generator().manual_seed(seed)
@@ -223,9 +233,9 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
     z, density = _normal_quantile(kk, MK)
     lut = torch.full((rows, kk), -1, dtype=torch.int32)
     s, lut = s.to(DEVICE), lut.to(DEVICE)
-    tile, warps = _select_launch(MK)
+    tile, warps, _ = _select_launch(MK)
     _select_kernel[(rows,)](s, lut, MK, MK, kk, Z=z, DENSITY=density, GUESSES=guesses, TILE_MK=tile,
-                            FUSED_STATS=fused_stats, num_warps=warps)
+                            FUSED_STATS=fused_stats, FINAL_CHUNK=32 * warps if chunked else 0, num_warps=warps)
     assert torch.equal(lut.cpu(), stable_top_k(s.cpu(), kk))
 
 
@@ -357,9 +367,45 @@ def test_block_map_real_size_gpu(views):
 
 
 @pytest.mark.gpu
-def test_sla_compile_fullgraph_gpu():
+def test_sla_fwd_tma_equals_pointer_loads_gpu(monkeypatch):
+    """N = 32 x 1374 in bf16 with qkv-strided inputs: the forward through TMA descriptors equals the pointer-load
+    forward (same blocks, same fp32 accumulation; only the summation order of the two blocks of a step differs)."""
+    from kernels import sla
+
+    gen = torch.Generator().manual_seed(3)
+    N, H, D, bs = 32 * 1374, 4, 64, 64
+    qkv_ = torch.randn(1, N, 3, H, D, generator=gen).to(DEVICE, torch.bfloat16)
+    q, k, v = (qkv_[:, :, i].transpose(1, 2) for i in range(3))
+    lut = kernels.sla_block_map(q, k, topk=0.05, block_q=bs, block_k=bs)
+    assert sla._tma_descriptors(k, v, bs) is not None
+    with_tma = kernels.sla_branches(q, k, v, topk=0.05, lut=lut)
+    monkeypatch.setattr(sla, "USE_TMA", False)
+    without = kernels.sla_branches(q, k, v, topk=0.05, lut=lut)
+    assert rel_rms(with_tma[0], without[0]) < 2e-3 and rel_rms(with_tma[1], without[1]) < 1e-5
+
+
+@pytest.mark.gpu
+def test_sla_linear_state_beside_block_map_gpu(monkeypatch):
+    """The linear state on the side stream (eager CUDA) gives the outputs and gradients of the one-stream path (up to
+    the order of the fp32 atomic adds of kv and of k's total, which differs from run to run on either path)."""
+    from kernels import sla
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = qkv(1, 4, 32 * 1374, 64, torch.bfloat16, gen)
+    outs = []
+    for overlap in (True, False):
+        monkeypatch.setattr(sla, "OVERLAP", overlap)
+        o_s, o_l = kernels.sla_branches(q, k, v, topk=0.05)
+        outs.append([o_s, o_l, *torch.autograd.grad((o_s.float().sum() + o_l.float().square().sum()), (q, k, v))])
+    for name, a, b in zip(NAMES, *outs):
+        assert rel_rms(a, b) < 1e-3, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [1000, 1024], ids=["ragged", "even"])
+def test_sla_compile_fullgraph_gpu(N):
     """torch.compile(fullgraph=True) of an SLA attention block (qkv -> SLA kernels -> proj_l, proj) forward and
-    backward, equal to eager."""
+    backward, equal to eager; N = 1024 takes the EVEN path (TMA in eager, pointer loads in the compiled graph)."""
     torch.manual_seed(0)
     C, H = 256, 4
     qkv_l, proj, proj_l = torch.nn.Linear(C, 3 * C), torch.nn.Linear(C, C), torch.nn.Linear(C // H, C // H)
@@ -371,7 +417,7 @@ def test_sla_compile_fullgraph_gpu():
         o_s, o_l = kernels.sla_branches(q, k, v, topk=0.1, block_q=64, block_k=64)
         return proj((o_s + proj_l(o_l)).transpose(1, 2).reshape(B, N, C))
 
-    x = torch.randn(2, 1000, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(2, N, C, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     eager = block(x)
     (g_eager,) = torch.autograd.grad(eager.float().square().sum(), x)
     compiled = torch.compile(block, fullgraph=True)
