@@ -350,6 +350,9 @@ class SLAAttention(nn.Module):
         if isinstance(scale, (int, float)) and not math.isclose(scale, self.head_dim ** -0.5, rel_tol=1e-6):
             raise ValueError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
                              f"{self.head_dim ** -0.5:.6g}; leave this module dense (swap_attention(filter=...))")
+        drop = getattr(attn, "attn_drop", None)  # timm: nn.Dropout; others: the dropout_p they pass to SDPA
+        self.attn_drop_p = float(drop.p if isinstance(drop, nn.Dropout) else drop if isinstance(drop, (int, float))
+                                 else 0.0)
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self.rope = getattr(attn, "rope", None)  # a module (registered) or a plain callable rope(t, pos)
@@ -369,6 +372,9 @@ class SLAAttention(nn.Module):
         if given:
             raise ValueError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
                              "SLA; leave this module dense (swap_attention(filter=...))")
+        if self.training and self.attn_drop_p > 0:  # eval (dropout off) is exact; training would silently differ
+            raise ValueError(f"SLAAttention cannot apply the replaced module's attention dropout (p="
+                             f"{self.attn_drop_p}) in training; set it to 0 or leave this module dense")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, H, N, D]

@@ -211,6 +211,24 @@ def test_custom_scale_and_masks_are_refused(teacher):
         attn(x, attn_bias=torch.zeros(20, 20))
 
 
+def test_attention_dropout_refused_in_training_only(teacher):
+    """The replaced module's attention dropout (nn.Dropout as in timm, or a float dropout_p) cannot be applied by
+    SLA: training with p > 0 is refused with a one-line error; eval (dropout off) runs; p = 0 trains."""
+    x = torch.randn(1, 20, 32)
+    for drop in (torch.nn.Dropout(0.1), 0.1):
+        student = copy.deepcopy(teacher)
+        student.blocks[0].attn.attn_drop = drop
+        lite3r.swap_attention(student, fp8=False)
+        attn = student.blocks[0].attn
+        assert attn.eval()(x).shape == x.shape
+        with pytest.raises(ValueError, match=r"attention dropout \(p=0\.1\)"):
+            attn.train()(x)
+    student = copy.deepcopy(teacher)
+    student.blocks[0].attn.attn_drop = torch.nn.Dropout(0.0)
+    lite3r.swap_attention(student, fp8=False)
+    assert student.blocks[0].attn.train()(x).shape == x.shape
+
+
 def test_training_step_moves_only_proj_l(teacher):
     student = copy.deepcopy(teacher)
     lite3r.swap_attention(student, topk=0.5, block_q=8, block_k=8, feature_map="elu")
