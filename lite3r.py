@@ -330,7 +330,9 @@ class SLAAttention(nn.Module):
     """Drop-in SLA replacement of an attention module with qkv / proj / num_heads (/ q_norm / k_norm / rope).
 
     Keeps the original submodules (same objects, same state-dict keys) and adds `proj_l = Linear(D, D)`, zero-init,
-    so at init the output is block-sparse attention (dense attention at topk=1). forward(x [B,N,C], pos=None)."""
+    so at init the output is block-sparse attention (dense attention at topk=1). forward(x [B,N,C], pos=None).
+    What SLA cannot honour is refused with a one-line error, never skipped: a softmax scale other than
+    head_dim**-0.5 (at construction), a real attn_mask / attn_bias, and attention dropout p > 0 in training."""
 
     def __init__(self, attn: nn.Module, *, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
                  feature_map: str = "softmax"):
