@@ -353,8 +353,8 @@ class SLAAttention(nn.Module):
             raise ValueError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
                              f"{self.head_dim ** -0.5:.6g}; leave this module dense (swap_attention(filter=...))")
         drop = getattr(attn, "attn_drop", None)  # timm: nn.Dropout; others: the dropout_p they pass to SDPA
-        self.attn_drop_p = float(drop.p if isinstance(drop, nn.Dropout) else drop if isinstance(drop, (int, float))
-                                 else 0.0)
+        drop = drop.p if isinstance(drop, nn.Dropout) else drop
+        self.attn_drop_p = float(drop) if isinstance(drop, (int, float)) else 0.0
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
         self.rope = getattr(attn, "rope", None)  # a module (registered) or a plain callable rope(t, pos)

@@ -6,6 +6,7 @@ Shapes follow VGGT's global attention: B=1, H=16, D=64, N = views x 1374 tokens,
 tflops (None where it means nothing), speedup (vs the SDPA row of the same shape and pass, else None), extra
 fields (gbps for FP8, density for SLA). CUDA only (timings through triton.testing.do_bench); on CPU it raises.
 """
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -30,6 +31,17 @@ def _row(name: str, shape: str, ms: float, flop: Optional[float] = None, ref_ms:
     return {"name": name, "shape": shape, "ms": round(ms, 4),
             "tflops": None if flop is None else round(flop / ms / 1e9, 1),
             "speedup": None if ref_ms is None else round(ref_ms / ms, 2), **extra}
+
+
+@contextlib.contextmanager
+def _switched(module, name: str, value):
+    """module.name = value inside the block, restored after (the kernels' USE_TMA / OVERLAP switches)."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int = 64, block: int = 64,
@@ -58,11 +70,8 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
                      density=round(kept / n_blocks, 4)))
     rows.append(_row("sla fwd, CUDA graph (no launch overhead)", shape, _time(sla_fwd, rep_ms, graph=True),
                      sparse_flop, sdpa_ms))
-    sla.OVERLAP = False  # the linear state on the main stream too
-    try:
+    with _switched(sla, "OVERLAP", False):  # the linear state on the main stream too
         rows.append(_row("- sla fwd, one stream (eager)", shape, _time(sla_fwd, rep_ms), sparse_flop, sdpa_ms))
-    finally:
-        sla.OVERLAP = True
     lut = sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
     rows.append(_row("sla block map", shape,
                      _time(lambda: sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block), rep_ms)))
@@ -79,13 +88,10 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
                      _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                      sparse_flop))
     if sla.USE_TMA and N % block == 0:  # the same kernel with pointer loads instead of TMA descriptors
-        sla.USE_TMA = False
-        try:
+        with _switched(sla, "USE_TMA", False):
             rows.append(_row("- fused kernel, pointer loads (no TMA)", shape,
                              _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                              sparse_flop))
-        finally:
-            sla.USE_TMA = True
     if configs:
         rows += _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, sparse_flop, rep_ms)
     if backward:

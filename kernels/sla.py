@@ -497,6 +497,20 @@ def _row_stats(lo_a, hi_a, s1_a, s2_a, lo_b, hi_b, s1_b, s2_b):
 
 
 @triton.jit
+def _write_selected(p_lut, key, idx, valid, lo, exact, n_sel, n_eq, n_gt, KK):
+    """Writes the indices idx of a tile's selected keys, in order, from p_lut[n_sel] on: the keys >= lo when
+    `exact`, else the keys > lo and the first KK - n_gt ties of lo overall (n_eq ties were in earlier tiles).
+    Returns (n_sel, n_eq) after this tile."""
+    m_sel = key >= lo
+    if not exact:
+        m_eq = (key == lo) & valid
+        m_sel = (key > lo) | (m_eq & (n_eq + tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
+        n_eq += tl.sum(m_eq.to(tl.int32), axis=0)
+    tl.store(p_lut + n_sel + tl.cumsum(m_sel.to(tl.int32), axis=0) - 1, idx, mask=m_sel)
+    return n_sel + tl.sum(m_sel.to(tl.int32), axis=0), n_eq
+
+
+@triton.jit
 def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, GUESSES: tl.constexpr,
                    TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr, FINAL_CHUNK: tl.constexpr):
     """Grid (rows,): the indices of the KK largest of each row of the scores S [rows, MK] (fp32, row stride LD),
@@ -550,32 +564,21 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
         t_prev = t_probe
         c_prev = cnt
         step += 1
-    # exact: the KK keys at or above the probe; else lo is the KK-th largest key: the keys above it, then its ties
-    # by index
-    n_gt = 0
+    n_gt = 0  # keys above lo (only needed when lo is the KK-th largest key itself, with ties)
     if not exact:
         n_gt = tl.sum((b_key > lo).to(tl.int32), axis=0)
+    p_lut = LUT + i_r * KK
+    n_sel = 0  # indices written so far
+    n_eq = 0  # ties of lo met so far
     if FINAL_CHUNK == 0:
-        m_sel = b_key >= lo
-        if not exact:
-            m_eq = (b_key == lo) & m_k
-            m_sel = (b_key > lo) | (m_eq & (tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
-        tl.store(LUT + i_r * KK + tl.cumsum(m_sel.to(tl.int32), axis=0) - 1, o_k, mask=m_sel)
+        _write_selected(p_lut, b_key, o_k, m_k, lo, exact, n_sel, n_eq, n_gt, KK)
     else:
         o_c = tl.arange(0, FINAL_CHUNK)
-        n_sel = 0  # indices written so far
-        n_eq = 0  # ties of lo seen so far
         for c0 in range(0, MK, FINAL_CHUNK):
             m_c = (c0 + o_c) < MK
             c_s = tl.load(S + i_r * LD + c0 + o_c, mask=m_c, other=0.0)
             c_key = tl.where(m_c, _key(c_s), tl.full([], 0, tl.uint32))
-            m_sel = c_key >= lo
-            if not exact:
-                m_eq = (c_key == lo) & m_c
-                m_sel = (c_key > lo) | (m_eq & (n_eq + tl.cumsum(m_eq.to(tl.int32), axis=0) <= KK - n_gt))
-                n_eq += tl.sum(m_eq.to(tl.int32), axis=0)
-            tl.store(LUT + i_r * KK + n_sel + tl.cumsum(m_sel.to(tl.int32), axis=0) - 1, c0 + o_c, mask=m_sel)
-            n_sel += tl.sum(m_sel.to(tl.int32), axis=0)
+            n_sel, n_eq = _write_selected(p_lut, c_key, c0 + o_c, m_c, lo, exact, n_sel, n_eq, n_gt, KK)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -630,8 +633,9 @@ def _select_launch(n_k: int) -> tuple[int, int, int]:
     the guessed probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact. Rows
     of 4096-key tiles and longer write their indices chunk by chunk (see _select_kernel). 1024-key tiles run 2 warps
     (H200, 687-key rows: 0.044 vs 0.055 ms at 4 warps; 4096-key tiles: 4 warps 0.71, 2 warps 1.07, 8 warps 0.81)."""
-    warps = 2 if _tile(n_k) == 1024 else min(16, max(4, _tile(n_k) // 1024))
-    tile = max(_tile(n_k), 32 * warps)
+    tile = _tile(n_k)
+    warps = 2 if tile == 1024 else min(16, max(4, tile // 1024))
+    tile = max(tile, 32 * warps)
     return tile, warps, 1024 if tile >= 4096 else 0
 
 
