@@ -38,6 +38,10 @@ def main() -> None:
     rows = bench.run(views=tuple(args.views), topk=args.topk, configs=args.configs,
                      fp8_widths=() if args.no_fp8 else (1024, 4096))
     print(bench.format_rows(rows))
+    from kernels import sla
+
+    for key, config in sla._sla_fwd_kernel.cache.items():  # what the forward's autotuner chose, per shape key
+        print("fused forward config", key, config)
     print(f"bench in {time.time() - t:.0f}s")
     if args.json:
         with open(args.json, "w") as f:

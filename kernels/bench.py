@@ -123,9 +123,12 @@ def _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, flop, rep_ms) -> list
     try:
         for step in (1, 2):
             for stages in (2, 3, 4):
-                tuner.configs, tuner.cache = [triton.Config({"STEP": step}, num_warps=4, num_stages=stages)], {}
-                ms = _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms)
-                rows.append(_row(f"- fused kernel at STEP={step} 4 warps {stages} stages", shape, ms, flop))
+                for maxnreg in (168, None):
+                    tuner.configs = [triton.Config({"STEP": step}, num_warps=4, num_stages=stages, maxnreg=maxnreg)]
+                    tuner.cache = {}
+                    ms = _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms)
+                    cap = "" if maxnreg is None else f", <= {maxnreg} registers"
+                    rows.append(_row(f"- fused kernel at STEP={step} 4 warps {stages} stages{cap}", shape, ms, flop))
     finally:
         tuner.configs, tuner.cache = saved, {}
     return rows

@@ -52,11 +52,24 @@ def _fwd_configs():
     score tile: fewer row reductions and accumulator rescales, deeper P @ V). On an H100 (docs/benchmarks.md) STEP=2
     beat STEP=1 by 2-7 % at every stage count at 32 and 128 views, 8 warps ran at half the speed (the softmax is done
     in both warpgroups) and STEP=4 spills; on an H200 STEP=2 with 4 stages was the best single config at both sizes,
-    2 and 3 stages within 1-5 % of it. The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
+    2 and 3 stages within 1-5 % of it. maxnreg=168 keeps 3 programs (4 warps each) on an SM's 64K registers: on an
+    H200 the kernel took 176 registers at 3-4 stages (2 programs per SM: 18.3 ms at 128 views, against 16.6 at 2
+    stages and 168 registers) and runs 161 with the cap, no spills; the uncapped configs stay for the shapes where
+    the cap would spill (D = 128, fp32). The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
     reach STEP=1)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
-    return [triton.Config({"STEP": 2}, num_warps=4, num_stages=n) for n in (2, 3, 4)]
+    return [triton.Config({"STEP": 2}, num_warps=4, num_stages=n, maxnreg=r) for n in (2, 3, 4) for r in (168, None)]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """The 168-register cap for bf16/fp16 at D <= 64 (the shapes it was measured on), no cap elsewhere: a choice
+    made here, not by timing, because the autotuner's short timings once took an uncapped 2-programs-per-SM config
+    (18.1 ms against 16.7 at 128 views)."""
+    args = {**named_args, **kwargs}  # the constexprs come as keywords
+    capped = args["TILE_D"] <= 64 and not args["F32"]
+    kept = [c for c in configs if (c.maxnreg is not None) == capped]
+    return kept or configs
 
 
 # ---------------------------------------------------------------------------------------------------- kernels
@@ -106,6 +119,22 @@ def _phi(b_x, m_d, FM: tl.constexpr):
     else:  # relu
         b_f = tl.maximum(b_x, 0.0)
     return tl.where(m_d[None, :], b_f, 0.0)
+
+
+@triton.jit
+def _linear_num(b_f, b_kv, F32: tl.constexpr):
+    """phi(q) @ kv for an fp32 [TQ, TD] tile b_f >= 0 and fp32 kv [TD, TD]. Unless F32: fp16 operands, each row of
+    b_f and all of kv scaled to at most 1 in magnitude first (kv sums over all N tokens and can pass fp16's range):
+    the rounding of tf32 (10-bit mantissas), without tf32's fp32 operand registers; bf16 operands (7 bits) had 8x
+    its error (docs/benchmarks.md, session 5)."""
+    if F32:
+        return _dot(b_f, b_kv, F32)
+    r = tl.max(b_f, axis=1)
+    r = tl.where(r > 0, r, 1.0)
+    c = tl.max(tl.max(tl.abs(b_kv), axis=1), axis=0)
+    c = tl.where(c > 0, c, 1.0)
+    b_num = tl.dot((b_f * (1.0 / r)[:, None]).to(tl.float16), (b_kv * (1.0 / c)).to(tl.float16))
+    return b_num * (r * c)[:, None]
 
 
 @triton.jit
@@ -192,7 +221,8 @@ def _fwd_step_tma(b_q, b_m, b_l, b_acc, K, V, i_b, i_h, p_lut, j, qk_scale, BLOC
     return b_mn, b_l, b_acc
 
 
-@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM", "LINEAR", "EVEN", "TMA"])
+@triton.autotune(configs=_fwd_configs(), key=["D", "KK", "BLOCK_Q", "BLOCK_K", "FM", "LINEAR", "EVEN", "TMA", "F32"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                     sq_b, sq_h, sq_n, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n,
@@ -239,11 +269,15 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
     _store(OS + o_out, b_os.to(OS.dtype.element_ty), m_qd, EVEN)
     _store(LSE + i_bh.to(tl.int64) * N + o_q, b_m + tl.math.log2(b_l), m_q, EVEN)
     if LINEAR:
-        b_f = _phi(b_q.to(tl.float32), m_d, FM)  # [TQ, TD]
+        # q times the identity: an exact fp32 copy of q in the MMA result layout, where phi's row reductions take 2
+        # shuffles (q as loaded took ~400 shuffles and ~80 more registers, which capped the forward at 2 programs
+        # per SM: docs/benchmarks.md, session 5)
+        b_eye = (o_d[:, None] == o_d[None, :]).to(tl.float32 if F32 else b_q.dtype)
+        b_f = _phi(_dot(b_q, b_eye, F32), m_d, FM)  # [TQ, TD]
         o_dd = o_d[:, None] * D + o_d[None, :]
         b_kv = _load(KV + i_bh.to(tl.int64) * D * D + o_dd, m_d[:, None] & m_d[None, :], EVEN)  # [TD, TD]
         b_ks = _load(KS + i_bh.to(tl.int64) * D + o_d, m_d, EVEN)  # [TD]
-        b_num = _dot(b_f, b_kv, F32)  # [TQ, TD]
+        b_num = _linear_num(b_f, b_kv, F32)  # [TQ, TD]
         b_den = tl.sum(b_f * b_ks[None, :], axis=1) + EPS
         _store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), m_qd, EVEN)
 
@@ -627,16 +661,18 @@ _SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; lo
 _GUESSED_PROBES = 10
 
 
-def _select_launch(n_k: int) -> tuple[int, int, int]:
-    """(TILE_MK, num_warps, FINAL_CHUNK) of the select kernel for rows of n_k scores. The tile is at least one
-    element per thread: on an H200 a 16-wide tile over 32-128 threads (replicated elements) wrote wrong indices once
-    the guessed probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact. Rows
-    of 4096-key tiles and longer write their indices chunk by chunk (see _select_kernel). 1024-key tiles run 2 warps
-    (H200, 687-key rows: 0.044 vs 0.055 ms at 4 warps; 4096-key tiles: 4 warps 0.71, 2 warps 1.07, 8 warps 0.81)."""
+def _select_launch(n_k: int) -> tuple[int, int, int, int | None]:
+    """(TILE_MK, num_warps, FINAL_CHUNK, maxnreg) of the select kernel for rows of n_k scores. The tile is at least
+    one element per thread: on an H200 a 16-wide tile over 32-128 threads (replicated elements) wrote wrong indices
+    once the guessed probes ran, at any warp count (Triton 3.6), while tiles of >= 1 element per thread were exact.
+    Rows of 4096-key tiles and longer write their indices chunk by chunk (see _select_kernel) with at most 64
+    registers per thread, so more rows run at once on an SM (H200, 2748-key rows: 0.667 ms; 1024-key chunks 0.710
+    uncapped (95 registers), 0.689 at 72; 4 warps 0.71, 2 warps 1.07, 8 warps 0.81). 1024-key tiles run 2 warps
+    (687-key rows: 0.044 vs 0.055 ms at 4 warps; 1 warp 0.042, capped registers 0.046)."""
     tile = _tile(n_k)
     warps = 2 if tile == 1024 else min(16, max(4, tile // 1024))
     tile = max(tile, 32 * warps)
-    return tile, warps, 1024 if tile >= 4096 else 0
+    return (tile, warps, 512, 64) if tile >= 4096 else (tile, warps, 0, None)
 
 
 def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
@@ -676,7 +712,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     """int32 [..., kept]: the indices of the `kept` largest of each row of fp32 `scores` [..., Mk], ascending, ties
     to the lowest index (one select program per row; rows over _SELECT_MAX_TILE long: torch.topk, unordered)."""
     n_k = scores.shape[-1]
-    tile, warps, final_chunk = _select_launch(n_k)
+    tile, warps, final_chunk, maxnreg = _select_launch(n_k)  # (torch's tracing takes no maxnreg: uncapped there)
     if tile > _SELECT_MAX_TILE:  # rows too long for one program's registers
         return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
     rows = scores.reshape(-1, n_k)  # a view for block_scores' padded rows
@@ -686,7 +722,8 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     z, density = _normal_quantile(kept, n_k)
     wrap_triton(_select_kernel)[(rows.shape[0],)](
         rows, lut, n_k, rows.stride(0), kept, Z=z, DENSITY=density, GUESSES=_GUESSED_PROBES, TILE_MK=tile,
-        FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, num_warps=warps)
+        FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, num_warps=warps,
+        **({} if maxnreg is None or torch.compiler.is_compiling() else {"maxnreg": maxnreg}))
     return lut
 
 

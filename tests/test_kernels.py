@@ -233,7 +233,7 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
     z, density = _normal_quantile(kk, MK)
     lut = torch.full((rows, kk), -1, dtype=torch.int32)
     s, lut = s.to(DEVICE), lut.to(DEVICE)
-    tile, warps, _ = _select_launch(MK)
+    tile, warps, _, _ = _select_launch(MK)
     _select_kernel[(rows,)](s, lut, MK, MK, kk, Z=z, DENSITY=density, GUESSES=guesses, TILE_MK=tile,
                             FUSED_STATS=fused_stats, FINAL_CHUNK=32 * warps if chunked else 0, num_warps=warps)
     assert torch.equal(lut.cpu(), stable_top_k(s.cpu(), kk))
@@ -364,6 +364,24 @@ def test_block_map_real_size_gpu(views):
     scores = block_scores(q, k, bs, bs)
     want = scores.topk(kept, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
     assert torch.equal(select_top(scores, kept), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
+def test_sla_linear_branch_beyond_fp16_range_gpu(feature_map):
+    """The forward's linear branch multiplies fp16 operands scaled into [-1, 1]: with q of magnitude ~100 (elu/relu
+    features ~100) and v ~3e4 (kv ~1e8, past fp16's 65504), o_l stays finite and as close to the fp32 reference as
+    the bf16 reference is (without the scaling it would be inf)."""
+    gen = torch.Generator().manual_seed(5)
+    N, D, bs = 4096, 64, 64
+    q, k, v = (t.detach() for t in qkv(1, 2, N, D, torch.bfloat16, gen))
+    q, v = q * 100.0, v * 3e4
+    lut = kernels.sla_block_map(q, k, topk=0.05, block_q=bs, block_k=bs)
+    o_l = kernels.sla_branches(q, k, v, topk=0.05, lut=lut, feature_map=feature_map)[1]
+    ref = lambda *t: lite3r.sla_reference(*t, lut, block_q=bs, block_k=bs, feature_map=feature_map)[1]  # noqa: E731
+    exact, same_dtype = ref(q.float(), k.float(), v.float()), ref(q, k, v)
+    assert torch.isfinite(o_l).all()
+    assert rel_rms(o_l, exact) <= 2 * rel_rms(same_dtype, exact) + 2.0 ** -7
 
 
 @pytest.mark.gpu
