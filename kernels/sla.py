@@ -53,9 +53,9 @@ def _fwd_configs():
     beat STEP=1 by 2-7 % at every stage count at 32 and 128 views, 8 warps ran at half the speed (the softmax is done
     in both warpgroups) and STEP=4 spills; on an H200 STEP=2 with 4 stages was the best single config at both sizes,
     2 and 3 stages within 1-5 % of it. maxnreg=168 keeps 3 programs (4 warps each) on an SM's 64K registers: on an
-    H200 the kernel took 176 registers at 3-4 stages (2 programs per SM: 18.3 ms at 128 views, against 16.6 at 2
-    stages and 168 registers) and runs 161 with the cap, no spills; the uncapped configs stay for the shapes where
-    the cap would spill (D = 128, fp32). The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
+    H200 the session-4 kernel took 176 registers at 3-4 stages (2 programs per SM: 18.3 ms at 128 views, against
+    16.6 at 2 stages and 168 registers); the current one runs 161 under the cap at any stage count, no spills. The
+    uncapped configs are for the shapes where the cap would spill (D = 128, fp32): _prune_fwd_configs. The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
     reach STEP=1)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
@@ -712,7 +712,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     """int32 [..., kept]: the indices of the `kept` largest of each row of fp32 `scores` [..., Mk], ascending, ties
     to the lowest index (one select program per row; rows over _SELECT_MAX_TILE long: torch.topk, unordered)."""
     n_k = scores.shape[-1]
-    tile, warps, final_chunk, maxnreg = _select_launch(n_k)  # (torch's tracing takes no maxnreg: uncapped there)
+    tile, warps, final_chunk, maxnreg = _select_launch(n_k)  # maxnreg: not through torch's tracing (uncapped there)
     if tile > _SELECT_MAX_TILE:  # rows too long for one program's registers
         return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
     rows = scores.reshape(-1, n_k)  # a view for block_scores' padded rows
@@ -723,7 +723,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     wrap_triton(_select_kernel)[(rows.shape[0],)](
         rows, lut, n_k, rows.stride(0), kept, Z=z, DENSITY=density, GUESSES=_GUESSED_PROBES, TILE_MK=tile,
         FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, num_warps=warps,
-        **({} if maxnreg is None or torch.compiler.is_compiling() else {"maxnreg": maxnreg}))
+        **({} if maxnreg is None or torch.compiler.is_compiling() or is_fake(rows) else {"maxnreg": maxnreg}))
     return lut
 
 
