@@ -81,7 +81,8 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     rows.append(_row("- block map: select kernel (CUDA graph)", shape,
                      _time(lambda: sla.select_top(scores, kept), rep_ms, graph=True)))
     rows.append(_row("- block map: torch.topk instead (CUDA graph)", shape,
-                     _time(lambda: scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32), rep_ms, graph=True)))
+                     _time(lambda: scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32), rep_ms,
+                           graph=True)))
     rows.append(_row("sla linear state phi(k)^T v", shape, _time(lambda: sla.linear_state(k, v, "softmax"), rep_ms)))
     kv, ksum = sla.linear_state(k, v, "softmax")
     rows.append(_row("sla fused kernel (sparse + linear)", shape,
@@ -112,7 +113,8 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
 
 
 def _fwd_config_rows(q, k, v, lut, kv, ksum, block, shape, flop, rep_ms) -> list[dict]:
-    """The fused forward kernel timed at each config (STEP, warps, stages) the autotuner could choose from."""
+    """The fused forward kernel timed at each (STEP, stages, register cap) at 4 warps: the autotuner's candidates
+    and the STEP=1 ones it no longer has."""
     import triton
 
     from . import sla

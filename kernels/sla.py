@@ -44,7 +44,7 @@ except ImportError:
 
 LINEAR_EPS = 1e-6  # same as lite3r.LINEAR_EPS
 FEATURE_MAPS = ("softmax", "elu", "relu")  # kernel code 0, 1, 2
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E); a constexpr so kernels can read it
 
 
 def _fwd_configs():
@@ -55,8 +55,8 @@ def _fwd_configs():
     2 and 3 stages within 1-5 % of it. maxnreg=168 keeps 3 programs (4 warps each) on an SM's 64K registers: on an
     H200 the session-4 kernel took 176 registers at 3-4 stages (2 programs per SM: 18.3 ms at 128 views, against
     16.6 at 2 stages and 168 registers); the current one runs 161 under the cap at any stage count, no spills. The
-    uncapped configs are for the shapes where the cap would spill (D = 128, fp32): _prune_fwd_configs. The interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to
-    reach STEP=1)."""
+    uncapped configs are for the shapes where the cap would spill (D = 128, fp32): _prune_fwd_configs. The
+    interpreter runs one config (tests swap `_sla_fwd_kernel.configs` to reach STEP=1)."""
     if interpreting():
         return [triton.Config({"STEP": 2}, num_warps=4, num_stages=1)]
     return [triton.Config({"STEP": 2}, num_warps=4, num_stages=n, maxnreg=r) for n in (2, 3, 4) for r in (168, None)]
@@ -112,7 +112,7 @@ def _phi(b_x, m_d, FM: tl.constexpr):
     """Feature map of an fp32 [rows, TD] tile over its real columns (m_d); padded columns -> 0."""
     if FM == 0:  # softmax over D; one reciprocal per row (a division per element made the linear state 25 % slower)
         b_x = tl.where(m_d[None, :], b_x, float("-inf"))
-        b_e = tl.math.exp2((b_x - tl.max(b_x, axis=1)[:, None]) * 1.4426950408889634)
+        b_e = tl.math.exp2((b_x - tl.max(b_x, axis=1)[:, None]) * LOG2E)
         b_f = b_e * (1.0 / tl.sum(b_e, axis=1))[:, None]
     elif FM == 1:  # elu + 1
         b_f = tl.where(b_x > 0, b_x + 1.0, tl.exp(tl.minimum(b_x, 0.0)))
@@ -243,7 +243,7 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
     m_qd = m_q[:, None] & m_d[None, :]
     b_q = _load(Q + i_b * sq_b + i_h * sq_h + o_q[:, None].to(tl.int64) * sq_n + o_d[None, :], m_qd, EVEN)  # [TQ,TD]
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
-    qk_scale = SM_SCALE * 1.4426950408889634
+    qk_scale = SM_SCALE * LOG2E
     b_m = tl.full([TILE_Q], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([TILE_Q], dtype=tl.float32)
     b_acc = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
@@ -329,7 +329,7 @@ def _sla_bwd_dq_kernel(Q, K, V, LUT, KV, KS, OS, DOS, DOL, LSE, DELTA, DQ,
     k_base = K + i_b * sk_b + i_h * sk_h
     v_base = V + i_b * sv_b + i_h * sv_h
     p_lut = LUT + (i_bh.to(tl.int64) * MQ + i_m) * KK
-    qk_scale = SM_SCALE * 1.4426950408889634  # constexpr
+    qk_scale = SM_SCALE * LOG2E  # constexpr
     b_dq = tl.zeros([TILE_Q, TILE_D], dtype=tl.float32)
     for j in range(0, KK):
         i_kb = tl.load(p_lut + j)
@@ -412,7 +412,7 @@ def _sla_bwd_dkdv_kernel(Q, K, V, DOS, LSE, DELTA, ORDER, QOFF, QCNT, QIDX, DK, 
     row_base = i_bh * N
     start = tl.load(QOFF + i_slot)
     count = tl.load(QCNT + i_slot)
-    qk_scale = SM_SCALE * 1.4426950408889634  # constexpr
+    qk_scale = SM_SCALE * LOG2E  # constexpr
     b_dk = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
     b_dv = tl.zeros([TILE_K, TILE_D], dtype=tl.float32)
     for t in range(0, count):

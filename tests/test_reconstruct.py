@@ -111,7 +111,7 @@ def test_point_cloud_drops_padding_pixels():
     cams = dict(extrinsics=E, intrinsics=K, depth=torch.ones(S, H, W), depth_conf=conf)
     pixels = torch.ones(S, H, W, dtype=torch.bool)
     pixels[:, 0] = False  # the top row of both views is padding
-    pts, _, stats, thr = R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels)
+    pts, _, stats, _ = R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels)
     assert pts.shape[0] == S * (H - 1) * W and [s["points_total"] for s in stats] == [(H - 1) * W] * S
     _, _, _, thr = R.point_cloud(torch.rand(S, 3, H, W), cams, 50.0, pixels)
     assert thr == pytest.approx(float(conf[pixels].quantile(0.5)))
