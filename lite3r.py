@@ -64,7 +64,7 @@ def _kernels():
     time, so `import lite3r` needs nothing but torch."""
     if not _KERNELS:
         try:
-            _KERNELS.append(importlib.import_module("kernels"))
+            _KERNELS.append(importlib.import_module("lite3r_kernels"))
         except Exception:  # ImportError, or a half-written package: fall back to the reference
             _KERNELS.append(None)
     return _KERNELS[0]

@@ -1,4 +1,4 @@
-"""python -m backbones [../shared/reference]: error of bf16 vs fp32 VGGT heads on the VGGT-1B parity input."""
+"""python -m lite3r_backbones [../shared/reference]: error of bf16 vs fp32 VGGT heads on the VGGT-1B parity input."""
 import gc
 import importlib.util
 import sys

@@ -24,7 +24,7 @@ Memory-lean inference (``lean=True``, default): the aggregator keeps only the la
 at a time. Keeping fewer layers is bit-identical to ``lean=False``; frame chunks equal one big batch to float
 rounding (tested). ``head_dtype="bfloat16"`` runs the camera and DPT heads under bf16 autocast instead of fp32 (the
 head activations stay fp32). Error vs fp32 heads on the parity input (VGGT-1B recipe weights, 2 x 196 x 280, CPU;
-``python -m backbones ../shared/reference``), as rms / max error over the output's std:
+``python -m lite3r_backbones ../shared/reference``), as rms / max error over the output's std:
 pose_enc 4.2e-3 / 8.2e-3, depth 4.1e-2 / 1.3e-1, depth_conf 2.6e-2 / 1.0e-1, world_points 2.5e-3 / 1.0e-2,
 world_points_conf 2.6e-2 / 1.1e-1 (depth and the confidences have a tiny spread with random weights, std ~2e-3
 around ~1 and ~2: relative to their magnitude the max error is < 3e-4).

@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("lite3r_kernels")
 if not kernels.AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 

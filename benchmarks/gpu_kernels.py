@@ -32,13 +32,13 @@ def main() -> None:
         rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                               *args.tests, "--durations=6"])
         print(f"tests rc={rc} in {time.time() - t:.0f}s", flush=True)
-    from kernels import bench
+    from lite3r_kernels import bench
 
     t = time.time()
     rows = bench.run(views=tuple(args.views), topk=args.topk, configs=args.configs,
                      fp8_widths=() if args.no_fp8 else (1024, 4096))
     print(bench.format_rows(rows))
-    from kernels import sla
+    from lite3r_kernels import sla
 
     for key, config in sla._sla_fwd_kernel.cache.items():  # what the forward's autotuner chose, per shape key
         print("fused forward config", key, config)

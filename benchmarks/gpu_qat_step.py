@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 
 TINY = os.environ.get("QAT_TINY") == "1"  # CPU dry run of this script
 t0 = time.time()
-import recon.train as RT
-from recon.train import QAT, Dist, TrainConfig, enable_activation_checkpointing
+import lite3r_recon.train as RT
+from lite3r_recon.train import QAT, Dist, TrainConfig, enable_activation_checkpointing
 if not TINY:  # the recipe state dict in memory (no 4.8 GB file round trip), loaded strictly on a meta-built model
-    from backbones import build_backbone, load_checkpoint
+    from lite3r_backbones import build_backbone, load_checkpoint
     recipe = recipe_state_dict(os.path.join(HERE, "vggt_1b_state_dict_manifest.json"))
     print(f"recipe weights built in {time.time() - t0:.0f} s", flush=True)
     RT.dense_model = lambda name, weights, seed=0: load_checkpoint(build_backbone(name, device="meta"), recipe,

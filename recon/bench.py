@@ -11,7 +11,7 @@ Each path: warm-up (compile included, reported apart), median latency over repea
 the output difference against (a) (relative error of depth and of the camera extrinsics). On a machine without
 CUDA the tiny configuration runs eagerly and the table says so.
 
-    python -m recon.bench vggt --views 2            # tiny config on CPU in seconds
+    python -m lite3r_recon.bench vggt --views 2            # tiny config on CPU in seconds
 """
 from __future__ import annotations
 
@@ -162,7 +162,7 @@ def configure(model: nn.Module, **changes) -> nn.Module:
 
 def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
     """The dense model (`build_base`: the same weights every time) turned into path `variant`, on `device`."""
-    from recon import deploy
+    from lite3r_recon import deploy
 
     model = build_base(name, cfg.weights, device)
     if variant == "a":  # the official precision: fp32 weights, heads in fp32 outside autocast, every layer kept
@@ -170,7 +170,7 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
     configure(model, lean=variant != "bf16-all", head_dtype=cfg.head_dtype)
     compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
     if variant == "d" and cfg.student:  # the trained student, with the SLA / FP8 settings it was trained with
-        from recon.train import load_student
+        from lite3r_recon.train import load_student
 
         model = load_student(cfg.student, model)
     elif variant in ("c", "d"):
@@ -180,7 +180,7 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
 
 
 def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
-    from backbones import to_cameras
+    from lite3r_backbones import to_cameras
 
     cams = to_cameras(name, out, hw)
     return {k: cams[k].detach().float().cpu() for k in ("depth", "extrinsics")}
@@ -244,7 +244,7 @@ def environment(device: torch.device) -> dict:
         env["gpu"] = torch.cuda.get_device_name(device)
         env["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
     try:
-        import kernels
+        import lite3r_kernels as kernels
 
         env["kernels_available"] = bool(getattr(kernels, "AVAILABLE", False))
     except ImportError:
@@ -255,7 +255,7 @@ def environment(device: torch.device) -> dict:
 def build_base(name: str, weights: str | None, device: torch.device) -> nn.Module:
     """The dense model in fp32 on `device`: the checkpoint's weights, or random ones from a fixed seed (the same on
     every call, so each path starts from identical weights without holding a copy)."""
-    from backbones import build_backbone, load_checkpoint
+    from lite3r_backbones import build_backbone, load_checkpoint
 
     if weights:  # built on the meta device, the file's tensors go straight to `device`
         model = build_backbone(name, device="meta")
@@ -330,7 +330,7 @@ def plot_sweep(result: dict, path: str, *, overwrite: bool = False) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from recon.io import atomic_path
+    from lite3r_recon.io import atomic_path
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for variant in result["config"]["variants"]:
@@ -380,7 +380,7 @@ def categorise(kernel: str) -> str:
 def timed_modules(model: nn.Module, max_depth: int = 2) -> list[tuple[str, nn.Module]]:
     """Modules to time with CUDA events: up to `max_depth` deep, none that is or runs inside a compiled block (a
     hook there would be traced into the compiled region and recompile it). Whole-model compile: none."""
-    from recon.deploy import compile_regions
+    from lite3r_recon.deploy import compile_regions
 
     if hasattr(model, "_orig_mod"):
         return []
@@ -523,7 +523,7 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
     asked, and checks that before the (long) run."""
     from rich.console import Console
 
-    from recon.io import atomic_write_json, ensure_writable
+    from lite3r_recon.io import atomic_write_json, ensure_writable
 
     console = console or Console(width=max(Console().width, 130))  # the table needs ~110 columns; logs are files
     for path in (json_path, plot_path):
@@ -531,9 +531,9 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
             ensure_writable(path, overwrite)
     log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
     if target == "kernels":
-        import kernels.bench
+        from lite3r_kernels import bench as kernel_bench
 
-        result = kernels.bench.run(views=cfg.views, topk=cfg.topk)
+        result = kernel_bench.run(views=cfg.views, topk=cfg.topk)
     elif target == "attention":
         result = bench_attention(views=cfg.views, res=cfg.res or 518, topk=cfg.topk, repeats=cfg.repeats or 5,
                                  device=cfg.device, log=log)

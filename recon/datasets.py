@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backbones.preprocess import resize_intrinsics
-from recon import formats
+from lite3r_backbones.preprocess import resize_intrinsics
+from lite3r_recon import formats
 
 DTU64_SCANS = (24, 37, 40, 55, 63, 65, 69, 83, 97, 105, 114, 118, 122)
 DATASETS = ("blendedmvs", "dtu64", "synthetic")
@@ -57,7 +57,7 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
     depth [H,W] float32 or None, adjusted K float64). Pixel centres at integer coordinates, as load_images."""
     from PIL import Image
 
-    from backbones.preprocess import target_hw
+    from lite3r_backbones.preprocess import target_hw
 
     w0, h0 = image.size
     if isinstance(size, int):
@@ -93,7 +93,7 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
 def normalize_sample(sample: dict[str, Tensor]) -> dict[str, Tensor]:
     """Frame 0 as the world; translations and depth divided by the mean distance of valid points (no valid depth:
     of the camera centres) to the first camera. Adds `scale` (the divisor)."""
-    from recon.losses import compose, se3_inverse, unproject_depth
+    from lite3r_recon.losses import compose, se3_inverse, unproject_depth
 
     E = compose(sample["extrinsics"].double(), se3_inverse(sample["extrinsics"][:1].double()))
     mask = sample["mask"]
@@ -136,7 +136,7 @@ class SceneDataset:
         return [ref] + near[: views - 1] + rest + near[views - 1:]
 
     def load_view(self, scene: SceneFiles, i: int) -> dict:
-        from backbones.preprocess import _open_rgb
+        from lite3r_backbones.preprocess import _open_rgb
 
         v = scene.views[i]
         cam = formats.read_cam(v.cam)
@@ -203,7 +203,7 @@ class SyntheticScenes:
 
     def sample(self, index: int, views: int = 8, rng: np.random.Generator | None = None, *,
                normalize: bool = False) -> dict:
-        from recon.synthetic import render_sample
+        from lite3r_recon.synthetic import render_sample
 
         if not 0 <= index < self.num:
             raise IndexError(f"scene index {index} out of range ({self.num} scenes)")

@@ -234,7 +234,7 @@ def artifact_config(model: nn.Module) -> dict:
 def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
     """Write the deployed (not compiled) model as one safetensors file: fp8 weights + fp32 scales + the rest in
     their deployed dtype, and the config JSON in the header metadata. Returns the config."""
-    from recon.io import atomic_save_safetensors
+    from lite3r_recon.io import atomic_save_safetensors
 
     model = getattr(model, "_orig_mod", model)
     config = artifact_config(model)
@@ -261,7 +261,7 @@ def read_artifact_config(path: str | os.PathLike) -> dict:
 def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """The deployed architecture of an artifact: backbone, SLA where it was, FP8Linear for every linear whose
     weight is float8 in the file, fp32 modules as they were, the rest in the file's dtype."""
-    from backbones import build_backbone
+    from lite3r_backbones import build_backbone
 
     fp8_linears = {k.rsplit(".", 1)[0] for k, v in tensors.items() if k.endswith(".weight") and v.dtype ==
                    torch.float8_e4m3fn}
@@ -320,15 +320,15 @@ def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | o
     """`lite3r export`: teacher (checkpoint or random weights) -> student (a trained `student.safetensors` with its
     own SLA / FP8 settings, or a fresh SLA + FP8 student from the arguments) -> deployed on the CPU, uncompiled ->
     artifact. Returns the artifact config."""
-    from backbones import build_backbone, load_checkpoint
-    from recon.io import ensure_writable
+    from lite3r_backbones import build_backbone, load_checkpoint
+    from lite3r_recon.io import ensure_writable
 
     ensure_writable(out, overwrite)  # before the (long) build
     teacher = build_backbone(model)
     if weights is not None:
         load_checkpoint(teacher, weights, strict=True)
     if student is not None:  # SLA / FP8 settings as trained (student.json), not the arguments
-        from recon.train import load_student
+        from lite3r_recon.train import load_student
 
         model_ = load_student(student, teacher.eval())
     else:

@@ -8,7 +8,7 @@ the ground truth normalised the way the field does (frame 0 = world, unit mean d
 The point clouds: predicted depth unprojected with the predicted cameras vs GT depth with GT cameras, aligned by
 Sim(3) on pixel correspondences, then subsampled to `max_points` each for the KD-tree search.
 
-    python -m recon.evaluate        # the embedded default: vggt-tiny (random weights) on 2 synthetic scenes, CPU
+    python -m lite3r_recon.evaluate        # the embedded default: vggt-tiny (random weights) on 2 synthetic scenes, CPU
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None, student:
                device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
     """Backbone `model` (strictly loaded `weights`, or random weights from `seed`), or the lite3r student at
     `student` built on it (recon.train.load_student)."""
-    from recon.train import dense_model, load_student
+    from lite3r_recon.train import dense_model, load_student
 
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(f"--weights {weights}: no such file")
@@ -44,7 +44,7 @@ def load_model(model: str, *, weights: str | os.PathLike | None = None, student:
 
 
 def _points(depth, extrinsics, intrinsics):
-    from recon.losses import unproject_depth
+    from lite3r_recon.losses import unproject_depth
 
     return unproject_depth(depth[None].double(), extrinsics[None].double(), intrinsics[None].double())[0]
 
@@ -52,8 +52,8 @@ def _points(depth, extrinsics, intrinsics):
 def evaluate_sample(model: torch.nn.Module, sample: dict, *, device: str | torch.device = "cpu",
                     threshold: float = 0.05, max_points: int = 20000, seed: int = 0) -> dict[str, float]:
     """Metrics of `model` on one normalised sample (datasets.*.sample(..., normalize=True))."""
-    from backbones import to_cameras
-    from recon import metrics
+    from lite3r_backbones import to_cameras
+    from lite3r_recon import metrics
 
     images = sample["images"].to(device)
     hw = tuple(images.shape[-2:])
@@ -89,8 +89,8 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     "groups": {group: [metrics]}, "seconds"}."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from recon import datasets
-    from recon.io import atomic_write_json, console, ensure_writable, rich_table
+    from lite3r_recon import datasets
+    from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
 
     if views < 1:
         raise ValueError(f"--views must be >= 1, got {views}")

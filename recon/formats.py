@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recon.io import atomic_write_bytes, atomic_write_text
+from lite3r_recon.io import atomic_write_bytes, atomic_write_text
 
 
 # ------------------------------------------------------------------------------------------------------ cam.txt

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
-from recon.train_config import LossWeights  # noqa: F401  (torch-free: TrainConfig takes its defaults from it)
+from lite3r_backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
+from lite3r_recon.train_config import LossWeights  # noqa: F401  (torch-free: TrainConfig takes its defaults from it)
 
 
 # ------------------------------------------------------------------------------------------------ camera geometry

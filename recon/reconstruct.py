@@ -31,7 +31,7 @@ FORMATS = (".ply", ".glb")
 def unproject(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
     """`recon.losses.unproject_depth` computed in float64 (large scenes, far points), returned float32:
     depth [..., H, W], w2c `extrinsics` [..., 3, 4], `intrinsics` [..., 3, 3] -> world points [..., H, W, 3]."""
-    from recon.losses import unproject_depth
+    from lite3r_recon.losses import unproject_depth
 
     return unproject_depth(depth.double(), extrinsics.double(), intrinsics.double()).float()
 
@@ -86,7 +86,7 @@ def write_cloud(path: str | os.PathLike, points: Tensor, colours: Tensor, *, ove
     """PLY (binary) or GLB point cloud with per-vertex RGBA colours, written atomically."""
     import trimesh
 
-    from recon.io import atomic_path
+    from lite3r_recon.io import atomic_path
 
     path = Path(path)
     if path.suffix.lower() not in FORMATS:
@@ -104,7 +104,7 @@ def write_cloud(path: str | os.PathLike, points: Tensor, colours: Tensor, *, ove
 # ------------------------------------------------------------------------------------------------ model
 def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     """Image files from files and folders (a folder: its images sorted by name), in the order given."""
-    from backbones import list_images
+    from lite3r_backbones import list_images
 
     if not inputs:
         raise ValueError("no images given: pass image files or a folder of images")
@@ -120,7 +120,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def check_model(name: str) -> str:
-    from backbones import list_backbones
+    from lite3r_backbones import list_backbones
 
     if name not in list_backbones():
         raise ValueError(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
@@ -131,7 +131,7 @@ def build_model(name: str, *, weights: str | os.PathLike | None = None, student:
                 device: torch.device) -> nn.Module:
     """The dense backbone `name` (checkpoint `weights`, random weights from seed 0 when absent), or, with
     `student`, the lite3r student trained from it (recon.train.load_student)."""
-    from recon.train import dense_model, load_student
+    from lite3r_recon.train import dense_model, load_student
 
     check_model(name)
     if weights is not None and not Path(weights).is_file():
@@ -144,8 +144,8 @@ def build_model(name: str, *, weights: str | os.PathLike | None = None, student:
 def predict(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """Backbone forward of one scene images [S,3,H,W] (bf16 autocast on CUDA) -> to_cameras output without the
     batch axis, float32 on the CPU."""
-    from backbones import to_cameras
-    from recon.bench import forward
+    from lite3r_backbones import to_cameras
+    from lite3r_recon.bench import forward
 
     out = forward(model, images[None])
     cams = to_cameras(model, out, images.shape[-2:])
@@ -175,8 +175,8 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
     `net`: an already built backbone / student to use instead of building `model` (its name must be `model`)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from backbones import load_images
-    from recon.io import atomic_write_json, console, ensure_writable, rich_table
+    from lite3r_backbones import load_images
+    from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
 
     t0 = time.perf_counter()
     out = Path(out)

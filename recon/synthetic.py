@@ -272,8 +272,8 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
     cams/{id:08d}_cam.txt (+ cams/pair.txt), rendered_depth_maps/{id:08d}.pfm. Returns `out`."""
     from PIL import Image
 
-    from recon import formats
-    from recon.io import atomic_write_bytes
+    from lite3r_recon import formats
+    from lite3r_recon.io import atomic_write_bytes
 
     out = Path(out)
     if image_format not in ("jpg", "png"):
@@ -311,7 +311,7 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from recon.io import atomic_write_json, console
+    from lite3r_recon.io import atomic_write_json, console
 
     if num < 1 or views < 1:
         raise ValueError(f"--num and --views must be >= 1, got {num} and {views}")

@@ -15,7 +15,7 @@ Files in --out: config.json (marks the run), checkpoints/step-NNNNNN.{safetensor
 (proj_l tensors keyed by parameter name, the format `recon.deploy.load_proj_l` reads) + student.json (the config),
 metrics.json and loss.png. Every file goes through recon.io's atomic writers.
 
-    python -m recon.train            # the embedded default: vggt-tiny, random teacher, synthetic scenes, CPU
+    python -m lite3r_recon.train            # the embedded default: vggt-tiny, random teacher, synthetic scenes, CPU
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from recon.train_config import DEFAULT_RES, FAMILIES, RESUMABLE, TrainConfig, distill_select, parse_res  # noqa: F401
+from lite3r_recon.train_config import DEFAULT_RES, FAMILIES, RESUMABLE, TrainConfig, distill_select, parse_res  # noqa: F401
 
 FORMAT = "lite3r-train/1"
 
@@ -76,7 +76,7 @@ class SceneSource:
         self.cache: dict[int, dict[str, Tensor]] | None = {} if cfg.scenes else None
         self.dataset = None
         if cfg.data:
-            from recon import datasets
+            from lite3r_recon import datasets
 
             self.dataset = datasets.open_dataset(cfg.dataset, cfg.data, size=cfg.res)
             if len(self.dataset) == 0:
@@ -93,7 +93,7 @@ class SceneSource:
     def _sample(self, seed: int) -> dict[str, Tensor]:
         H, W = self.cfg.res
         if self.dataset is None:
-            from recon import synthetic
+            from lite3r_recon import synthetic
 
             s = synthetic.render_sample(seed, views=self.cfg.views, size=(H, W))
         else:
@@ -115,7 +115,7 @@ SKIP_PREFIXES = {"vggt": ("track_head.",)}  # official-file keys lite3r does not
 def dense_model(name: str, weights: str | os.PathLike | None, *, seed: int = 0) -> nn.Module:
     """Backbone `name` with the user's weights (built on the meta device, loaded strictly; the official VGGT file's
     tracking head is dropped), or random weights drawn from `seed` without touching the global RNG."""
-    from backbones import build_backbone, load_checkpoint
+    from lite3r_backbones import build_backbone, load_checkpoint
 
     if weights:
         model = build_backbone(name, device="meta")
@@ -135,7 +135,7 @@ def build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
 def build_student(teacher: nn.Module, cfg: TrainConfig) -> tuple[nn.Module, Any]:
     """SLA + FP8 fake-quant copy of the teacher (fp32 weights), only proj_l trainable. Returns (student, report)."""
     import lite3r
-    from recon.deploy import sla_scope_filter
+    from lite3r_recon.deploy import sla_scope_filter
 
     student = copy.deepcopy(teacher).float()
     report = lite3r.swap_attention(student, topk=cfg.topk, block_q=cfg.block, block_k=cfg.block,
@@ -176,7 +176,7 @@ def load_student(path: str | os.PathLike, teacher: nn.Module | str, *, weights: 
     parameter of the rebuilt student with the same shape, and every proj_l of the student must be in the file."""
     from safetensors import safe_open
 
-    from recon.deploy import load_proj_l
+    from lite3r_recon.deploy import load_proj_l
 
     path = Path(path)
     if path.is_dir():
@@ -297,7 +297,7 @@ class RunDir:
     def save(self, step: int, tensors: dict[str, Tensor], info: dict, keep: int = 2) -> None:
         from safetensors.torch import save
 
-        from recon.io import atomic_write_bytes, atomic_write_text
+        from lite3r_recon.io import atomic_write_bytes, atomic_write_text
 
         name = f"step-{step:06d}"
         self.ckpt.mkdir(parents=True, exist_ok=True)
@@ -343,7 +343,7 @@ class QAT:
 
     def __init__(self, cfg: TrainConfig, d: Dist):
         import lite3r
-        from recon.losses import TASK_LOSSES, LossWeights
+        from lite3r_recon.losses import TASK_LOSSES, LossWeights
 
         self.cfg, self.d, self.lite3r = cfg, d, lite3r
         self.teacher = build_teacher(cfg, torch.device("cpu"))
@@ -392,8 +392,8 @@ class QAT:
 
     def targets(self, batch: dict[str, Tensor], t_out: dict) -> dict[str, Tensor]:
         """Task-loss targets: the normalised ground truth, or the teacher's own predictions (--target teacher)."""
-        from backbones import to_cameras
-        from recon.losses import normalize_scene, unproject_depth
+        from lite3r_backbones import to_cameras
+        from lite3r_recon.losses import normalize_scene, unproject_depth
 
         if self.cfg.target == "gt":
             return normalize_scene(batch["extrinsics"], batch["intrinsics"], batch["depth"], batch["mask"])
@@ -481,8 +481,8 @@ class QAT:
 def evaluate(qat: QAT, batches: list[dict[str, Tensor]], *, student: bool = True) -> dict[str, dict[str, float]]:
     """Geometry metrics vs ground truth of the teacher (student=False) or the student, plus the student's
     agreement with the teacher (attention distillation loss, depth relative difference)."""
-    from backbones import to_cameras
-    from recon import metrics
+    from lite3r_backbones import to_cameras
+    from lite3r_recon import metrics
 
     rows: list[dict[str, float]] = []
     for batch in batches:
@@ -524,12 +524,12 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
         saved = RunDir(out).prepare(resume=True, overwrite=False)
     if saved is not None:
         cfg = _resume_config(TrainConfig.from_json(saved["config"]), cfg, explicit)
-    from recon.io import console as make_console
+    from lite3r_recon.io import console as make_console
 
     console = make_console(quiet or not d.main)
     qat = QAT(cfg, d)
     if d.main:
-        from recon.io import atomic_write_text
+        from lite3r_recon.io import atomic_write_text
 
         run.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.out / "config.json", json.dumps(cfg.to_json(), indent=1), overwrite=True)
@@ -607,7 +607,7 @@ def _finish(qat: QAT, cfg: TrainConfig, run: RunDir, history: list[dict], init_m
             eval_batches: list, console, extra: dict) -> dict:
     from safetensors.torch import save
 
-    from recon.io import atomic_write_bytes, atomic_write_text
+    from lite3r_recon.io import atomic_write_bytes, atomic_write_text
 
     info = {"format": FORMAT, "backbone": cfg.backbone, "config": cfg.to_json(), "step": cfg.steps,
             "params": sorted(qat.params), "teacher": cfg.teacher}

@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backbones import CheckpointError, build_backbone, load_checkpoint, to_cameras
-from backbones.da3 import (
+from lite3r_backbones import CheckpointError, build_backbone, load_checkpoint, to_cameras
+from lite3r_backbones.da3 import (
     extri_intri_to_pose_encoding,
     normalize_images,
     pose_encoding_to_extri_intri,
@@ -225,8 +225,8 @@ def test_parity_with_official_da3_large(shared_reference):
 def test_bf16_weights_run_the_head_in_bf16():
     """A deployed DA3 (bf16 weights but the fp32 pose decoder, as `lite3r bench` (b)-(d) runs it) feeds its head bf16 features: fp32 features into bf16
     convolutions would be a dtype error."""
-    from backbones import build_backbone
-    from recon.deploy import deploy_model
+    from lite3r_backbones import build_backbone
+    from lite3r_recon.deploy import deploy_model
 
     torch.manual_seed(0)
     model = deploy_model(build_backbone("da3-tiny").eval(), dtype=torch.bfloat16, compile_mode=None)

@@ -4,7 +4,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from recon import bench
+from lite3r_recon import bench
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +16,7 @@ def _reference_backend(monkeypatch):
 
 def test_cli_bench_tiny_on_cpu(tmp_path):
     """`lite3r bench --views 2` on CPU: tiny config, four paths, table printed, JSON with latency, ratios and errors."""
-    from cli import app
+    from lite3r_cli import app
 
     out = tmp_path / "bench.json"
     result = CliRunner().invoke(app, ["bench", "--views", "2", "--repeats", "1", "--warmup", "1", "--device", "cpu",
@@ -36,7 +36,7 @@ def test_cli_bench_tiny_on_cpu(tmp_path):
 
 
 def test_cli_bench_rejects_bad_values():
-    from cli import app
+    from lite3r_cli import app
 
     for args in (["bench", "--views", "two"], ["bench", "--res", "500"], ["bench", "--variants", "a,z"],
                  ["bench", "--topk", "0"]):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from backbones import CheckpointError, build_backbone, load_checkpoint
+from lite3r_backbones import CheckpointError, build_backbone, load_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The `lite3r` command line through `python -m cli` (so `cli.main`, the error handler, runs): every command's
+"""The `lite3r` command line through `python -m lite3r_cli` (so `lite3r_cli.main`, the error handler, runs): every command's
 --help works and names each of its options with a help text; a wrong option or value gives one error line and
 exit code 2, never a traceback."""
 from __future__ import annotations
@@ -11,17 +11,17 @@ import sys
 import pytest
 import typer.main
 
-import cli
+import lite3r_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMAND = typer.main.get_command(cli.app)
+COMMAND = typer.main.get_command(lite3r_cli.app)
 SUBCOMMANDS = sorted(COMMAND.commands)
 
 
 def lite3r(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "250", "NO_COLOR": "1", "TERM": "dumb"}
     env.pop("LITE3R_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lite3r_cli", *map(str, args)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

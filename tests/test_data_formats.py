@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recon import formats
-from recon.io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, ensure_writable
+from lite3r_recon import formats
+from lite3r_recon.io import atomic_path, atomic_save_safetensors, atomic_write_json, atomic_write_text, ensure_writable
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, width=64)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from recon import metrics
+from lite3r_recon import metrics
 
 
 def _rot(axis, deg):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lite3r
-from recon import deploy
+from lite3r_recon import deploy
 
 
 @pytest.fixture(autouse=True)
@@ -19,7 +19,7 @@ def _reference_backend(monkeypatch):
 
 def _tiny_student(topk: float = 0.25, fp8: bool = True) -> nn.Module:
     """vggt-tiny as a QAT student with non-zero proj_l, so the linear branch counts in the outputs."""
-    from backbones import build_backbone
+    from lite3r_backbones import build_backbone
 
     torch.manual_seed(0)
     model = deploy.make_student(build_backbone("vggt-tiny").eval(), topk=topk, fp8=fp8)
@@ -76,7 +76,7 @@ def test_fp8_weights_are_the_fake_quant_weights():
 
 
 def _cams(out: dict, hw) -> dict:
-    from backbones import to_cameras
+    from lite3r_backbones import to_cameras
 
     return {k: v.float() for k, v in to_cameras("vggt-tiny", out, hw).items() if k in ("depth", "extrinsics")}
 
@@ -156,7 +156,7 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path):
     same path again is refused without --overwrite."""
     from typer.testing import CliRunner
 
-    from cli import app
+    from lite3r_cli import app
 
     out = tmp_path / "tiny.lite3r.safetensors"
     result = CliRunner().invoke(app, ["export", "--out", str(out), "--topk", "0.5"])
@@ -174,7 +174,7 @@ def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
     """Paths (c) and (d) as `lite3r bench` builds them: the SLA kernels (auto backend) traced into the compiled
     blocks under bf16 autocast with no graph break. Compiled and eager bf16 differ by rounding only: each within
     twice the eager bf16 model's error against the same model deployed in fp32 (+1e-3)."""
-    from recon.bench import forward
+    from lite3r_recon.bench import forward
 
     monkeypatch.setenv("LITE3R_BACKEND", "auto")
     student = _tiny_student(fp8=fp8)

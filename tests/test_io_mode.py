@@ -1,7 +1,7 @@
 """Atomic writes give outputs the permissions a plain open() would (mkstemp alone makes them 0600)."""
 import os
 
-from recon import io
+from lite3r_recon import io
 
 
 def test_atomic_write_uses_the_umask(tmp_path):

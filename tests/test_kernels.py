@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 
 import lite3r
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("lite3r_kernels")
 if not kernels.AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-from kernels.sla import num_kept, transpose_lut  # noqa: E402
+from lite3r_kernels.sla import num_kept, transpose_lut  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FAST = settings(max_examples=int(os.environ.get("LITE3R_KERNEL_EXAMPLES", "6")), deadline=None,
@@ -105,7 +105,7 @@ def test_sla_fwd_every_step_and_even_path(monkeypatch, tma, step, N, D, block_q,
     autotune config: swap it."""
     import triton
 
-    from kernels import sla
+    from lite3r_kernels import sla
 
     monkeypatch.setattr(sla._sla_fwd_kernel, "configs", [triton.Config({"STEP": step}, num_warps=4, num_stages=1)])
     monkeypatch.setattr(sla, "USE_TMA", tma)
@@ -166,7 +166,7 @@ def test_sla_strided_inputs_and_zero_block():
 def test_sla_fwd_contiguous_keys_past_int32_offsets(monkeypatch):
     """The forward kernel's key offsets inside a head are int32: strided k, v past the limit are copied contiguous
     first, and a head too long even then is refused (limit lowered so a small packed-qkv input crosses it)."""
-    from kernels import sla
+    from lite3r_kernels import sla
 
     gen = torch.Generator().manual_seed(6)
     B, N, H, D = 1, 50, 2, 16
@@ -222,7 +222,7 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
     index, written ascending, on rows whose shape defeats the guessed probes (skewed, heavy-tailed, two clusters,
     many ties, all equal) and with bisection only; both reductions of the row statistics; indices written from the
     tile in registers or chunk by chunk (one key per thread per chunk: rows over 128 keys span two chunks)."""
-    from kernels.sla import _normal_quantile, _select_kernel, _select_launch
+    from lite3r_kernels.sla import _normal_quantile, _select_kernel, _select_launch
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, MK, generator=gen)
@@ -243,7 +243,7 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
 def test_select_top_power_of_two_and_vggt_rows(MK):
     """select_top on 64 rows of normal scores whose length fills the tile exactly (16, 128, 1024) or not (687: VGGT
     at 32 views): equal to a stable sort's top K (a 16-wide row once came out wrong on the GPU)."""
-    from kernels.sla import select_top
+    from lite3r_kernels.sla import select_top
 
     gen = torch.Generator().manual_seed(MK)
     s = torch.randn(64, MK, generator=gen)
@@ -349,7 +349,7 @@ def test_sla_real_size_gpu(dtype):
 def test_block_map_real_size_gpu(views):
     """N = views x 1374, 64-token blocks (Mk = 687 / 2748 key blocks), topk = 0.05: the select kernel's kept blocks
     are the top K of the fp64 scores up to fp32 rounding, and equal torch.topk's on the kernel's own scores."""
-    from kernels.sla import block_scores, select_top
+    from lite3r_kernels.sla import block_scores, select_top
 
     gen = torch.Generator().manual_seed(views)
     N, D, bs = views * 1374, 64, 64
@@ -388,7 +388,7 @@ def test_sla_linear_branch_beyond_fp16_range_gpu(feature_map):
 def test_sla_fwd_tma_equals_pointer_loads_gpu(monkeypatch):
     """N = 32 x 1374 in bf16 with qkv-strided inputs: the forward through TMA descriptors equals the pointer-load
     forward (same blocks, same fp32 accumulation; only the summation order of the two blocks of a step differs)."""
-    from kernels import sla
+    from lite3r_kernels import sla
 
     gen = torch.Generator().manual_seed(3)
     N, H, D, bs = 32 * 1374, 4, 64, 64
@@ -406,7 +406,7 @@ def test_sla_fwd_tma_equals_pointer_loads_gpu(monkeypatch):
 def test_sla_linear_state_beside_block_map_gpu(monkeypatch):
     """The linear state on the side stream (eager CUDA) gives the outputs and gradients of the one-stream path (up to
     the order of the fp32 atomic adds of kv and of k's total, which differs from run to run on either path)."""
-    from kernels import sla
+    from lite3r_kernels import sla
 
     gen = torch.Generator().manual_seed(4)
     q, k, v = qkv(1, 4, 32 * 1374, 64, torch.bfloat16, gen)
@@ -456,7 +456,7 @@ def small_linear_chunk(monkeypatch):
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
 def test_linear_state_matches_torch_twin(feature_map, small_linear_chunk):
     """The fused phi(k)^T v / sum phi(k) kernel (several chunks, partial last tile) and its backward kernel."""
-    from kernels.sla import linear_state, linear_state_torch
+    from lite3r_kernels.sla import linear_state, linear_state_torch
 
     gen = torch.Generator().manual_seed(7)
     N = 150
@@ -481,7 +481,7 @@ def test_block_map_all_ties_still_picks_k_distinct():
 
 def test_block_map_torch_topk_fallback_agrees(monkeypatch):
     """Rows longer than the select kernel's tile go through torch.topk: same kept sets on separated scores."""
-    import kernels.sla as sla
+    import lite3r_kernels.sla as sla
 
     gen = torch.Generator().manual_seed(11)
     q, k = (torch.randn(1, 2, 200, 16, generator=gen).to(DEVICE) for _ in range(2))

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import lite3r
 
-kernels = pytest.importorskip("kernels")
+kernels = pytest.importorskip("lite3r_kernels")
 if not kernels.AVAILABLE:
     pytest.skip("triton is not installed", allow_module_level=True)
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from backbones import list_images, load_images
-from backbones.preprocess import target_hw
+from lite3r_backbones import list_images, load_images
+from lite3r_backbones.preprocess import target_hw
 
 
 def _write(path, w, h, mode="RGB", color=(200, 30, 60)):

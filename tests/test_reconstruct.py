@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from recon import reconstruct as R
+from lite3r_recon import reconstruct as R
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -230,7 +230,7 @@ def test_vggt_tiny_dense_and_student(tmp_path, monkeypatch):
     from safetensors.torch import save_file
 
     import lite3r
-    from recon.train import FORMAT, TrainConfig, build_student, dense_model
+    from lite3r_recon.train import FORMAT, TrainConfig, build_student, dense_model
 
     paths = _write_images(tmp_path / "imgs", [RED, BLUE])
     s = R.reconstruct(paths, model="vggt-tiny", size=70, conf_percentile=50, out=tmp_path / "d.ply",

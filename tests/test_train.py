@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from recon import train as T
+from lite3r_recon import train as T
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(res=(56, 70), views=2, batch=2, steps=4, ckpt_every=2, eval_scenes=1, warmup=1, scenes=3)
@@ -33,7 +33,7 @@ def _env() -> dict:
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import cli; cli.main()", *args], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-c", "import lite3r_cli; lite3r_cli.main()", *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -141,7 +141,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path)
     args = ["train", "vggt", "--res", "56,70", "--views", "2", "--batch", "2", "--steps", "3", "--warmup", "1", "--optimizer", "sgd",
             "--eval-scenes", "0", "--quiet"]
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "cli", *args,
+                          f"--master_port={_free_port()}", "--master_addr=127.0.0.1", "-m", "lite3r_cli", *args,
                           "--out", str(tmp_path / "ddp")],
                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]

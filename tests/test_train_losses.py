@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from recon import losses as L
+from lite3r_recon import losses as L
 
 
 def _scene(B=2, S=3, H=14, W=18, seed=0):

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from backbones import build_backbone, get_config, list_backbones, load_checkpoint, to_cameras
-from backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat
+from lite3r_backbones import build_backbone, get_config, list_backbones, load_checkpoint, to_cameras
+from lite3r_backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_bf16_heads_close(tiny):
 
 
 def test_attention_scopes_and_structure(tiny):
-    from backbones.layers import Attention
+    from lite3r_backbones.layers import Attention
 
     attn = {n: m for n, m in tiny.named_modules() if isinstance(m, Attention)}
     scopes = {n: m.scope for n, m in attn.items()}

@@ -1,0 +1,4 @@
+"""`python -m lite3r_cli ...` runs the `lite3r` command line."""
+from lite3r_cli import main
+
+main()
