@@ -123,48 +123,73 @@ def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518) ->
 
 
 # --------------------------------------------------------------------------------------------- ray casting
+# Scenes are cast in batches: every ray of every view of every scene at once, primitive slot by slot (slot k of each
+# scene: its k-th primitive, or none), so a batch of scenes costs a few hundred kernel launches on a GPU.
+KIND_CODES = {"plane": 0, "box": 1, "sphere": 2}
+
+
 def _safe(d: Tensor) -> Tensor:
     return torch.where(d.abs() < 1e-12, torch.full_like(d, 1e-12), d)
 
 
-def _rot_z(yaw: float, dtype) -> Tensor:
-    c, s = math.cos(yaw), math.sin(yaw)
-    return torch.tensor([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]], dtype=dtype)
+def _slots(scenes: list[Scene], device) -> list[dict[str, Tensor]]:
+    """Per primitive slot, the scenes' parameters as tensors [B, ...] (kind -1: the scene has no such primitive)."""
+    out = []
+    for k in range(max(len(s.primitives) for s in scenes)):
+        prims = [s.primitives[k] if k < len(s.primitives) else None for s in scenes]
+        get = lambda f, empty: [empty if p is None else f(p) for p in prims]  # noqa: E731
+        t = lambda v, dtype=torch.float32: torch.tensor(v, dtype=dtype, device=device)  # noqa: E731
+        out.append({"kind": t(get(lambda p: KIND_CODES[p.kind], -1), torch.int64),
+                    "center": t(get(lambda p: p.center, (0.0, 0.0, 0.0))),
+                    "size": t(get(lambda p: p.size, (1.0, 1.0, 1.0))),
+                    "yaw": t(get(lambda p: p.yaw, 0.0)),
+                    "texture": t(get(lambda p: TEXTURES.index(p.texture), 0), torch.int64),
+                    "scale": t(get(lambda p: p.scale, 1.0)),
+                    "color_a": t(get(lambda p: p.color_a, (0.0, 0.0, 0.0))),
+                    "color_b": t(get(lambda p: p.color_b, (0.0, 0.0, 0.0)))})
+    return out
 
 
-def intersect(p: Primitive, o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    """Rays o [3], d [N,3] (unnormalised) -> (t [N], inf on a miss; unit normal [N,3]) of the first hit, t > 0."""
-    inf = torch.tensor(math.inf, dtype=d.dtype)
-    c = torch.tensor(p.center, dtype=d.dtype)
-    if p.kind == "plane":
-        t = -o[2] / _safe(d[:, 2])
+def intersect(kind: Tensor, p: dict[str, Tensor], o: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """Rays o, d [N,3] (d unnormalised) against per-ray primitives (`kind` [N], parameters `p` gathered per ray)
+    -> (t [N] of the first hit with t > 0, inf on a miss; unit normal [N,3])."""
+    inf = torch.full_like(d[:, 0], math.inf)
+    t_all, n_all = inf, torch.zeros_like(d)
+    c, half = p["center"], p["size"]
+    if bool((kind == 0).any()):  # plane z = 0 (the ground), |x|, |y| <= half
+        t = -o[:, 2] / _safe(d[:, 2])
         x = o + t[:, None] * d
-        ok = (t > 1e-6) & (x[:, 0].abs() <= p.size[0]) & (x[:, 1].abs() <= p.size[1])
+        ok = (kind == 0) & (t > 1e-6) & (x[:, 0].abs() <= half[:, 0]) & (x[:, 1].abs() <= half[:, 1])
         n = torch.zeros_like(d)
         n[:, 2] = 1.0
-        return torch.where(ok, t, inf), n
-    if p.kind == "sphere":
-        r = p.size[0]
+        t_all, n_all = torch.where(ok, t, t_all), torch.where(ok[:, None], n, n_all)
+    if bool((kind == 2).any()):  # sphere of radius half_x
+        r = half[:, 0]
         oc = o - c
         a = (d * d).sum(-1)
-        b = (d @ oc)
-        disc = b * b - a * (oc @ oc - r * r)
+        b = (d * oc).sum(-1)
+        disc = b * b - a * ((oc * oc).sum(-1) - r * r)
         t = (-b - disc.clamp_min(0).sqrt()) / a
-        ok = (disc >= 0) & (t > 1e-6)
-        n = (o + t[:, None] * d - c) / r
-        return torch.where(ok, t, inf), n
-    # box: slab test in the box frame (rotated about z by yaw)
-    R = _rot_z(p.yaw, d.dtype)  # box -> world
-    ol, dl = R.T @ (o - c), d @ R  # world -> box frame (d @ R = (R^T d^T)^T)
-    half = torch.tensor(p.size, dtype=d.dtype)
-    inv = 1.0 / _safe(dl)
-    t1, t2 = (-half - ol) * inv, (half - ol) * inv
-    tmin, axis = torch.minimum(t1, t2).max(-1)
-    tmax = torch.maximum(t1, t2).min(-1).values
-    ok = (tmax >= tmin) & (tmin > 1e-6)
-    nl = torch.zeros_like(d)
-    nl.scatter_(1, axis[:, None], -torch.sign(dl.gather(1, axis[:, None])))
-    return torch.where(ok, tmin, inf), nl @ R.T
+        ok = (kind == 2) & (disc >= 0) & (t > 1e-6)
+        n = (o + t[:, None] * d - c) / r[:, None]
+        t_all, n_all = torch.where(ok, t, t_all), torch.where(ok[:, None], n, n_all)
+    if bool((kind == 1).any()):  # box: slab test in the box frame (rotated about z by yaw)
+        cy, sy = torch.cos(p["yaw"]), torch.sin(p["yaw"])
+
+        def to_box(v):  # R^T v, R = rot_z(yaw) (box -> world)
+            return torch.stack([cy * v[:, 0] + sy * v[:, 1], -sy * v[:, 0] + cy * v[:, 1], v[:, 2]], -1)
+
+        ol, dl = to_box(o - c), to_box(d)
+        inv = 1.0 / _safe(dl)
+        t1, t2 = (-half - ol) * inv, (half - ol) * inv
+        tmin, axis = torch.minimum(t1, t2).max(-1)
+        tmax = torch.maximum(t1, t2).min(-1).values
+        ok = (kind == 1) & (tmax >= tmin) & (tmin > 1e-6)
+        nl = torch.zeros_like(d)
+        nl.scatter_(1, axis[:, None], -torch.sign(dl.gather(1, axis[:, None])))
+        n = torch.stack([cy * nl[:, 0] - sy * nl[:, 1], sy * nl[:, 0] + cy * nl[:, 1], nl[:, 2]], -1)  # R nl
+        t_all, n_all = torch.where(ok, tmin, t_all), torch.where(ok[:, None], n, n_all)
+    return t_all, n_all
 
 
 def waves(x: Tensor, salt: int, count: int = 8, freq: float = 1.0) -> Tensor:
@@ -174,81 +199,93 @@ def waves(x: Tensor, salt: int, count: int = 8, freq: float = 1.0) -> Tensor:
     w = torch.nn.functional.normalize(torch.randn(3, count, generator=g), dim=0)
     w = w * (freq * 2 * math.pi * (0.6 + 0.8 * torch.rand(count, generator=g)))
     phase = 2 * math.pi * torch.rand(count, generator=g)
-    return 0.5 + 0.5 * torch.sin(x.float() @ w + phase).mean(-1) * math.sqrt(2.0)
+    return 0.5 + 0.5 * torch.sin(x.float() @ w.to(x.device) + phase.to(x.device)).mean(-1) * math.sqrt(2.0)
 
 
-def texture(p: Primitive, x: Tensor, salt: int) -> Tensor:
-    """Albedo [N,3] of primitive `p` at world points x [N,3]."""
-    q = x / p.scale + 0.5  # + 0.5: surfaces at integer coordinates (the ground at z = 0) do not flicker
-    if p.texture == "checker":
-        m = (torch.floor(q).to(torch.int64).sum(-1) % 2).float()
-    elif p.texture == "stripes":
-        m = 0.5 + 0.5 * torch.sin(2 * math.pi * (q[:, 0] + 0.7 * q[:, 1] + 0.4 * q[:, 2]))
-    else:
-        m = waves(q, salt, freq=0.5).clamp(0, 1)
+def texture(p: dict[str, Tensor], x: Tensor, salt: int) -> Tensor:
+    """Albedo [N,3] at world points x [N,3] of per-point primitives (parameters `p` gathered per point)."""
+    q = x / p["scale"][:, None] + 0.5  # + 0.5: surfaces at integer coordinates (the ground at z = 0) do not flicker
+    kind = p["texture"]
+    m = (torch.floor(q).to(torch.int64).sum(-1) % 2).float()  # checker
+    m = torch.where(kind == 1, 0.5 + 0.5 * torch.sin(2 * math.pi * (q[:, 0] + 0.7 * q[:, 1] + 0.4 * q[:, 2])), m)
+    if bool((kind == 2).any()):
+        m = torch.where(kind == 2, waves(q, salt, freq=0.5).clamp(0, 1), m)
     fine = 0.6 * waves(q, salt + 1, freq=2.0) + 0.4 * waves(q, salt + 2, freq=7.0)
-    a, b = torch.tensor(p.color_a), torch.tensor(p.color_b)
-    albedo = a * (1 - m[:, None]) + b * m[:, None]
+    albedo = p["color_a"] * (1 - m[:, None]) + p["color_b"] * m[:, None]
     return (albedo * (0.6 + 0.8 * fine[:, None])).clamp(0, 1)
 
 
-def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
-    """View `i` -> (image [3,H,W] float32 in [0,1], z-depth [H,W] float32, 0 where no surface)."""
-    H, W = scene.size
-    E = torch.from_numpy(scene.extrinsics[i])
-    K = torch.from_numpy(scene.intrinsics[i])
-    R, t = E[:, :3], E[:, 3]
-    o = -R.T @ t  # camera centre
-    v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
-    pix = torch.stack([u.flatten(), v.flatten(), torch.ones(H * W, dtype=torch.float64)], -1)
-    d = ((pix @ torch.linalg.inv(K).T) @ R).float()  # [N,3] world directions, camera z-component 1: t = z-depth
-    o = o.float()
-    best = torch.full((H * W,), math.inf)
-    hit = torch.full((H * W,), -1, dtype=torch.int64)
-    normal = torch.zeros(H * W, 3)
-    dd = (d * d).sum(-1)
-    for k, p in enumerate(scene.primitives):
-        if p.kind == "plane":
-            idx = None
-        else:  # only the rays that meet the primitive's bounding sphere
-            oc = o - torch.tensor(p.center)
-            b = d @ oc
-            idx = (b * b - dd * (oc @ oc - float(np.linalg.norm(p.size)) ** 2) >= 0).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                continue
-        tk, nk = intersect(p, o, d if idx is None else d[idx])
-        if idx is None:
-            closer = tk < best
-            best = torch.where(closer, tk, best)
-            hit = torch.where(closer, torch.full_like(hit, k), hit)
-            normal = torch.where(closer[:, None], nk, normal)
-        else:
-            closer = tk < best[idx]
-            sel = idx[closer]
-            best[sel], hit[sel], normal[sel] = tk[closer], k, nk[closer]
+def render_scenes(scenes: list[Scene], views: list[int] | None = None, *, device: str | torch.device | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """Views `views` (default: all) of scenes of one size -> (images [B,V,3,H,W] float32 in [0,1], z-depth [B,V,H,W]
+    float32, 0 where no surface), cast on `device` (default CPU) in one batch."""
+    if not scenes or len({s.size for s in scenes}) != 1:
+        raise ValueError("render_scenes needs at least one scene, all of the same image size")
+    device = torch.device(device or "cpu")
+    views = list(range(len(scenes[0].extrinsics))) if views is None else list(views)
+    B, V, (H, W) = len(scenes), len(views), scenes[0].size
+    f64 = dict(dtype=torch.float64, device=device)
+    E = torch.as_tensor(np.stack([s.extrinsics[views] for s in scenes]), **f64)  # [B,V,3,4]
+    K = torch.as_tensor(np.stack([s.intrinsics[views] for s in scenes]), **f64)
+    R, t = E[..., :3], E[..., 3]
+    centres = -(R.transpose(-1, -2) @ t[..., None])[..., 0]  # [B,V,3]
+    v, u = torch.meshgrid(torch.arange(H, **f64), torch.arange(W, **f64), indexing="ij")
+    pix = torch.stack([u.flatten(), v.flatten(), torch.ones(H * W, **f64)], -1)  # [HW,3]
+    d = torch.einsum("pj,bvij,bvik->bvpk", pix, torch.linalg.inv(K), R)  # world directions, camera z = 1: t = z-depth
+    d = d.float().reshape(-1, 3)
+    o = centres.float()[:, :, None].expand(B, V, H * W, 3).reshape(-1, 3)
+    scene_of = torch.arange(B, device=device).repeat_interleave(V * H * W)  # [N]
+    slots = _slots(scenes, device)
+    best = torch.full_like(d[:, 0], math.inf)
+    hit = torch.full_like(scene_of, -1)
+    normal = torch.zeros_like(d)
+    for k, slot in enumerate(slots):
+        tk, nk = intersect(slot["kind"][scene_of], {n: v[scene_of] for n, v in slot.items() if n != "kind"}, o, d)
+        closer = tk < best
+        best = torch.where(closer, tk, best)
+        hit = torch.where(closer, torch.full_like(hit, k), hit)
+        normal = torch.where(closer[:, None], nk, normal)
     x = o + best.clamp_max(1e9)[:, None] * d
-    light = torch.tensor(scene.light)
-    shade = AMBIENT + (1 - AMBIENT) * (normal @ light).clamp_min(0)
-    top, bottom = torch.tensor(BACKGROUND_TOP), torch.tensor(BACKGROUND_BOTTOM)
-    g = (v.flatten() / max(H - 1, 1)).float()[:, None]
+    light = torch.tensor([s.light for s in scenes], dtype=torch.float32, device=device)[scene_of]
+    shade = AMBIENT + (1 - AMBIENT) * (normal * light).sum(-1).clamp_min(0)
+    top = torch.tensor(BACKGROUND_TOP, device=device)
+    bottom = torch.tensor(BACKGROUND_BOTTOM, device=device)
+    g = (v.flatten() / max(H - 1, 1)).float().repeat(B * V)[:, None]
     rgb = top * (1 - g) + bottom * g
-    for k, p in enumerate(scene.primitives):
+    for k, slot in enumerate(slots):
         sel = (hit == k).nonzero().squeeze(1)
         if sel.numel():
-            rgb[sel] = texture(p, x[sel], salt=1000 * k) * shade[sel, None]
+            b = scene_of[sel]
+            rgb[sel] = texture({n: v[b] for n, v in slot.items()}, x[sel], salt=1000 * k) * shade[sel, None]
     depth = torch.where(hit >= 0, best, torch.zeros_like(best))
-    return rgb.clamp(0, 1).T.reshape(3, H, W).contiguous(), depth.reshape(H, W)
+    images = rgb.clamp(0, 1).reshape(B, V, H, W, 3).permute(0, 1, 4, 2, 3).contiguous()
+    return images, depth.reshape(B, V, H, W)
 
 
-def render_sample(seed: int, views: int = 4, size: int | tuple[int, int] = (126, 168)) -> dict[str, Tensor]:
+def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
+    """View `i` -> (image [3,H,W] float32 in [0,1], z-depth [H,W] float32, 0 where no surface), on the CPU."""
+    img, depth = render_scenes([scene], [i])
+    return img[0, 0], depth[0, 0]
+
+
+def render_batch(seeds: list[int], views: int = 4, size: int | tuple[int, int] = (126, 168), *,
+                 device: str | torch.device | None = None) -> dict[str, Tensor]:
+    """The scenes of `seeds` rendered together on `device`: images [B,S,3,H,W], depth [B,S,H,W], mask, extrinsics
+    [B,S,3,4] w2c, intrinsics [B,S,3,3] (float32, metric world), all on `device`."""
+    scenes = [make_scene(s, views, size) for s in seeds]
+    images, depth = render_scenes(scenes, device=device)
+    dev = images.device
+    return {"images": images, "depth": depth, "mask": depth > 0,
+            "extrinsics": torch.as_tensor(np.stack([s.extrinsics for s in scenes]), dtype=torch.float32, device=dev),
+            "intrinsics": torch.as_tensor(np.stack([s.intrinsics for s in scenes]), dtype=torch.float32, device=dev)}
+
+
+def render_sample(seed: int, views: int = 4, size: int | tuple[int, int] = (126, 168), *,
+                  device: str | torch.device | None = None) -> dict[str, Tensor]:
     """The scene of `seed` rendered in memory: images [S,3,H,W] float32 in [0,1], depth [S,H,W] (0: background),
-    mask [S,H,W] bool (valid depth), extrinsics [S,3,4] w2c, intrinsics [S,3,3] (float32, metric world)."""
-    scene = make_scene(seed, views, size)
-    imgs, depths = zip(*(render_view(scene, i) for i in range(views)))
-    depth = torch.stack(depths)
-    return {"images": torch.stack(imgs), "depth": depth, "mask": depth > 0,
-            "extrinsics": torch.from_numpy(scene.extrinsics).float(),
-            "intrinsics": torch.from_numpy(scene.intrinsics).float()}
+    mask [S,H,W] bool (valid depth), extrinsics [S,3,4] w2c, intrinsics [S,3,3] (float32, metric world), on
+    `device` (default CPU)."""
+    return {k: v[0] for k, v in render_batch([seed], views, size, device=device).items()}
 
 
 # --------------------------------------------------------------------------------------- BlendedMVS on disk
@@ -349,5 +386,5 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     return info
 
 
-__all__ = ["Primitive", "Scene", "look_at", "make_scene", "make_scenes", "render_sample", "render_view",
-           "view_pairs", "write_scene"]
+__all__ = ["Primitive", "Scene", "look_at", "make_scene", "make_scenes", "render_batch", "render_sample",
+           "render_scenes", "render_view", "view_pairs", "write_scene"]
