@@ -50,6 +50,7 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     """SDPA vs SLA at N = views x 1374: forward (total and its parts; configs: the fused kernel at each candidate
     autotune config too) and forward + backward."""
     from . import sla
+    from .sla import attention  # where the USE_TMA / OVERLAP switches live
 
     N = views * TOKENS_PER_VIEW
     shape = f"B=1 H={heads} N={N} D={head_dim} {str(dtype).removeprefix('torch.')}"
@@ -70,7 +71,7 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
                      density=round(kept / n_blocks, 4)))
     rows.append(_row("sla fwd, CUDA graph (no launch overhead)", shape, _time(sla_fwd, rep_ms, graph=True),
                      sparse_flop, sdpa_ms))
-    with _switched(sla, "OVERLAP", False):  # the linear state on the main stream too
+    with _switched(attention, "OVERLAP", False):  # the linear state on the main stream too
         rows.append(_row("- sla fwd, one stream (eager)", shape, _time(sla_fwd, rep_ms), sparse_flop, sdpa_ms))
     lut = sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
     rows.append(_row("sla block map", shape,
@@ -88,8 +89,8 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     rows.append(_row("sla fused kernel (sparse + linear)", shape,
                      _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                      sparse_flop))
-    if sla.USE_TMA and N % block == 0:  # the same kernel with pointer loads instead of TMA descriptors
-        with _switched(sla, "USE_TMA", False):
+    if attention.USE_TMA and N % block == 0:  # the same kernel with pointer loads instead of TMA descriptors
+        with _switched(attention, "USE_TMA", False):
             rows.append(_row("- fused kernel, pointer loads (no TMA)", shape,
                              _time(lambda: torch.ops.lite3r.sla_fwd(q, k, v, lut, kv, ksum, block, block, 0), rep_ms),
                              sparse_flop))

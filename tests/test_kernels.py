@@ -1,4 +1,4 @@
-"""kernels/sla.py against lite3r's PyTorch references: block map, forward (o_s, o_l) and all three gradients.
+"""kernels/sla/ (lite3r_kernels.sla) against lite3r's PyTorch references: block map, forward (o_s, o_l) and all three gradients.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small.
 Attention kernels and the reference get the SAME lut (a block map computed twice may flip near-ties); the block map
@@ -105,13 +105,14 @@ def test_sla_fwd_every_step_and_even_path(monkeypatch, tma, step, N, D, block_q,
     autotune config: swap it."""
     import triton
 
-    from lite3r_kernels import sla
+    from lite3r_kernels.sla import attention
 
-    monkeypatch.setattr(sla._sla_fwd_kernel, "configs", [triton.Config({"STEP": step}, num_warps=4, num_stages=1)])
-    monkeypatch.setattr(sla, "USE_TMA", tma)
+    monkeypatch.setattr(attention._sla_fwd_kernel, "configs",
+                        [triton.Config({"STEP": step}, num_warps=4, num_stages=1)])
+    monkeypatch.setattr(attention, "USE_TMA", tma)
     used = []
-    real = sla._tma_descriptors
-    monkeypatch.setattr(sla, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
+    real = attention._tma_descriptors
+    monkeypatch.setattr(attention, "_tma_descriptors", lambda *a: used.append(real(*a)) or used[-1])
     gen = torch.Generator().manual_seed(N + D + kept)
     block_k = 16
     lut = random_lut(1, 2, -(-N // block_q), -(-N // block_k), kept, gen).to(DEVICE)
@@ -166,18 +167,18 @@ def test_sla_strided_inputs_and_zero_block():
 def test_sla_fwd_contiguous_keys_past_int32_offsets(monkeypatch):
     """The forward kernel's key offsets inside a head are int32: strided k, v past the limit are copied contiguous
     first, and a head too long even then is refused (limit lowered so a small packed-qkv input crosses it)."""
-    from lite3r_kernels import sla
+    from lite3r_kernels.sla import attention
 
     gen = torch.Generator().manual_seed(6)
     B, N, H, D = 1, 50, 2, 16
     q, k, v = torch.randn(B, N, 3, H, D, generator=gen).to(DEVICE).permute(2, 0, 3, 1, 4)  # k.stride(2) = 96
     lut = random_lut(B, H, 4, 4, 3, gen).to(DEVICE)
     want = lite3r.sla_reference(q, k, v, lut, block_q=16, block_k=16)
-    monkeypatch.setattr(sla, "_FWD_MAX_OFFSET", (N + 16) * D + 1)  # strided offsets cross it, contiguous ones not
+    monkeypatch.setattr(attention, "_FWD_MAX_OFFSET", (N + 16) * D + 1)  # strided offsets cross it, contiguous ones not
     got = kernels.sla_branches(q, k, v, topk=1.0, block_q=16, block_k=16, lut=lut)
     for a, b in zip(got, want):
         assert rel_rms(a, b) < 1e-5
-    monkeypatch.setattr(sla, "_FWD_MAX_OFFSET", (N + 16) * D)
+    monkeypatch.setattr(attention, "_FWD_MAX_OFFSET", (N + 16) * D)
     with pytest.raises(ValueError, match="32-bit"):
         kernels.sla_branches(q, k, v, topk=1.0, block_q=16, block_k=16, lut=lut)
 
@@ -388,16 +389,17 @@ def test_sla_linear_branch_beyond_fp16_range_gpu(feature_map):
 def test_sla_fwd_tma_equals_pointer_loads_gpu(monkeypatch):
     """N = 32 x 1374 in bf16 with qkv-strided inputs: the forward through TMA descriptors equals the pointer-load
     forward (same blocks, same fp32 accumulation; only the summation order of the two blocks of a step differs)."""
-    from lite3r_kernels import sla
+    from lite3r_kernels.sla import attention
 
     gen = torch.Generator().manual_seed(3)
     N, H, D, bs = 32 * 1374, 4, 64, 64
     qkv_ = torch.randn(1, N, 3, H, D, generator=gen).to(DEVICE, torch.bfloat16)
     q, k, v = (qkv_[:, :, i].transpose(1, 2) for i in range(3))
     lut = kernels.sla_block_map(q, k, topk=0.05, block_q=bs, block_k=bs)
-    assert sla._tma_descriptors(k, v, bs) is not None
+    assert attention._tma_descriptors(k, v, bs) is not None
     with_tma = kernels.sla_branches(q, k, v, topk=0.05, lut=lut)
-    monkeypatch.setattr(sla, "USE_TMA", False)
+    monkeypatch.setattr(attention, "USE_TMA", False)
+    assert attention._tma_descriptors(k, v, bs) is None
     without = kernels.sla_branches(q, k, v, topk=0.05, lut=lut)
     assert rel_rms(with_tma[0], without[0]) < 2e-3 and rel_rms(with_tma[1], without[1]) < 1e-5
 
@@ -406,13 +408,14 @@ def test_sla_fwd_tma_equals_pointer_loads_gpu(monkeypatch):
 def test_sla_linear_state_beside_block_map_gpu(monkeypatch):
     """The linear state on the side stream (eager CUDA) gives the outputs and gradients of the one-stream path (up to
     the order of the fp32 atomic adds of kv and of k's total, which differs from run to run on either path)."""
-    from lite3r_kernels import sla
+    from lite3r_kernels.sla import attention
 
     gen = torch.Generator().manual_seed(4)
     q, k, v = qkv(1, 4, 32 * 1374, 64, torch.bfloat16, gen)
     outs = []
     for overlap in (True, False):
-        monkeypatch.setattr(sla, "OVERLAP", overlap)
+        monkeypatch.setattr(attention, "OVERLAP", overlap)
+        assert (attention._side_stream(k) is not None) == overlap  # the switch is read where it lives
         o_s, o_l = kernels.sla_branches(q, k, v, topk=0.05)
         outs.append([o_s, o_l, *torch.autograd.grad((o_s.float().sum() + o_l.float().square().sum()), (q, k, v))])
     for name, a, b in zip(NAMES, *outs):
@@ -449,8 +452,10 @@ def test_sla_compile_fullgraph_gpu(N):
 def small_linear_chunk(monkeypatch):
     """Linear-state chunks of 64 tokens (the tile), forward and backward, so that small N spans several chunks and
     their atomics."""
-    monkeypatch.setattr(kernels.sla, "_LINEAR_CHUNK", kernels.sla._LINEAR_TILE)
-    monkeypatch.setattr(kernels.sla, "_LINEAR_STATE_CHUNK", kernels.sla._LINEAR_TILE)
+    from lite3r_kernels.sla import attention, linear
+
+    monkeypatch.setattr(attention, "_LINEAR_CHUNK", linear._LINEAR_TILE)
+    monkeypatch.setattr(linear, "_LINEAR_STATE_CHUNK", linear._LINEAR_TILE)
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])
@@ -481,12 +486,12 @@ def test_block_map_all_ties_still_picks_k_distinct():
 
 def test_block_map_torch_topk_fallback_agrees(monkeypatch):
     """Rows longer than the select kernel's tile go through torch.topk: same kept sets on separated scores."""
-    import lite3r_kernels.sla as sla
+    from lite3r_kernels.sla import block_map
 
     gen = torch.Generator().manual_seed(11)
     q, k = (torch.randn(1, 2, 200, 16, generator=gen).to(DEVICE) for _ in range(2))
     fused = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
-    monkeypatch.setattr(sla, "_SELECT_MAX_TILE", 4)
+    monkeypatch.setattr(block_map, "_SELECT_MAX_TILE", 4)
     fallback = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
     assert torch.equal(fused.sort(-1).values, fallback.sort(-1).values)
 
@@ -502,3 +507,19 @@ def test_sla_grads_over_several_linear_chunks(feature_map, N, small_linear_chunk
     q, k, v = qkv(1, 2, N, 32, torch.float32, gen)
     errs, _ = compare(q, k, v, lut, 32, 32, feature_map, gen)
     assert max(errs) < (1e-5 if DEVICE == "cpu" else 5e-3), dict(zip(NAMES, errs))
+
+
+def test_sla_switches_are_read_where_they_live():
+    """USE_TMA / OVERLAP and the launch constants exist once, in the module that reads them at call time; reading
+    one from the package raises (a package-level copy would make a flip silently do nothing). The public names and
+    the helpers the tests use stay importable from lite3r_kernels.sla."""
+    import lite3r_kernels.sla as sla
+
+    assert {"USE_TMA", "OVERLAP"} <= set(sla._LIVES_IN)
+    for name, module in sla._LIVES_IN.items():
+        with pytest.raises(AttributeError, match=f"lite3r_kernels.sla.{module}"):
+            getattr(sla, name)
+        assert hasattr(getattr(sla, module), name), (name, module)
+    for name in [*sla.__all__, "_normal_quantile", "_select_kernel", "_select_launch", "_sla_fwd_kernel"]:
+        assert getattr(sla, name) is not None
+    assert kernels.sla_branches is sla.attention.sla_branches and kernels.sla_block_map is sla.block_map.sla_block_map
