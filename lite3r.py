@@ -29,7 +29,8 @@ __all__ = [
     "TYPECHECK", "typed", "FEATURE_MAPS", "LINEAR_EPS", "FP8_MAX", "sla_block_map", "sla_reference",
     "linear_attention_reference", "sla_attention", "fp8_quantize", "fp8_fake_quant", "distill_loss",
     "SLAAttention", "FP8FakeQuantLinear", "FP8Linear", "is_attention", "swap_attention", "SwapReport",
-    "AttentionRecorder", "to_fp8_inference", "deploy",
+    "AttentionRecorder", "to_fp8_inference", "deploy", "SLAConfig", "swap_modules", "convert_to_sla",
+    "convert_to_fp8_qat", "freeze_all_but_proj_l",
 ]
 
 # ------------------------------------------------------------------------------------------------ type checks
@@ -369,8 +370,10 @@ class SLAAttention(nn.Module):
         nn.init.zeros_(self.proj_l.bias)
 
     def forward(self, x: Tensor, pos: Tensor | None = None, **extra) -> Tensor:
-        # callers pass attn_mask=None (timm) or attn_bias=None (DINOv2); a real mask cannot be honoured
-        given = [name for name, value in extra.items() if value is not None]
+        # callers pass attn_mask=None / is_causal=False (timm) or attn_bias=None (DINOv2); a real mask cannot be
+        # honoured
+        given = [name for name, value in extra.items() if value is not None and not (name == "is_causal" and
+                                                                                      value is False)]
         if given:
             raise ValueError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
                              "SLA; leave this module dense (swap_attention(filter=...))")
@@ -512,13 +515,99 @@ def is_attention(module: nn.Module) -> bool:
             and isinstance(heads, int) and not isinstance(heads, bool))
 
 
-def _replace(model: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent, _, name = fqn.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, name, new)
+def swap_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool],
+                 replace: Callable[[nn.Module, str], nn.Module]) -> nn.Module:
+    """The one module swap every conversion uses (torchao style): in place and post-order (children before their
+    parent), every module that `filter_fn(module, fqn)` picks becomes `replace(module, fqn)`; a replacement is not
+    visited again. Returns the model, or the replacement when the model itself is picked."""
+
+    def visit(module: nn.Module, fqn: str) -> nn.Module:
+        for name, child in list(module.named_children()):
+            new = visit(child, f"{fqn}.{name}" if fqn else name)
+            if new is not child:
+                setattr(module, name, new)
+        return replace(module, fqn) if filter_fn(module, fqn) else module
+
+    return visit(model, "")
+
+
+@dataclasses.dataclass(frozen=True)
+class SLAConfig:
+    """How a student's attention becomes Sparse-Linear Attention; validated once, here.
+
+    topk: kept fraction of key blocks per query block, in (0, 1]; or per scope, {"global": 0.05, "frame": 0.3}
+      (scopes not named keep `default_topk`); or a callable (module, fqn) -> fraction.
+    scopes: the attention scopes made SLA (a module's `scope` attribute; absent means "global"); None: all.
+    block_q / block_k: block sizes in tokens; feature_map: the linear branch's phi (softmax, elu, relu)."""
+
+    topk: float | dict | Callable[[nn.Module, str], float] = 0.05
+    block_q: int = 64
+    block_k: int = 64
+    feature_map: str = "softmax"
+    scopes: tuple[str, ...] | None = ("global",)
+    default_topk: float = 1.0  # for scopes a per-scope topk does not name
+
+    def __post_init__(self):
+        if isinstance(self.topk, dict):
+            object.__setattr__(self, "topk", dict(self.topk))  # a private copy: the config stays as built
+            for scope, value in self.topk.items():
+                _check_topk(value, f"topk[{scope!r}]")
+        elif not callable(self.topk):
+            _check_topk(self.topk, "topk")
+        _check_topk(self.default_topk, "default_topk")
+        for name in ("block_q", "block_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SLAConfig.{name} must be a positive int (tokens per block), got {value!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"SLAConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+        if self.scopes is not None:
+            scopes = (self.scopes,) if isinstance(self.scopes, str) else tuple(self.scopes)
+            if not scopes or not all(isinstance(x, str) for x in scopes):
+                raise ValueError(f"SLAConfig.scopes must be None (all) or scope names like ('global',), got "
+                                 f"{self.scopes!r}")
+            object.__setattr__(self, "scopes", scopes)
+
+    def selects(self, module: nn.Module, fqn: str = "") -> bool:
+        """Whether this config makes `module` (an attention module) SLA."""
+        return self.scopes is None or getattr(module, "scope", "global") in self.scopes
+
+    def topk_for(self, module: nn.Module, fqn: str = "") -> float:
+        if callable(self.topk):
+            value = self.topk(module, fqn)
+            _check_topk(value, f"topk({fqn!r})")
+            return float(value)
+        if isinstance(self.topk, dict):
+            return float(self.topk.get(getattr(module, "scope", "global"), self.default_topk))
+        return float(self.topk)
+
+    def to_json(self) -> dict:
+        """The config as JSON (saved with students and deploy artifacts); a callable topk cannot be saved."""
+        if callable(self.topk) and not isinstance(self.topk, dict):
+            raise ValueError("SLAConfig with a callable topk cannot be saved: use a fraction or a per-scope dict")
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SLAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SLAConfig: unknown field(s) {', '.join(unknown)}")
+        return cls(**d)
+
+
+def _check_topk(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{name} is the kept fraction of key blocks, in (0, 1]; got {value!r}")
 
 
 def _default_fp8_filter(module: nn.Module, fqn: str) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def _proj_l_ids(model: nn.Module) -> set[int]:
+    return {id(m.proj_l) for m in model.modules() if isinstance(m, SLAAttention)}
 
 
 @dataclasses.dataclass
@@ -537,46 +626,84 @@ class SwapReport:
         return "\n".join(f"{name:<{width}}  {value:>14}" for name, value in rows)
 
 
-def swap_attention(model: nn.Module, *, topk: float | Callable[[nn.Module, str], float] = 0.05,
-                   block_q: int = 64, block_k: int = 64, feature_map: str = "softmax", fp8: bool = True,
-                   filter: Callable[[nn.Module, str], bool] | None = None,
-                   fp8_filter: Callable[[nn.Module, str], bool] | None = None) -> SwapReport:
-    """In place: attention modules (`filter(module, fqn)`, default all) -> SLAAttention; with `fp8`, the nn.Linear
-    that `fp8_filter(module, fqn)` picks (default: in/out features multiples of 16; never proj_l) ->
-    FP8FakeQuantLinear. Then every parameter is frozen except the proj_l ones. `topk` may be a float or a
-    callable (module, fqn) -> float (e.g. sparse global attention, dense frame attention)."""
-    n_attn = n_lin = 0
-    targets = [(fqn, m) for fqn, m in model.named_modules()
-               if is_attention(m) and not isinstance(m, SLAAttention) and (filter is None or filter(m, fqn))]
-    for fqn, m in targets:
-        if not fqn:
-            raise ValueError("the model itself is an attention module: wrap it in a container to swap it in place")
-        k = topk(m, fqn) if callable(topk) else topk
-        _replace(model, fqn, SLAAttention(m, topk=k, block_q=block_q, block_k=block_k, feature_map=feature_map))
-        n_attn += 1
-    proj_l = {id(m.proj_l) for m in model.modules() if isinstance(m, SLAAttention)}
-    if fp8:
-        pick = fp8_filter or _default_fp8_filter
-        linears = [(fqn, m) for fqn, m in model.named_modules() if type(m) is nn.Linear and id(m) not in proj_l
-                   and pick(m, fqn)]
-        for fqn, m in linears:
-            if not fqn:
-                raise ValueError("the model itself is a Linear: wrap it in a container to swap it in place")
-            _replace(model, fqn, FP8FakeQuantLinear.from_linear(m))
-            n_lin += 1
+def _no_root(kind: str):
+    def refuse(module: nn.Module, fqn: str) -> nn.Module:
+        raise ValueError(f"the model itself is {kind}: wrap it in a container to swap it in place")
+    return refuse
+
+
+def convert_to_sla(model: nn.Module, config: SLAConfig = SLAConfig(), *,
+                   filter: Callable[[nn.Module, str], bool] | None = None) -> int:
+    """In place: every attention module that `config` selects (its scopes) and `filter(module, fqn)` accepts
+    (default all) -> SLAAttention with the config's topk for it. Returns how many were swapped."""
+    picked: list[str] = []
+
+    def pick(m: nn.Module, fqn: str) -> bool:
+        ok = is_attention(m) and not isinstance(m, SLAAttention) and config.selects(m, fqn) and (
+            filter is None or filter(m, fqn))
+        if ok and not fqn:
+            _no_root("an attention module")(m, fqn)
+        return ok
+
+    def to_sla(m: nn.Module, fqn: str) -> nn.Module:
+        picked.append(fqn)
+        new = SLAAttention(m, topk=config.topk_for(m, fqn), block_q=config.block_q, block_k=config.block_k,
+                           feature_map=config.feature_map)
+        return new.train(m.training)  # the replaced module's mode: an eval model stays in eval
+
+    swap_modules(model, pick, to_sla)
+    return len(picked)
+
+
+def convert_to_fp8_qat(model: nn.Module, *, filter: Callable[[nn.Module, str], bool] | None = None) -> int:
+    """In place: the plain nn.Linear that `filter(module, fqn)` picks (default: in/out features multiples of 16),
+    never an SLA proj_l -> FP8FakeQuantLinear (same parameters). Returns how many were swapped."""
+    proj_l, pick_fn, n = _proj_l_ids(model), filter or _default_fp8_filter, []
+
+    def pick(m: nn.Module, fqn: str) -> bool:
+        ok = type(m) is nn.Linear and id(m) not in proj_l and pick_fn(m, fqn)
+        if ok and not fqn:
+            _no_root("a Linear")(m, fqn)
+        return ok
+
+    swap_modules(model, pick, lambda m, fqn: n.append(fqn) or FP8FakeQuantLinear.from_linear(m))
+    return len(n)
+
+
+def freeze_all_but_proj_l(model: nn.Module) -> SwapReport:
+    """Everything frozen except the SLA proj_l parameters (what QAT trains); the report counts them."""
     model.requires_grad_(False)
     for m in model.modules():
         if isinstance(m, SLAAttention):
             m.proj_l.requires_grad_(True)
     params = list(model.parameters())
+    n_attn = sum(isinstance(m, SLAAttention) for m in model.modules())
+    n_lin = sum(isinstance(m, FP8FakeQuantLinear) for m in model.modules())
     return SwapReport(n_attn, n_lin, sum(p.numel() for p in params if p.requires_grad),
                       sum(p.numel() for p in params))
+
+
+def swap_attention(model: nn.Module, config: SLAConfig | None = None, *,
+                   topk: float | dict | Callable[[nn.Module, str], float] = 0.05, block_q: int = 64,
+                   block_k: int = 64, feature_map: str = "softmax", fp8: bool = True,
+                   filter: Callable[[nn.Module, str], bool] | None = None,
+                   fp8_filter: Callable[[nn.Module, str], bool] | None = None) -> SwapReport:
+    """The one-call student, in place: attention -> SLAAttention (`config`, or one built from topk / block_q /
+    block_k / feature_map covering every scope; `filter(module, fqn)` narrows it), with `fp8` the linears
+    `fp8_filter` picks -> FP8FakeQuantLinear (convert_to_fp8_qat), then everything frozen but proj_l. `topk` may
+    be a fraction, a per-scope dict or a callable (module, fqn) -> fraction."""
+    if config is None:
+        config = SLAConfig(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, scopes=None)
+    n_attn = convert_to_sla(model, config, filter=filter)
+    n_lin = convert_to_fp8_qat(model, filter=fp8_filter) if fp8 else 0
+    report = freeze_all_but_proj_l(model)
+    return dataclasses.replace(report, attention_swapped=n_attn, linear_swapped=n_lin)
 
 
 class AttentionRecorder:
     """Context manager recording the outputs of a model's attention modules (original or SLA) for distillation.
 
-    select: None (all) | list of indices into the attention modules in module order | callable(fqn, module) -> bool
+    select: None (all) | list of indices into the attention modules in module order | callable(module, fqn) -> bool
     | "global" (modules whose `scope` is "global" or absent). `.outputs` / `.names`: the recorded outputs and their
     fqns in module order (a module called twice appears twice, in call order). Outputs stay after exit."""
 
@@ -587,7 +714,7 @@ class AttentionRecorder:
         elif select == "global":
             chosen = [(f, m) for f, m in found if getattr(m, "scope", "global") == "global"]
         elif callable(select):
-            chosen = [(f, m) for f, m in found if select(f, m)]
+            chosen = [(f, m) for f, m in found if select(m, f)]
         elif isinstance(select, (list, tuple)):
             bad = [i for i in select if not -len(found) <= i < len(found)]
             if bad:
@@ -630,15 +757,13 @@ def to_fp8_inference(model: nn.Module, *, fp8_filter: Callable[[nn.Module, str],
     """Every FP8FakeQuantLinear -> FP8Linear (fp8 weight + per-row scale), and with `fp8_filter(module, fqn)` also
     the plain nn.Linear it picks (never proj_l). In place where possible; returns the model (a new module when the
     model itself is a linear)."""
-    proj_l = {id(m.proj_l) for m in model.modules() if isinstance(m, SLAAttention)}
-    picked = [(fqn, m) for fqn, m in model.named_modules() if isinstance(m, FP8FakeQuantLinear) or (
-        fp8_filter is not None and type(m) is nn.Linear and id(m) not in proj_l and fp8_filter(m, fqn))]
-    for fqn, m in picked:
-        new = FP8Linear.from_linear(m)
-        if not fqn:
-            return new
-        _replace(model, fqn, new)
-    return model
+    proj_l = _proj_l_ids(model)
+
+    def pick(m: nn.Module, fqn: str) -> bool:
+        return isinstance(m, FP8FakeQuantLinear) or (fp8_filter is not None and type(m) is nn.Linear
+                                                     and id(m) not in proj_l and fp8_filter(m, fqn))
+
+    return swap_modules(model, pick, lambda m, fqn: FP8Linear.from_linear(m))
 
 
 def deploy(model: nn.Module, *, compile: bool = True) -> nn.Module:

@@ -15,14 +15,18 @@ from safetensors.torch import save_file
 
 TINY = os.environ.get("QAT_TINY") == "1"  # CPU dry run of this script
 t0 = time.time()
-import lite3r_recon.train as RT
-from lite3r_recon.train import QAT, Dist, TrainConfig, enable_activation_checkpointing
+from lite3r_recon import models as RM
+from lite3r_cli.train import QAT, TrainConfig
+from lite3r_recon.models import enable_activation_checkpointing
+from lite3r_recon.runs import Dist
 if not TINY:  # the recipe state dict in memory (no 4.8 GB file round trip), loaded strictly on a meta-built model
     from lite3r_backbones import build_backbone, load_checkpoint
     recipe = recipe_state_dict(os.path.join(HERE, "vggt_1b_state_dict_manifest.json"))
     print(f"recipe weights built in {time.time() - t0:.0f} s", flush=True)
-    RT.dense_model = lambda name, weights, seed=0: load_checkpoint(build_backbone(name, device="meta"), recipe,
-                                                                   strict=True, skip_prefixes=("track_head.",))
+    def _recipe_model(name, weights=None, seed=0, device=None):
+        model = build_backbone(name, device="meta")
+        return load_checkpoint(model, recipe, strict=True, skip_prefixes=model.optional_checkpoint_prefixes)
+    RM.dense_model = _recipe_model
 
 res = {"gpu": torch.cuda.get_device_name() if not TINY else "cpu", "torch": torch.__version__,
        "backend": os.environ.get("LITE3R_BACKEND", "auto")}

@@ -1,4 +1,4 @@
 """`python -m lite3r_cli ...` runs the `lite3r` command line."""
-from lite3r_cli import main
+from lite3r_cli.app import main
 
 main()

@@ -93,7 +93,7 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
 def normalize_sample(sample: dict[str, Tensor]) -> dict[str, Tensor]:
     """Frame 0 as the world; translations and depth divided by the mean distance of valid points (no valid depth:
     of the camera centres) to the first camera. Adds `scale` (the divisor)."""
-    from lite3r_recon.losses import compose, se3_inverse, unproject_depth
+    from lite3r_backbones.cameras import compose, se3_inverse, unproject_depth
 
     E = compose(sample["extrinsics"].double(), se3_inverse(sample["extrinsics"][:1].double()))
     mask = sample["mask"]

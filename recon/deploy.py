@@ -1,9 +1,7 @@
-"""The deployable student: FP8 weights + fused SLA + torch.compile, and its one-file artifact.
+"""The deployed student: FP8 weights + fused SLA + torch.compile (its artifact: lite3r_recon.models).
 
-    student = make_student(build_backbone("vggt-1b"), topk=0.05, fp8=True)   # QAT structure (+ trained proj_l)
-    model = deploy_model(student, device="cuda")                             # FP8 W8A8 linears, bf16 rest, compiled
-    save_artifact(model, "vggt.lite3r.safetensors")                          # fp8 weights + scales + config JSON
-    model = load_artifact("vggt.lite3r.safetensors", device="cuda")          # no QAT model, no teacher file needed
+    model = deploy_model(student, device="cuda")      # FP8 W8A8 linears, bf16 rest, compiled
+    (students are built, and artifacts saved / loaded, by lite3r_recon.models: the one door to every model)
 
 What `deploy_model` does, in order (run the result under bf16 autocast, as the official demos run VGGT):
 1. `lite3r.to_fp8_inference`: every FP8 fake-quant linear becomes an `FP8Linear` (float8_e4m3fn weight, fp32
@@ -23,55 +21,12 @@ q/k LayerNorm and RoPE) and v to the autocast dtype.
 """
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import lite3r
-
-ARTIFACT_FORMAT = "lite3r-deploy/1"
-
-
-def sla_scope_filter(scope: str) -> Callable[[nn.Module, str], bool]:
-    """Which attention modules become SLA: "global" (cross-view only; frame attention stays dense) or "all"."""
-    if scope == "all":
-        return lambda module, fqn: True
-    if scope == "global":
-        return lambda module, fqn: getattr(module, "scope", "global") == "global"
-    raise ValueError(f"SLA scope must be 'global' or 'all', got {scope!r}")
-
-
-def make_student(model: nn.Module, *, topk: float = 0.05, fp8: bool = True, scope: str = "global",
-                 block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                 student: str | os.PathLike | None = None) -> nn.Module:
-    """The QAT student in place: SLA on the attention `scope` selects, FP8 fake quant on the linears when `fp8`,
-    and the trained `proj_l` of a `student.safetensors` when given (zero-initialised otherwise)."""
-    lite3r.swap_attention(model, topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, fp8=fp8,
-                          filter=sla_scope_filter(scope))
-    if student is not None:
-        load_proj_l(model, student)
-    return model
-
-
-def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Copy the trained parameters of a `student.safetensors` (proj_l weights and biases) into `model`, strictly:
-    every tensor in the file must name a parameter of the model with the same shape."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(os.fspath(path))
-    params = dict(model.named_parameters())
-    missing = [k for k in tensors if k not in params]
-    if missing:
-        raise KeyError(f"{path}: {len(missing)} tensors name no parameter of the model, first {missing[:3]}")
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if params[key].shape != value.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
-            params[key].copy_(value)
-    return model
 
 
 def cast_floating(model: nn.Module, dtype: torch.dtype, *, keep: Callable[[nn.Module, str], bool] | None = None):
@@ -207,131 +162,3 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     if compile_mode:
         model = compile_model(model, mode=compile_mode, regional=regional)
     return model
-
-
-# ---------------------------------------------------------------------------------------------------- artifact
-def _sla_settings(model: nn.Module) -> dict:
-    """The SLA modules of `model` and their settings: {fqn: {topk, block_q, block_k, feature_map}}."""
-    return {fqn: {k: getattr(m, k) for k in ("topk", "block_q", "block_k", "feature_map")}
-            for fqn, m in model.named_modules() if isinstance(m, lite3r.SLAAttention)}
-
-
-def artifact_config(model: nn.Module) -> dict:
-    """Everything `load_artifact` needs besides the tensors: backbone name + config, SLA settings per module."""
-    import dataclasses
-
-    config = getattr(model, "config", None)
-    return {
-        "format": ARTIFACT_FORMAT,
-        "backbone": getattr(model, "name", None),
-        "backbone_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
-        "sla": _sla_settings(model),
-        "fp32_modules": [fqn for fqn, m in model.named_modules() if getattr(m, "lite3r_fp32", False)],
-        "fp8_linears": sum(isinstance(m, lite3r.FP8Linear) for m in model.modules()),
-    }
-
-
-def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
-    """Write the deployed (not compiled) model as one safetensors file: fp8 weights + fp32 scales + the rest in
-    their deployed dtype, and the config JSON in the header metadata. Returns the config."""
-    from lite3r_recon.io import atomic_save_safetensors
-
-    model = getattr(model, "_orig_mod", model)
-    config = artifact_config(model)
-    if not config["backbone"]:
-        raise ValueError("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
-    tensors = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no two keys share storage
-    atomic_save_safetensors(path, tensors, metadata={"lite3r": json.dumps(config)}, overwrite=overwrite)
-    return config
-
-
-def read_artifact_config(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(os.fspath(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if "lite3r" not in meta:
-        raise ValueError(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
-    config = json.loads(meta["lite3r"])
-    if config.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path}: artifact format {config.get('format')!r}, this lite3r reads {ARTIFACT_FORMAT!r}")
-    return config
-
-
-def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """The deployed architecture of an artifact: backbone, SLA where it was, FP8Linear for every linear whose
-    weight is float8 in the file, fp32 modules as they were, the rest in the file's dtype."""
-    from lite3r_backbones import build_backbone
-
-    fp8_linears = {k.rsplit(".", 1)[0] for k, v in tensors.items() if k.endswith(".weight") and v.dtype ==
-                   torch.float8_e4m3fn}
-    sla = config["sla"]
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config["backbone_config"].items() if k != "name"}
-    model = build_backbone(config["backbone"], **overrides)
-    if sla:
-        first = next(iter(sla.values()))
-        lite3r.swap_attention(model, topk=lambda m, fqn: sla[fqn]["topk"], block_q=first["block_q"],
-                              block_k=first["block_k"], feature_map=first["feature_map"], fp8=False,
-                              filter=lambda m, fqn: fqn in sla)
-    for fqn in fp8_linears:  # empty FP8Linear shells: nothing is quantised, the file holds the fp8 weights
-        linear = model.get_submodule(fqn)
-        parent, _, name = fqn.rpartition(".")
-        setattr(model.get_submodule(parent), name, lite3r.FP8Linear(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device))
-    for fqn in config["fp32_modules"]:
-        run_in_fp32(model.get_submodule(fqn))
-    fp32 = tuple(f + "." for f in config["fp32_modules"])
-    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
-              and not k.endswith("weight_scale") and not k.startswith(fp32)}
-    if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
-        cast_floating(model, dtypes.pop(), keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
-    return model
-
-
-def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None = None,
-                  compile_mode: str | None = None, regional: bool = True) -> nn.Module:
-    """Rebuild a deployed model from `save_artifact`'s file alone: backbone architecture, SLA where it was, FP8Linear
-    for every linear whose weight is float8 in the file, then the file's tensors assigned as they are (bit-identical
-    weights). No teacher checkpoint and no QAT training state is needed."""
-    from safetensors.torch import load_file
-
-    config = read_artifact_config(path)
-    tensors = load_file(os.fspath(path))
-    with torch.device("meta"):  # no memory, no random init, no quantisation: every tensor comes from the file
-        model = _skeleton(config, tensors)
-    model.load_state_dict(tensors, strict=True, assign=True)
-    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers: build for real
-        model = _skeleton(config, tensors)
-        model.load_state_dict(tensors, strict=True, assign=True)
-    model.eval().requires_grad_(False)
-    if device is not None:
-        model = model.to(device)
-    fp8 = [m for m in model.modules() if isinstance(m, lite3r.FP8Linear)]
-    if fp8:  # FP8Linear probes W8A8 support eagerly and only reads the answer while compiled
-        lite3r._scaled_mm_ok(fp8[0].weight.device)
-    if compile_mode:
-        model = compile_model(model, mode=compile_mode, regional=regional)
-    return model
-
-
-def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | os.PathLike | None = None,
-           student: str | os.PathLike | None = None, topk: float = 0.05, scope: str = "global", fp8: bool = True,
-           dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict:
-    """`lite3r export`: teacher (checkpoint or random weights) -> student (a trained `student.safetensors` with its
-    own SLA / FP8 settings, or a fresh SLA + FP8 student from the arguments) -> deployed on the CPU, uncompiled ->
-    artifact. Returns the artifact config."""
-    from lite3r_backbones import build_backbone, load_checkpoint
-    from lite3r_recon.io import ensure_writable
-
-    ensure_writable(out, overwrite)  # before the (long) build
-    teacher = build_backbone(model)
-    if weights is not None:
-        load_checkpoint(teacher, weights, strict=True)
-    if student is not None:  # SLA / FP8 settings as trained (student.json), not the arguments
-        from lite3r_recon.train import load_student
-
-        model_ = load_student(student, teacher.eval())
-    else:
-        model_ = make_student(teacher.eval(), topk=topk, fp8=fp8, scope=scope)
-    deployed = deploy_model(model_, dtype=dtype, compile_mode=None)
-    return save_artifact(deployed, out, overwrite=overwrite)

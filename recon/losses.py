@@ -26,64 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lite3r_backbones.vggt import extri_intri_to_pose_encoding, mat_to_quat, pose_encoding_to_extri_intri, quat_to_mat  # noqa: F401
+from lite3r_backbones.cameras import unproject_depth
+from lite3r_backbones.cameras import vggt_pose_encoding as pose_encoding
 from lite3r_recon.train_config import LossWeights  # noqa: F401  (torch-free: TrainConfig takes its defaults from it)
-
-
-# ------------------------------------------------------------------------------------------------ camera geometry
-# One implementation of VGGT's pose encoding ("absT_quaR_FoV"), the backbone's; named here as the losses use it.
-pose_encoding = extri_intri_to_pose_encoding
-pose_decoding = pose_encoding_to_extri_intri
-
-
-def se3_inverse(E: Tensor) -> Tensor:
-    """[..., 3, 4] world-to-camera -> [..., 3, 4] camera-to-world (closed form)."""
-    Rt = E[..., :3, :3].transpose(-1, -2)
-    return torch.cat([Rt, -(Rt @ E[..., :3, 3:])], -1)
-
-
-def compose(A: Tensor, B: Tensor) -> Tensor:
-    """(A o B) for [..., 3, 4] rigid transforms: x -> A(B(x))."""
-    R = A[..., :3, :3] @ B[..., :3, :3]
-    t = A[..., :3, :3] @ B[..., :3, 3:] + A[..., :3, 3:]
-    return torch.cat([R, t], -1)
-
-
-def unproject_depth(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
-    """World points [..., H, W, 3] of depth maps [..., H, W] seen by w2c OpenCV cameras `extrinsics` [..., 3, 4]
-    (x_cam = R x_world + t) with pixel `intrinsics` [..., 3, 3] (skew honoured), in depth's dtype and
-    differentiable. Pixel centres at integer coordinates, as VGGT: (v, u) -> depth * K^-1 [u, v, 1] -> R^T (x - t)."""
-    H, W = depth.shape[-2:]
-    K = intrinsics.to(depth.dtype)
-    R, t = extrinsics.to(depth.dtype)[..., :3, :3], extrinsics.to(depth.dtype)[..., :3, 3]
-    v, u = torch.meshgrid(torch.arange(H, device=depth.device, dtype=depth.dtype),
-                          torch.arange(W, device=depth.device, dtype=depth.dtype), indexing="ij")
-    fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
-    cx, cy, skew = K[..., 0, 2, None, None], K[..., 1, 2, None, None], K[..., 0, 1, None, None]
-    y = (v - cy) / fy
-    x = (u - cx - skew * y) / fx
-    cam = torch.stack([x * depth, y * depth, depth], dim=-1)  # [..., H, W, 3]
-    return torch.einsum("...ji,...hwj->...hwi", R, cam - t[..., None, None, :])
-
-
-@torch.no_grad()
-def normalize_scene(extrinsics: Tensor, intrinsics: Tensor, depth: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Ground truth in the frame VGGT predicts in: frame 0 is the world, unit mean distance of valid points to it.
-
-    extrinsics [B,S,3,4] w2c, intrinsics [B,S,3,3], depth [B,S,H,W], mask [B,S,H,W] bool ->
-    dict(extrinsics, intrinsics, depth, world_points [B,S,H,W,3], mask, scale [B]).
-    """
-    extrinsics, depth = extrinsics.float(), depth.float()
-    mask = mask & torch.isfinite(depth) & (depth > 0)
-    depth = torch.where(mask, depth, torch.zeros_like(depth))
-    E = compose(extrinsics, se3_inverse(extrinsics[:, :1]))  # world := camera 0
-    pts = unproject_depth(depth, E, intrinsics)
-    dist = pts.norm(dim=-1) * mask
-    scale = (dist.flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1)).clamp(1e-6, 1e6)  # [B]
-    s = scale[:, None, None, None]
-    E = torch.cat([E[..., :3], E[..., 3:] / scale[:, None, None, None]], -1)
-    return dict(extrinsics=E, intrinsics=intrinsics.float(), depth=depth / s, world_points=pts / s[..., None],
-                mask=mask, scale=scale)
 
 
 # --------------------------------------------------------------------------------------------- per-sample losses

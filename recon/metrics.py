@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lite3r_recon.losses import se3_inverse
+from lite3r_backbones.cameras import se3_inverse
 
 AUC_THRESHOLDS = (30, 15, 5, 3)
 ACC_THRESHOLDS = (30, 15, 5, 3)

@@ -135,6 +135,13 @@ class TrainConfig:
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
+    def sla_config(self):
+        """The student's lite3r.SLAConfig: --topk on the --sla scopes (global: cross-view only; all: every attention)."""
+        import lite3r
+
+        return lite3r.SLAConfig(topk=self.topk, block_q=self.block, block_k=self.block, feature_map=self.feature_map,
+                                scopes=("global",) if self.sla == "global" else None)
+
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}

@@ -11,10 +11,10 @@ import sys
 import pytest
 import typer.main
 
-import lite3r_cli
+import lite3r_cli.app
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-COMMAND = typer.main.get_command(lite3r_cli.app)
+COMMAND = typer.main.get_command(lite3r_cli.app.app)
 SUBCOMMANDS = sorted(COMMAND.commands)
 
 

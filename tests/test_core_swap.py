@@ -272,7 +272,7 @@ def test_recorder_alignment_and_select(teacher):
                                               else select) as r:
                     model(x, pos)
                 assert r.names == names
-        with lite3r.AttentionRecorder(student, select=lambda fqn, m: fqn.startswith("blocks.2")) as r:
+        with lite3r.AttentionRecorder(student, select=lambda m, fqn: fqn.startswith("blocks.2")) as r:
             student(x, pos)
             student(x, pos)  # called twice: both calls recorded
         assert r.names == ["blocks.2.attn"] * 2
@@ -323,8 +323,11 @@ def test_to_fp8_inference_and_deploy(teacher):
     assert isinstance(plain.head, lite3r.FP8Linear) and type(plain.embed) is nn.Linear
     assert isinstance(lite3r.to_fp8_inference(lite3r.FP8FakeQuantLinear.from_linear(nn.Linear(16, 16))),
                       lite3r.FP8Linear)
-    compiled = lite3r.deploy(copy.deepcopy(student))  # lazy: compiles on first call
-    assert hasattr(compiled, "_orig_mod")
+    compiled = lite3r.deploy(copy.deepcopy(student))  # compiles on the first call
+    with torch.no_grad():
+        got = compiled(x, pos)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    assert float((got - out).norm() / out.norm()) < 1e-3  # the compiled deployed model computes the eager one
 
 
 # --------------------------------------------------------------------------------------------------- import

@@ -7,12 +7,13 @@ import sys
 
 import pytest
 
-from lite3r_recon import evaluate, synthetic
+from lite3r_cli import evaluate
+from lite3r_recon import synthetic
 
 
 def test_eval_cli_embedded_synthetic(tmp_path):
     out = tmp_path / "eval.json"
-    cmd = [sys.executable, "-c", "import lite3r_cli; lite3r_cli.main()", "eval", "vggt-tiny", "--dataset", "synthetic",
+    cmd = [sys.executable, "-c", "from lite3r_cli.app import main; main()", "eval", "vggt-tiny", "--dataset", "synthetic",
            "--views", "2", "--max-scenes", "1", "--device", "cpu", "--json", str(out)]
     env = {**os.environ, "COLUMNS": "200"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

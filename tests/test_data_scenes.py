@@ -31,7 +31,7 @@ def test_render_sample_shapes_and_determinism():
 
 def test_depth_reprojects_consistently_across_views():
     s = synthetic.render_sample(7, views=8, size=(70, 84))  # neighbouring views on the arc
-    from lite3r_recon.losses import unproject_depth
+    from lite3r_backbones.cameras import unproject_depth
 
     pts = unproject_depth(s["depth"][None].double(), s["extrinsics"][None].double(), s["intrinsics"][None].double())[0]
     H, W = s["depth"].shape[1:]
@@ -88,7 +88,7 @@ def test_loader_resize_and_normalize(tmp_path):
     np.testing.assert_allclose(s["intrinsics"][0].numpy(), K, atol=1e-4)
     n = ds.sample(0, views=4, normalize=True)
     torch.testing.assert_close(n["extrinsics"][0], torch.eye(4)[:3], atol=1e-5, rtol=0)
-    from lite3r_recon.losses import unproject_depth
+    from lite3r_backbones.cameras import unproject_depth
 
     pts = unproject_depth(n["depth"][None], n["extrinsics"][None], n["intrinsics"][None])[0]
     assert pts.norm(dim=-1)[n["mask"]].mean().item() == pytest.approx(1.0, rel=1e-4)
@@ -154,7 +154,7 @@ def test_dtu64_layout_pose_only(tmp_path):
 def test_make_scenes_command_is_deterministic_and_resumes(tmp_path):
     from typer.testing import CliRunner
 
-    from lite3r_cli import app
+    from lite3r_cli.app import app
 
     r = CliRunner().invoke(app, ["make-scenes", str(tmp_path / "a"), "--num", "2", "--views", "2", "--size", "28",
                                  "--seed", "5", "--quiet"])

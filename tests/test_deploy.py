@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import lite3r
-from lite3r_recon import deploy
+from lite3r_recon import deploy, models
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def _tiny_student(topk: float = 0.25, fp8: bool = True) -> nn.Module:
     from lite3r_backbones import build_backbone
 
     torch.manual_seed(0)
-    model = deploy.make_student(build_backbone("vggt-tiny").eval(), topk=topk, fp8=fp8)
+    model = models.make_student(build_backbone("vggt-tiny").eval(), lite3r.SLAConfig(topk=topk), fp8=fp8)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "proj_l" in name:
@@ -115,9 +115,9 @@ def test_artifact_round_trip(tmp_path):
     student = _tiny_student(topk=0.5)
     dep = deploy.deploy_model(student, dtype=torch.bfloat16, compile_mode=None)
     path = tmp_path / "tiny.lite3r.safetensors"
-    config = deploy.save_artifact(dep, path)
+    config = models.save_artifact(dep, path)
     assert config["backbone"] == "vggt-tiny" and config["sla"]
-    loaded = deploy.load_artifact(path)
+    loaded = models.load_artifact(path)
 
     sd_a, sd_b = dep.state_dict(), loaded.state_dict()
     assert sd_a.keys() == sd_b.keys()
@@ -125,7 +125,7 @@ def test_artifact_round_trip(tmp_path):
     for key in sd_a:
         assert sd_a[key].dtype == sd_b[key].dtype, key
         assert torch.equal(_bits(sd_a[key]), _bits(sd_b[key])), key
-    assert deploy._sla_settings(loaded) == deploy._sla_settings(dep)
+    assert models._sla_settings(loaded) == models._sla_settings(dep)
 
     images = _images()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -135,11 +135,11 @@ def test_artifact_round_trip(tmp_path):
             assert torch.equal(val, out_b[key]), key
 
     with pytest.raises(FileExistsError):
-        deploy.save_artifact(dep, path)
+        models.save_artifact(dep, path)
     foreign = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(2)}, foreign)
     with pytest.raises(ValueError, match="not a lite3r deploy artifact"):
-        deploy.load_artifact(foreign)
+        models.load_artifact(foreign)
 
 
 def test_cast_floating_keeps_fp8():
@@ -156,12 +156,12 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path):
     same path again is refused without --overwrite."""
     from typer.testing import CliRunner
 
-    from lite3r_cli import app
+    from lite3r_cli.app import app
 
     out = tmp_path / "tiny.lite3r.safetensors"
     result = CliRunner().invoke(app, ["export", "--out", str(out), "--topk", "0.5"])
     assert result.exit_code == 0, result.output
-    model = deploy.load_artifact(out)
+    model = models.load_artifact(out)
     assert any(isinstance(m, lite3r.FP8Linear) for m in model.modules())
     assert {m.topk for m in model.modules() if isinstance(m, lite3r.SLAAttention)} == {0.5}
     again = CliRunner().invoke(app, ["export", "--out", str(out)])
@@ -174,7 +174,7 @@ def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
     """Paths (c) and (d) as `lite3r bench` builds them: the SLA kernels (auto backend) traced into the compiled
     blocks under bf16 autocast with no graph break. Compiled and eager bf16 differ by rounding only: each within
     twice the eager bf16 model's error against the same model deployed in fp32 (+1e-3)."""
-    from lite3r_recon.bench import forward
+    from lite3r_recon.models import infer as forward
 
     monkeypatch.setenv("LITE3R_BACKEND", "auto")
     student = _tiny_student(fp8=fp8)

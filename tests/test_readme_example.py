@@ -126,6 +126,11 @@ def test_readme_default_deploy_compiles():
     deployed = lite3r.deploy(student)
     assert isinstance(deployed, torch._dynamo.eval_frame.OptimizedModule)
     assert any(isinstance(m, lite3r.FP8Linear) for m in deployed.modules())
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = deployed(images), deployed._orig_mod(images)  # compiled vs the same deployed model eagerly
+    assert got.shape == want.shape and torch.isfinite(got).all()
+    assert float((got - want).norm() / want.norm()) < 1e-3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import nn
 
-from lite3r_recon import reconstruct as R
+from lite3r_cli import reconstruct as R
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -224,13 +224,14 @@ def test_bad_input_gives_one_line_errors(tmp_path, case, error, match):
 
 
 def test_vggt_tiny_dense_and_student(tmp_path, monkeypatch):
-    """The real tiny VGGT: dense, then a lite3r student (non-zero proj_l) loaded through recon.train.load_student.
+    """The real tiny VGGT: dense, then a lite3r student (non-zero proj_l) loaded through lite3r_recon.models.load_student.
     The student's SLA / FP8 ops run the PyTorch reference: the Triton interpreter takes minutes on a CPU."""
     monkeypatch.setenv("LITE3R_BACKEND", "torch")
     from safetensors.torch import save_file
 
     import lite3r
-    from lite3r_recon.train import FORMAT, TrainConfig, build_student, dense_model
+    from lite3r_recon import models
+    from lite3r_recon.train_config import TrainConfig
 
     paths = _write_images(tmp_path / "imgs", [RED, BLUE])
     s = R.reconstruct(paths, model="vggt-tiny", size=70, conf_percentile=50, out=tmp_path / "d.ply",
@@ -250,12 +251,12 @@ def test_vggt_tiny_dense_and_student(tmp_path, monkeypatch):
         assert ((z > lo * (1 - 1e-4)) & (z < hi * (1 + 1e-4))).all()
 
     cfg = TrainConfig()
-    student, _ = build_student(dense_model(cfg.backbone, None, seed=cfg.seed), cfg)
+    student = models.make_student(models.dense_model(cfg.backbone, None, seed=cfg.seed), cfg.sla_config())
     params = {n: torch.randn_like(p) * 0.1 for n, p in student.named_parameters() if p.requires_grad}
-    info = {"format": FORMAT, "backbone": cfg.backbone, "config": cfg.to_json(), "step": 1, "params": sorted(params),
+    info = {"format": models.STUDENT_FORMAT, "backbone": cfg.backbone, "config": cfg.to_json(), "step": 1, "params": sorted(params),
             "teacher": None}
     save_file(params, str(tmp_path / "student.safetensors"), metadata={"lite3r_train": json.dumps(info)})
-    net = R.build_model("vggt-tiny", student=tmp_path, device=torch.device("cpu"))
+    net = models.load_model("vggt-tiny", student=tmp_path, device=torch.device("cpu"))
     assert any(isinstance(m, lite3r.SLAAttention) for m in net.modules())
     loaded = dict(net.named_parameters())
     assert all(torch.equal(loaded[k], v) for k, v in params.items())

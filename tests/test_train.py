@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lite3r_recon import train as T
+from lite3r_cli import train as T
+from lite3r_recon import models
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(res=(56, 70), views=2, batch=2, steps=4, ckpt_every=2, eval_scenes=1, warmup=1, scenes=3)
@@ -33,7 +34,7 @@ def _env() -> dict:
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import lite3r_cli; lite3r_cli.main()", *args], cwd=REPO, env=_env(),
+    return subprocess.run([sys.executable, "-c", "from lite3r_cli.app import main; main()", *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -102,11 +103,11 @@ def test_resume_after_interruption_reproduces_the_loss_curve(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # the trained student loads back onto its teacher (lite3r eval / bench path)
     qat = T.QAT(cfg, T.Dist())
-    student = T.load_student(tmp_path / "a", qat.teacher)
+    student = models.load_student(tmp_path / "a", qat.teacher)
     params = dict(student.named_parameters())
     assert all(torch.equal(params[k], a[k]) for k in a)
     with pytest.raises(ValueError, match="trained on vggt-tiny"):
-        T.load_student(tmp_path / "a", _renamed(qat.teacher, "vggt-1b"))
+        models.load_student(tmp_path / "a", _renamed(qat.teacher, "vggt-1b"))
 
 
 def _renamed(model, name):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from lite3r_backbones import cameras as C
 from lite3r_recon import losses as L
 
 
@@ -21,25 +22,25 @@ def _scene(B=2, S=3, H=14, W=18, seed=0):
 
 def test_quaternions_match_scipy_and_round_trip():
     R = Rotation.random(500, random_state=1)
-    q = L.mat_to_quat(torch.from_numpy(R.as_matrix()).float())
+    q = C.mat_to_quat(torch.from_numpy(R.as_matrix()).float())
     ref = torch.from_numpy(R.as_quat()).float()  # xyzw
     ref = torch.where(ref[:, 3:] < 0, -ref, ref)
     assert torch.allclose(q, ref, atol=2e-6)
-    assert torch.allclose(L.quat_to_mat(q), torch.from_numpy(R.as_matrix()).float(), atol=2e-6)
+    assert torch.allclose(C.quat_to_mat(q), torch.from_numpy(R.as_matrix()).float(), atol=2e-6)
 
 
 def test_pose_encoding_round_trip():
     E, K, _, _ = _scene()
-    enc = L.pose_encoding(E, K, (14, 18))
+    enc = C.vggt_pose_encoding(E, K, (14, 18))
     assert enc.shape == (2, 3, 9)
-    E2, K2 = L.pose_decoding(enc, (14, 18))
+    E2, K2 = C.vggt_pose_decoding(enc, (14, 18))
     assert torch.allclose(E2, E, atol=1e-5) and torch.allclose(K2, K, atol=1e-4)
     assert math.isclose(float(enc[0, 0, 7]), 2 * math.atan(7 / 22), rel_tol=1e-6)  # fov_h uses fy
 
 
 def test_normalize_scene_frame0_world_unit_scale_and_consistency():
     E, K, depth, mask = _scene()
-    gt = L.normalize_scene(E, K, depth, mask)
+    gt = C.normalize_scene(E, K, depth, mask)
     eye = torch.eye(3, 4).expand(2, 3, 4)
     assert torch.allclose(gt["extrinsics"][:, 0], eye, atol=1e-5)
     dist = (gt["world_points"].norm(dim=-1) * gt["mask"]).flatten(1).sum(1) / gt["mask"].flatten(1).sum(1)
@@ -53,14 +54,14 @@ def test_normalize_scene_frame0_world_unit_scale_and_consistency():
 
 def _perfect_pred(gt):
     B, S, H, W = gt["depth"].shape
-    enc = L.pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
+    enc = C.vggt_pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
     ones = torch.ones(B, S, H, W)
     return dict(pose_enc=enc, depth=gt["depth"][..., None], depth_conf=ones, world_points=gt["world_points"],
                 world_points_conf=ones)
 
 
 def test_perfect_prediction_with_unit_confidence_costs_nothing():
-    gt = L.normalize_scene(*_scene())
+    gt = C.normalize_scene(*_scene())
     out = L.vggt_task_loss(_perfect_pred(gt), gt)
     for k in ("camera", "depth_reg", "depth_grad", "point_reg", "point_conf", "task"):
         assert abs(float(out[k])) < 1e-5, (k, float(out[k]))
@@ -69,7 +70,7 @@ def test_perfect_prediction_with_unit_confidence_costs_nothing():
 def test_losses_are_per_sample_means_and_differentiable():
     """A batch of two gives the mean of the two single-sample losses (the DDP property) and gradients reach every
     prediction that the loss reads."""
-    gt = L.normalize_scene(*_scene())
+    gt = C.normalize_scene(*_scene())
     g = torch.Generator().manual_seed(3)
     pred = {k: (v + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_(True) for k, v in _perfect_pred(gt).items()}
     pred["depth_conf"] = (1 + torch.rand(pred["depth_conf"].shape, generator=g)).requires_grad_(True)
@@ -85,9 +86,9 @@ def test_losses_are_per_sample_means_and_differentiable():
 
 
 def test_camera_loss_weights_last_iteration_most():
-    gt = L.normalize_scene(*_scene())
+    gt = C.normalize_scene(*_scene())
     H, W = gt["depth"].shape[-2:]
-    enc = L.pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
+    enc = C.vggt_pose_encoding(gt["extrinsics"], gt["intrinsics"], (H, W))
     valid = torch.ones(2, 3, dtype=torch.bool)
     w = L.LossWeights()
     bad_first = L.camera_loss([enc + 0.1, enc], enc, valid, w)["camera"]
@@ -96,7 +97,7 @@ def test_camera_loss_weights_last_iteration_most():
 
 
 def test_da3_loss_runs_on_its_outputs():
-    gt = L.normalize_scene(*_scene())
+    gt = C.normalize_scene(*_scene())
     B, S, H, W = gt["depth"].shape
     pred = dict(depth=(gt["depth"] * 1.1).requires_grad_(True), depth_conf=torch.ones(B, S, H, W) * 2,
                 extrinsics=gt["extrinsics"].clone().requires_grad_(True), intrinsics=gt["intrinsics"])

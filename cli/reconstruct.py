@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lite3r_recon import models
+
 FORMATS = (".ply", ".glb")
 
 
@@ -31,7 +33,7 @@ FORMATS = (".ply", ".glb")
 def unproject(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
     """`recon.losses.unproject_depth` computed in float64 (large scenes, far points), returned float32:
     depth [..., H, W], w2c `extrinsics` [..., 3, 4], `intrinsics` [..., 3, 3] -> world points [..., H, W, 3]."""
-    from lite3r_recon.losses import unproject_depth
+    from lite3r_backbones.cameras import unproject_depth
 
     return unproject_depth(depth.double(), extrinsics.double(), intrinsics.double()).float()
 
@@ -119,49 +121,14 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def check_model(name: str) -> str:
-    from lite3r_backbones import list_backbones
-
-    if name not in list_backbones():
-        raise ValueError(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
-    return name
-
-
-def build_model(name: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
-                device: torch.device) -> nn.Module:
-    """The dense backbone `name` (checkpoint `weights`, random weights from seed 0 when absent), or, with
-    `student`, the lite3r student trained from it (recon.train.load_student)."""
-    from lite3r_recon.train import dense_model, load_student
-
-    check_model(name)
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"--weights {weights}: no such checkpoint file")
-    if student is not None:
-        return load_student(student, name, weights=weights, device=device).eval()
-    return dense_model(name, weights, seed=0).eval().requires_grad_(False).to(device)
-
-
 def predict(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """Backbone forward of one scene images [S,3,H,W] (bf16 autocast on CUDA) -> to_cameras output without the
     batch axis, float32 on the CPU."""
     from lite3r_backbones import to_cameras
-    from lite3r_recon.bench import forward
 
-    out = forward(model, images[None])
+    out = models.infer(model, images[None])
     cams = to_cameras(model, out, images.shape[-2:])
     return {k: cams[k][0].detach().float().cpu() for k in ("extrinsics", "intrinsics", "depth", "depth_conf")}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    return dev
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -193,8 +160,8 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         if json_path.resolve() == out.resolve():
             raise ValueError(f"--json {json_path}: the same file as --out")
         ensure_writable(json_path, overwrite)
-    check_model(model)
-    dev = resolve_device(device)
+    models.check_backbone(model)
+    dev = models.resolve_device(device)
     files = resolve_inputs(inputs)
     con = console(quiet)
     times: dict[str, float] = {}
@@ -209,7 +176,7 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         progress.update(task, advance=1, description=f"building {model}" + (" student" if student else ""))
         t = time.perf_counter()
         if net is None:
-            net = build_model(model, weights=weights, student=student, device=dev)
+            net = models.load_model(model, weights=weights, student=student, device=dev)
         times["build_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description=f"{model} forward on {len(files)} views")
         t = time.perf_counter()
@@ -249,5 +216,5 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
     return summary
 
 
-__all__ = ["build_model", "camera_centers", "confidence_threshold", "point_cloud", "predict", "reconstruct",
+__all__ = ["camera_centers", "confidence_threshold", "point_cloud", "predict", "reconstruct",
            "resolve_inputs", "unproject", "write_cloud"]

@@ -8,7 +8,6 @@ the ground truth normalised the way the field does (frame 0 = world, unit mean d
 The point clouds: predicted depth unprojected with the predicted cameras vs GT depth with GT cameras, aligned by
 Sim(3) on pixel correspondences, then subsampled to `max_points` each for the KD-tree search.
 
-    python -m lite3r_recon.evaluate        # the embedded default: vggt-tiny (random weights) on 2 synthetic scenes, CPU
 """
 from __future__ import annotations
 
@@ -20,64 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-GROUPS = {
-    "depth": ("abs_rel", "delta1", "rmse"),
-    "pose": ("auc30", "auc15", "auc5", "auc3", "rot_err", "trans_err"),
-    "pose accuracy": ("rra30", "rta30", "rra15", "rta15", "rra5", "rta5", "rra3", "rta3"),
-    "points": ("accuracy", "completeness", "chamfer", "fscore"),
-}
 DEFAULT_SYNTHETIC = {"num": 2, "size": (126, 168), "seed": 1000}  # the embedded default: small, fast on CPU
-
-
-def load_model(model: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
-               device: str | torch.device = "cpu", seed: int = 0) -> torch.nn.Module:
-    """Backbone `model` (strictly loaded `weights`, or random weights from `seed`), or the lite3r student at
-    `student` built on it (recon.train.load_student)."""
-    from lite3r_recon.train import dense_model, load_student
-
-    if weights and not Path(weights).is_file():
-        raise FileNotFoundError(f"--weights {weights}: no such file")
-    dense = dense_model(model, weights, seed=seed)
-    if student:
-        return load_student(student, dense, device=device).eval()
-    return dense.to(device).eval()
-
-
-def _points(depth, extrinsics, intrinsics):
-    from lite3r_recon.losses import unproject_depth
-
-    return unproject_depth(depth[None].double(), extrinsics[None].double(), intrinsics[None].double())[0]
-
-
-def evaluate_sample(model: torch.nn.Module, sample: dict, *, device: str | torch.device = "cpu",
-                    threshold: float = 0.05, max_points: int = 20000, seed: int = 0) -> dict[str, float]:
-    """Metrics of `model` on one normalised sample (datasets.*.sample(..., normalize=True))."""
-    from lite3r_backbones import to_cameras
-    from lite3r_recon import metrics
-
-    images = sample["images"].to(device)
-    hw = tuple(images.shape[-2:])
-    with torch.inference_mode():
-        out = model(images[None])
-    out = {k: (v.float().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
-    cams = {k: v[0] for k, v in to_cameras(getattr(model, "name", None) or model, out, hw).items()}
-    row: dict[str, float] = {}
-    mask = sample["mask"]
-    if len(images) >= 2:
-        row.update({k: float(v) for k, v in metrics.pose_metrics(cams["extrinsics"], sample["extrinsics"]).items()})
-    if mask.any():
-        dm = metrics.depth_metrics(cams["depth"], sample["depth"], mask)
-        row.update({k: float(np.nanmean(dm[k].numpy())) for k in ("abs_rel", "delta1", "rmse")})
-        pred_pts = _points(cams["depth"], cams["extrinsics"], cams["intrinsics"])[mask]
-        gt_pts = _points(sample["depth"], sample["extrinsics"], sample["intrinsics"])[mask]
-        ok = torch.isfinite(pred_pts).all(-1)
-        pred_pts, gt_pts = pred_pts[ok], gt_pts[ok]
-        if len(gt_pts) >= 3:
-            g = torch.Generator().manual_seed(seed)
-            idx = torch.randperm(len(gt_pts), generator=g)[:max_points]
-            pc = metrics.pointcloud_metrics(pred_pts[idx], gt_pts[idx], threshold=threshold)
-            row.update({k: pc[k] for k in GROUPS["points"]})
-    return row
 
 
 def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.PathLike | None = None, views: int = 4,
@@ -90,6 +32,8 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lite3r_recon import datasets
+    from lite3r_recon.models import load_model
+    from lite3r_recon.scoring import GROUPS, evaluate_sample
     from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
 
     if views < 1:
@@ -139,6 +83,3 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
         con.print(f"wrote {json_path}")
     return result
 
-
-if __name__ == "__main__":
-    evaluate("vggt-tiny")

@@ -1,0 +1,357 @@
+"""The one door to every model lite3r builds, loads or saves - every command goes through here.
+
+    teacher = dense_model("vggt-1b", "model.safetensors")          # strict; the official file loads as it is
+    student = make_student(teacher, SLAConfig(topk=0.05), fp8=True)  # SLA + FP8 fake quant copy, only proj_l trains
+    save_student(student, "run/student.safetensors", info)          # trained proj_l + the config it was built with
+    student = load_student("run", "vggt-1b", weights="model.safetensors")
+    model = deploy_model(student, device="cuda")                     # FP8 W8A8 linears, bf16 rest, compiled
+    save_artifact(model, "vggt.lite3r.safetensors")                  # fp8 weights + scales + configs in one file
+    model = load_artifact("vggt.lite3r.safetensors", device="cuda")  # no QAT model, no teacher file needed
+
+`load_model` is what a command asks for: a dense backbone or, with `student`, the student trained from it.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import lite3r
+from lite3r import SLAConfig
+from lite3r_recon import deploy
+from lite3r_recon.deploy import deploy_model  # noqa: F401  (part of the door: commands deploy through here)
+
+ARTIFACT_FORMAT = "lite3r-deploy/1"
+STUDENT_FORMAT = "lite3r-train/1"
+
+
+# ------------------------------------------------------------------------------------------------------- dense
+def dense_model(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
+                device: str | torch.device | None = None) -> nn.Module:
+    """Backbone `name`, eval and frozen: the checkpoint `weights` (built on the meta device, loaded strictly, the
+    file's tensors straight to `device`; only what the backbone declares optional may be absent from our model),
+    or random weights drawn from `seed` without touching the global RNG (the same on every call)."""
+    from lite3r_backbones import build_backbone, load_checkpoint
+
+    device = torch.device(device or "cpu")
+    if weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"--weights {weights}: no such checkpoint file")
+        model = build_backbone(name, device="meta")
+        load_checkpoint(model, weights, strict=True, device=device,
+                        skip_prefixes=getattr(model, "optional_checkpoint_prefixes", ()))
+    else:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            model = build_backbone(name, device=device)
+    return model.eval().requires_grad_(False)
+
+
+def configure(model: nn.Module, **changes) -> nn.Module:
+    """Set inference options of a backbone's frozen config (lean, head_dtype, ...) that its config has."""
+    fields = {f.name for f in dataclasses.fields(model.config)}
+    model.config = dataclasses.replace(model.config, **{k: v for k, v in changes.items() if k in fields})
+    return model
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs; fp32 on CPUs, where bf16 matmuls are emulated and slower than fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def infer(model: nn.Module, images: torch.Tensor) -> dict:
+    """The forward every command runs: inference mode, bf16 autocast on CUDA as the official demos run it (with
+    bf16 weights it only keeps LayerNorm, softmax and reductions in fp32 and casts the fp32 images)."""
+    with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
+                                                enabled=compute_dtype(images.device) == torch.bfloat16):
+        return model(images)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """--device: None -> cuda when available, else cpu; a clear error for a bad name or a missing GPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    return dev
+
+
+# ----------------------------------------------------------------------------------------------------- student
+def make_student(teacher: nn.Module, config: SLAConfig = SLAConfig(), *, fp8: bool = True,
+                 inplace: bool = False) -> nn.Module:
+    """The QAT student of `teacher`: a copy (or the model itself with `inplace`) with SLA where `config` says, FP8
+    fake quant on the linears when `fp8`, everything frozen but the zero-initialised proj_l. The config is kept
+    on the student (`lite3r_sla_config`) and saved with it."""
+    student = teacher if inplace else copy.deepcopy(teacher)
+    n_attn = lite3r.convert_to_sla(student, config)
+    if n_attn == 0:
+        raise ValueError(f"no attention module of {getattr(teacher, 'name', type(teacher).__name__)} is in SLA scopes "
+                         f"{config.scopes}: nothing would be sparse or trained")
+    if fp8:
+        lite3r.convert_to_fp8_qat(student)
+    student.lite3r_report = lite3r.freeze_all_but_proj_l(student)
+    bad = [n for n, p in student.named_parameters() if p.requires_grad and ".proj_l." not in f".{n}"]
+    if bad:
+        raise RuntimeError(f"the swap left non-proj_l parameters trainable: {bad[:3]}")
+    student.lite3r_sla_config = config.to_json()
+    student.lite3r_fp8 = fp8
+    return student
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def enable_activation_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer block (a module with `attn` and `mlp`) in backward instead of storing it."""
+    from torch.utils.checkpoint import checkpoint
+
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "attn") and hasattr(module, "mlp") and not hasattr(module, "_lite3r_ckpt"):
+            fwd = module.forward
+            module.forward = functools.partial(checkpoint, fwd, use_reentrant=False)
+            module._lite3r_ckpt = True
+            n += 1
+    return n
+
+
+def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Copy the trained parameters of a `student.safetensors` (proj_l weights and biases) into `model`, strictly:
+    every tensor in the file must name a parameter of the model with the same shape."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.fspath(path))
+    params = dict(model.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise KeyError(f"{path}: {len(missing)} tensors name no parameter of the model, first {missing[:3]}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if params[key].shape != value.shape:
+                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{path}: {key} has NaN/inf values")
+            params[key].copy_(value)
+    return model
+
+
+def save_student(student: nn.Module, path: str | os.PathLike, info: dict) -> None:
+    """Write the trained proj_l tensors of `student` (keyed by parameter name) with `info` (backbone, training
+    config) and the SLAConfig in the safetensors header, and the same JSON beside it (`path` with .json)."""
+    from safetensors.torch import save
+
+    from lite3r_recon.io import atomic_write_bytes, atomic_write_text
+
+    tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable(student).items()}
+    info = {"format": STUDENT_FORMAT, **info, "params": sorted(tensors),
+            "sla_config": getattr(student, "lite3r_sla_config", None), "fp8": getattr(student, "lite3r_fp8", None)}
+    path = Path(path)
+    atomic_write_bytes(path, save(tensors, metadata={"lite3r_train": json.dumps(info)}), overwrite=True)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1), overwrite=True)
+
+
+def student_info(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(the student.safetensors file, its info JSON) for a file or the run directory holding it."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such student file (lite3r train writes DIR/student.safetensors)")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable safetensors student file ({err})") from None
+    meta_json = path.with_suffix(".json")
+    if "lite3r_train" in meta:
+        return path, json.loads(meta["lite3r_train"])
+    if meta_json.is_file():
+        return path, json.loads(meta_json.read_text())
+    raise ValueError(f"{path}: no training config (neither safetensors metadata nor {meta_json.name})")
+
+
+def student_config(info: dict) -> tuple[SLAConfig, bool]:
+    """The SLAConfig and fp8 flag a student was built with (files of older runs: from their training config)."""
+    if info.get("sla_config"):
+        return SLAConfig.from_json(info["sla_config"]), bool(info.get("fp8", True))
+    from lite3r_recon.train_config import TrainConfig
+
+    cfg = TrainConfig.from_json({**info["config"], "teacher": None, "data": None})
+    return cfg.sla_config(), cfg.fp8
+
+
+def load_student(path: str | os.PathLike, teacher: nn.Module | str, *, weights: str | os.PathLike | None = None,
+                 device: str | torch.device | None = None, seed: int | None = None) -> nn.Module:
+    """A trained student from `student.safetensors` (or the run directory holding it) and its teacher.
+
+    `teacher`: the dense model (copied, left untouched) or a backbone name built with `weights` (random from the
+    run's seed when None). The SLA / FP8 settings come from the file; every trained tensor must name a parameter
+    of the rebuilt student with the same shape, and every proj_l of the student must be in the file."""
+    path, info = student_info(path)
+    config, fp8 = student_config(info)
+    built_here = isinstance(teacher, str)
+    if built_here:
+        run_seed = info.get("config", {}).get("seed", 0)
+        teacher = dense_model(teacher, weights, seed=run_seed if seed is None else seed)
+    name = getattr(teacher, "name", None)
+    if name and name != info["backbone"]:
+        raise ValueError(f"{path} was trained on {info['backbone']}, not on {name}")
+    student = make_student(teacher, config, fp8=fp8, inplace=built_here)
+    load_proj_l(student, path)
+    missing = set(trainable(student)) - set(info["params"])
+    if missing:
+        raise KeyError(f"{path}: no tensor for {len(missing)} proj_l parameters, first {sorted(missing)[:3]}")
+    return student.requires_grad_(False).to(device or "cpu")
+
+
+def check_backbone(name: str) -> str:
+    """`name` if it is a registered backbone, else a one-line error listing them (what every command's --model is)."""
+    from lite3r_backbones import list_backbones
+
+    if name not in list_backbones():
+        raise ValueError(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
+    return name
+
+
+def load_model(name: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
+               device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+    """What a command runs: backbone `name` (checkpoint `weights`, or random weights from `seed`), or with
+    `student` the lite3r student trained from it; eval, frozen, on `device`."""
+    check_backbone(name)
+    if student is not None:
+        return load_student(student, name, weights=weights, device=device).eval()
+    return dense_model(name, weights, seed=seed).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------- artifact
+def _sla_settings(model: nn.Module) -> dict:
+    """The SLA modules of `model` and their settings: {fqn: {topk, block_q, block_k, feature_map}}."""
+    return {fqn: {k: getattr(m, k) for k in ("topk", "block_q", "block_k", "feature_map")}
+            for fqn, m in model.named_modules() if isinstance(m, lite3r.SLAAttention)}
+
+
+def artifact_config(model: nn.Module) -> dict:
+    """Everything `load_artifact` needs besides the tensors: backbone name + config, SLA settings per module."""
+    config = getattr(model, "config", None)
+    return {
+        "format": ARTIFACT_FORMAT,
+        "backbone": getattr(model, "name", None),
+        "backbone_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
+        "sla": _sla_settings(model),
+        "sla_config": getattr(model, "lite3r_sla_config", None),  # the SLAConfig the student was built with
+        "fp32_modules": [fqn for fqn, m in model.named_modules() if getattr(m, "lite3r_fp32", False)],
+        "fp8_linears": sum(isinstance(m, lite3r.FP8Linear) for m in model.modules()),
+    }
+
+
+def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> dict:
+    """Write the deployed (not compiled) model as one safetensors file: fp8 weights + fp32 scales + the rest in
+    their deployed dtype, and the config JSON in the header metadata. Returns the config."""
+    from lite3r_recon.io import atomic_save_safetensors
+
+    model = getattr(model, "_orig_mod", model)
+    config = artifact_config(model)
+    if not config["backbone"]:
+        raise ValueError("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
+    tensors = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no two keys share storage
+    atomic_save_safetensors(path, tensors, metadata={"lite3r": json.dumps(config)}, overwrite=overwrite)
+    return config
+
+
+def read_artifact_config(path: str | os.PathLike) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "lite3r" not in meta:
+        raise ValueError(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
+    config = json.loads(meta["lite3r"])
+    if config.get("format") != ARTIFACT_FORMAT:
+        raise ValueError(f"{path}: artifact format {config.get('format')!r}, this lite3r reads {ARTIFACT_FORMAT!r}")
+    return config
+
+
+def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """The deployed architecture of an artifact: backbone, SLA where it was, FP8Linear for every linear whose
+    weight is float8 in the file, fp32 modules as they were, the rest in the file's dtype."""
+    from lite3r_backbones import build_backbone
+
+    fp8_linears = {k.rsplit(".", 1)[0] for k, v in tensors.items() if k.endswith(".weight") and v.dtype ==
+                   torch.float8_e4m3fn}
+    sla = config["sla"]
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config["backbone_config"].items() if k != "name"}
+    model = build_backbone(config["backbone"], **overrides)
+    if sla:  # each module as it was deployed (the per-module settings are what the kernels ran with)
+        first = next(iter(sla.values()))
+        lite3r.convert_to_sla(model, lite3r.SLAConfig(topk=lambda m, fqn: sla[fqn]["topk"], block_q=first["block_q"],
+                                                      block_k=first["block_k"], feature_map=first["feature_map"],
+                                                      scopes=None), filter=lambda m, fqn: fqn in sla)
+    for fqn in fp8_linears:  # empty FP8Linear shells: nothing is quantised, the file holds the fp8 weights
+        linear = model.get_submodule(fqn)
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent), name, lite3r.FP8Linear(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device))
+    for fqn in config["fp32_modules"]:
+        deploy.run_in_fp32(model.get_submodule(fqn))
+    fp32 = tuple(f + "." for f in config["fp32_modules"])
+    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
+              and not k.endswith("weight_scale") and not k.startswith(fp32)}
+    if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
+        deploy.cast_floating(model, dtypes.pop(), keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    return model
+
+
+def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None = None,
+                  compile_mode: str | None = None, regional: bool = True) -> nn.Module:
+    """Rebuild a deployed model from `save_artifact`'s file alone: backbone architecture, SLA where it was, FP8Linear
+    for every linear whose weight is float8 in the file, then the file's tensors assigned as they are (bit-identical
+    weights). No teacher checkpoint and no QAT training state is needed."""
+    from safetensors.torch import load_file
+
+    config = read_artifact_config(path)
+    tensors = load_file(os.fspath(path))
+    with torch.device("meta"):  # no memory, no random init, no quantisation: every tensor comes from the file
+        model = _skeleton(config, tensors)
+    model.load_state_dict(tensors, strict=True, assign=True)
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):  # non-persistent buffers: build for real
+        model = _skeleton(config, tensors)
+        model.load_state_dict(tensors, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.lite3r_sla_config = config.get("sla_config")
+    if device is not None:
+        model = model.to(device)
+    fp8 = [m for m in model.modules() if isinstance(m, lite3r.FP8Linear)]
+    if fp8:  # FP8Linear probes W8A8 support eagerly and only reads the answer while compiled
+        lite3r._scaled_mm_ok(fp8[0].weight.device)
+    if compile_mode:
+        model = deploy.compile_model(model, mode=compile_mode, regional=regional)
+    return model
+
+
+def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | os.PathLike | None = None,
+           student: str | os.PathLike | None = None, config: SLAConfig = SLAConfig(), fp8: bool = True,
+           dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict:
+    """`lite3r export`: teacher (checkpoint or random weights) -> student (a trained `student.safetensors` with its
+    own SLA / FP8 settings, or a fresh student from `config` and `fp8`) -> deployed on the CPU, uncompiled ->
+    artifact. Returns the artifact config."""
+    from lite3r_recon.io import ensure_writable
+
+    ensure_writable(out, overwrite)  # before the (long) build
+    teacher = dense_model(model, weights)
+    built = (load_student(student, teacher) if student is not None
+             else make_student(teacher, config, fp8=fp8, inplace=True))
+    deployed = deploy_model(built, dtype=dtype, compile_mode=None)
+    return save_artifact(deployed, out, overwrite=overwrite)

@@ -1,0 +1,51 @@
+"""One model on one scene -> the field's metrics (depth, pose, point cloud): what `lite3r eval`, `lite3r study` and
+`lite3r pretrain` report. The sample is normalised the way the field does (frame 0 = world, unit mean distance of
+valid points to it); the point clouds are predicted depth unprojected with the predicted cameras vs GT depth with GT
+cameras, aligned by Sim(3) on pixel correspondences, then subsampled to `max_points` each for the KD-tree search."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+GROUPS = {
+    "depth": ("abs_rel", "delta1", "rmse"),
+    "pose": ("auc30", "auc15", "auc5", "auc3", "rot_err", "trans_err"),
+    "pose accuracy": ("rra30", "rta30", "rra15", "rta15", "rra5", "rta5", "rra3", "rta3"),
+    "points": ("accuracy", "completeness", "chamfer", "fscore"),
+}
+
+def _points(depth, extrinsics, intrinsics):
+    from lite3r_backbones.cameras import unproject_depth
+
+    return unproject_depth(depth[None].double(), extrinsics[None].double(), intrinsics[None].double())[0]
+
+
+def evaluate_sample(model: torch.nn.Module, sample: dict, *, device: str | torch.device = "cpu",
+                    threshold: float = 0.05, max_points: int = 20000, seed: int = 0) -> dict[str, float]:
+    """Metrics of `model` on one normalised sample (datasets.*.sample(..., normalize=True))."""
+    from lite3r_backbones import to_cameras
+    from lite3r_recon import metrics
+
+    images = sample["images"].to(device)
+    hw = tuple(images.shape[-2:])
+    with torch.inference_mode():
+        out = model(images[None])
+    out = {k: (v.float().cpu() if torch.is_tensor(v) else v) for k, v in out.items()}
+    cams = {k: v[0] for k, v in to_cameras(getattr(model, "name", None) or model, out, hw).items()}
+    row: dict[str, float] = {}
+    mask = sample["mask"]
+    if len(images) >= 2:
+        row.update({k: float(v) for k, v in metrics.pose_metrics(cams["extrinsics"], sample["extrinsics"]).items()})
+    if mask.any():
+        dm = metrics.depth_metrics(cams["depth"], sample["depth"], mask)
+        row.update({k: float(np.nanmean(dm[k].numpy())) for k in ("abs_rel", "delta1", "rmse")})
+        pred_pts = _points(cams["depth"], cams["extrinsics"], cams["intrinsics"])[mask]
+        gt_pts = _points(sample["depth"], sample["extrinsics"], sample["intrinsics"])[mask]
+        ok = torch.isfinite(pred_pts).all(-1)
+        pred_pts, gt_pts = pred_pts[ok], gt_pts[ok]
+        if len(gt_pts) >= 3:
+            g = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(len(gt_pts), generator=g)[:max_points]
+            pc = metrics.pointcloud_metrics(pred_pts[idx], gt_pts[idx], threshold=threshold)
+            row.update({k: pc[k] for k in GROUPS["points"]})
+    return row
