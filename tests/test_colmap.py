@@ -1,0 +1,123 @@
+"""COLMAP export: a synthetic scene with exact cameras written, read back by pycolmap (counts, centres,
+projections in COLMAP's +0.5 pixel convention), the original-image intrinsics, bundle adjustment, errors."""
+import numpy as np
+import pytest
+import torch
+
+pycolmap = pytest.importorskip("pycolmap")
+
+from lite3r_recon.colmap import (ColmapScene, model_to_original, points_to_original, read_colmap,  # noqa: E402
+                                 write_colmap)
+from lite3r_recon.synthetic import render_sample  # noqa: E402
+
+
+def _project(E: torch.Tensor, K: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """World points X [N, 3] -> pixels [N, 2] of camera (E w2c, K) (integer pixel centres)."""
+    cam = X.double() @ E[:, :3].double().T + E[:, 3].double()
+    uv = cam @ K.double().T
+    return uv[:, :2] / uv[:, 2:]
+
+
+def _scene(views: int = 3, n: int = 40, noise: float = 0.0) -> tuple[ColmapScene, dict]:
+    """GT cameras of a synthetic scene, n points seen by every view (their exact projections, original pixels)."""
+    s = render_sample(3, views=views, size=(70, 98))
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 3, generator=g, dtype=torch.float64) * 0.5
+    X[:, 2] = X[:, 2].abs() + 0.2  # above the ground, near the scene centre the cameras look at
+    xy = torch.stack([_project(s["extrinsics"][i], s["intrinsics"][i], X) for i in range(views)])  # [S, n, 2]
+    ext = s["extrinsics"].clone().double()
+    ext[1:, :, 3] += noise * torch.randn(views - 1, 3, generator=g, dtype=torch.float64)
+    scene = ColmapScene(
+        names=[f"view_{i:02d}.png" for i in range(views)], sizes=[(98, 70)] * views, extrinsics=ext.float(),
+        intrinsics=s["intrinsics"], points=X.float(), colours=torch.randint(0, 256, (n, 3), generator=g).to(torch.uint8),
+        obs_point=torch.arange(n).repeat(views), obs_view=torch.arange(views).repeat_interleave(n),
+        obs_xy=xy.reshape(-1, 2).float())
+    return scene, s
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_written_model_reads_back(tmp_path, binary):
+    scene, s = _scene()
+    out = tmp_path / "sparse"
+    summary = write_colmap(out, scene, binary=binary)
+    assert summary["images"] == 3 and summary["points3D"] == 40 and summary["observations"] == 120
+    assert summary["reprojection_error_px"] < 1e-3  # exact projections: the +0.5 shift is applied to both
+    assert (out / ("images.bin" if binary else "images.txt")).is_file()
+    rec = pycolmap.Reconstruction(str(out))
+    assert rec.num_images() == 3 and rec.num_points3D() == 40 and rec.num_cameras() == 3
+    for image in rec.images.values():
+        i = int(image.name[5:7])
+        R, t = s["extrinsics"][i, :, :3].double(), s["extrinsics"][i, :, 3].double()
+        np.testing.assert_allclose(image.projection_center(), (-R.T @ t).numpy(), atol=1e-5)
+        cam = rec.cameras[image.camera_id]
+        assert (cam.width, cam.height) == (98, 70)
+        K = s["intrinsics"][i].double()
+        np.testing.assert_allclose(cam.params, [K[0, 0], K[1, 1], K[0, 2] + 0.5, K[1, 2] + 0.5], rtol=1e-6)
+        # pycolmap's own projection of a point = our projection + 0.5 (COLMAP's pixel centres)
+        X = scene.points[:5].double()
+        ours = _project(s["extrinsics"][i], s["intrinsics"][i], X).numpy() + 0.5
+        theirs = np.stack([cam.img_from_cam(image.cam_from_world() * x.numpy()) for x in X])
+        np.testing.assert_allclose(theirs, ours, atol=1e-3)
+    for pid, point in rec.points3D.items():
+        assert point.track.length() == 3
+        np.testing.assert_array_equal(point.color, scene.colours[pid - 1].numpy())
+    back = read_colmap(out)
+    assert back["names"] == scene.names and back["sizes"] == scene.sizes
+    torch.testing.assert_close(back["extrinsics"], s["extrinsics"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(back["intrinsics"], s["intrinsics"], atol=1e-4, rtol=1e-6)
+
+
+def test_bundle_adjustment_reduces_the_error(tmp_path):
+    scene, _ = _scene(views=4, n=60, noise=0.05)
+    summary = write_colmap(tmp_path / "ba", scene, bundle_adjust=True, refine_focal_length=False)
+    assert summary["reprojection_error_px"] > 0.5
+    assert summary["reprojection_error_px_after_ba"] < 0.1 * summary["reprojection_error_px"]
+
+
+def test_original_image_geometry():
+    """The pixel map of load_images (identity intrinsics in) takes network intrinsics / pixels back exactly."""
+    A = torch.tensor([[[0.5, 0, -0.25 + 3], [0, 0.5, -0.25 - 7], [0, 0, 1]]], dtype=torch.float64)
+    K0 = torch.tensor([[[300.0, 0, 199.5], [0, 310.0, 149.5], [0, 0, 1]]], dtype=torch.float64)
+    K_net = A @ K0
+    torch.testing.assert_close(model_to_original(A, K_net), K0)
+    X = torch.tensor([[0.3, -0.2, 2.0]], dtype=torch.float64)
+    uv0 = (X @ K0[0].T)[:, :2] / 2.0
+    uv_net = (X @ K_net[0].T)[:, :2] / 2.0
+    torch.testing.assert_close(points_to_original(A, uv_net[None]), uv0[None])
+
+
+def test_refuses_to_overwrite_and_bad_scenes(tmp_path):
+    scene, _ = _scene()
+    write_colmap(tmp_path / "m", scene)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_colmap(tmp_path / "m", scene)
+    write_colmap(tmp_path / "m", scene, overwrite=True, binary=False)
+    assert (tmp_path / "m" / "images.txt").is_file()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        write_colmap(tmp_path / "no" / "such", scene)
+    with pytest.raises(ValueError, match="colours"):
+        ColmapScene(scene.names, scene.sizes, scene.extrinsics, scene.intrinsics, scene.points, scene.colours[:3],
+                    scene.obs_point, scene.obs_view, scene.obs_xy)
+    with pytest.raises(ValueError, match="obs_view out of range"):
+        ColmapScene(scene.names, scene.sizes, scene.extrinsics, scene.intrinsics, scene.points, scene.colours,
+                    scene.obs_point, scene.obs_view + 5, scene.obs_xy)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+
+
+def test_read_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such COLMAP model folder"):
+        read_colmap(tmp_path / "none")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a COLMAP model"):
+        read_colmap(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cameras.txt").write_text("1 OPENCV 100 80 90 91 50 40 0.1 0 0 0\n")
+    (bad / "images.txt").write_text("1 1 0 0 0 0 0 0 1 a.png\n\n")
+    (bad / "points3D.txt").write_text("")
+    with pytest.raises(ValueError, match="OPENCV.*pinhole"):
+        read_colmap(bad)
+    (bad / "cameras.bin").write_bytes(b"\x00\x01")
+    (bad / "cameras.txt").unlink()
+    with pytest.raises(ValueError, match="cannot read the COLMAP model"):
+        read_colmap(bad)
