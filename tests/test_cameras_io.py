@@ -1,0 +1,116 @@
+"""Known cameras from JSON or a COLMAP model (matched by image name or order), one-line errors for bad files, the
+depth scale from known camera centres, and the preview PNG."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lite3r_recon.cameras_io import load_known_cameras, similarity_scale
+from lite3r_recon.errors import InvalidInput, MissingInput
+
+NAMES = ["a.png", "b.png", "c.png"]
+SIZES = [(160, 120)] * 3
+
+
+def _K(f: float) -> list:
+    return [[f, 0, 79.5], [0, f, 59.5], [0, 0, 1]]
+
+
+def _E(tx: float) -> list:
+    return [[1, 0, 0, tx], [0, 1, 0, 0], [0, 0, 1, 0]]
+
+
+def test_json_forms(tmp_path):
+    shared = tmp_path / "shared.json"
+    shared.write_text(json.dumps({"fx": 100, "fy": 101, "cx": 79.5, "cy": 59.5}))
+    cams = load_known_cameras(shared, NAMES, SIZES)
+    assert cams["intrinsics"].shape == (3, 3, 3) and cams["extrinsics"] is None
+    assert float(cams["intrinsics"][2, 1, 1]) == 101.0
+    named = tmp_path / "named.json"  # out of order, matched by name; a path prefix is ignored
+    named.write_text(json.dumps({"cameras": [{"image": f"x/{n}", "intrinsics": _K(100 + i), "extrinsics_w2c": _E(i),
+                                              "width": 160, "height": 120} for i, n in reversed(list(enumerate(NAMES)))]}))
+    cams = load_known_cameras(named, NAMES, SIZES, poses=True, flag="--cameras")
+    assert [float(k[0, 0]) for k in cams["intrinsics"]] == [100, 101, 102]
+    assert [float(e[0, 3]) for e in cams["extrinsics"]] == [0, 1, 2]
+    ordered = tmp_path / "ordered.json"  # a bare list, in input order, 4x4 extrinsics
+    ordered.write_text(json.dumps([{"intrinsics": _K(90), "extrinsics_w2c": _E(i) + [[0, 0, 0, 1]]} for i in range(3)]))
+    assert load_known_cameras(ordered, NAMES, SIZES, poses=True)["extrinsics"].shape == (3, 3, 4)
+
+
+def test_colmap_model(tmp_path):
+    from lite3r_recon.colmap import ColmapScene, write_colmap
+
+    E = torch.tensor([_E(i) for i in range(3)], dtype=torch.float32)
+    K = torch.tensor([_K(100 + i) for i in range(3)], dtype=torch.float32)
+    empty = torch.zeros(0, dtype=torch.long)
+    write_colmap(tmp_path / "m", ColmapScene(NAMES, SIZES, E, K, torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.uint8),
+                                             empty, empty, torch.zeros(0, 2)))
+    cams = load_known_cameras(tmp_path / "m", list(reversed(NAMES)), SIZES, poses=True, flag="--cameras")
+    torch.testing.assert_close(cams["intrinsics"].float(), K.flip(0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cams["extrinsics"].float(), E.flip(0), atol=1e-5, rtol=0)
+    with pytest.raises(InvalidInput, match="camera is 160x120 px, image a.png is 320x240"):
+        load_known_cameras(tmp_path / "m", NAMES, [(320, 240)] * 3)
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", r"not valid JSON \(.* at line 1"),
+    ("[]", "expected a camera object"),
+    (json.dumps({"fx": 100}), r"expected \"intrinsics\""),
+    (json.dumps({"intrinsics": [[1, 0], [0, 1]]}), r"intrinsics: expected a finite 3x3 matrix"),
+    (json.dumps({"fx": -5, "fy": 5, "cx": 1, "cy": 1}), "fx, fy > 0"),
+    (json.dumps([{"intrinsics": _K(9)}] * 2), "2 cameras for 3 views"),
+    (json.dumps([{"image": "a.png", "intrinsics": _K(9)}, {"intrinsics": _K(9)}]), "every camera an \"image\" name"),
+    (json.dumps([{"image": n, "intrinsics": _K(9)} for n in NAMES[:2]]), "no camera for image c.png"),
+    (json.dumps([{"intrinsics": _K(9), "extrinsics_w2c": [[2, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]}] * 3),
+     "not a rotation"),
+])
+def test_bad_camera_files(tmp_path, content, match):
+    bad = tmp_path / "cams.json"
+    bad.write_text(content)
+    with pytest.raises(InvalidInput, match=match) as e:
+        load_known_cameras(bad, NAMES, SIZES, poses="rotation" in match)
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+
+
+def test_missing_and_pose_errors(tmp_path):
+    with pytest.raises(MissingInput, match="--cameras .*none.json: no such JSON file or COLMAP model folder"):
+        load_known_cameras(tmp_path / "none.json", NAMES, SIZES, flag="--cameras")
+    only_k = tmp_path / "k.json"
+    only_k.write_text(json.dumps([{"intrinsics": _K(9)}] * 3))
+    with pytest.raises(InvalidInput, match="needs \"extrinsics_w2c\""):
+        load_known_cameras(only_k, NAMES, SIZES, poses=True, flag="--cameras")
+    binary = tmp_path / "b.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(InvalidInput, match="not a text"):
+        load_known_cameras(binary, NAMES, SIZES)
+
+
+def test_similarity_scale():
+    g = torch.Generator().manual_seed(0)
+    known = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    R = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
+    R = R * torch.sign(torch.det(R))
+    pred = (known @ R.T) / 2.5 + torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)  # known = 2.5 x pred, rotated
+    assert similarity_scale(pred, known) == pytest.approx(2.5, rel=1e-9)
+    assert similarity_scale(pred[:1], known[:1]) == 1.0  # one camera: no scale to measure
+
+
+def test_preview_png(tmp_path):
+    from PIL import Image
+
+    from lite3r_backbones.cameras import unproject_depth
+    from lite3r_recon.preview import top_view_axes, write_preview
+    from lite3r_recon.synthetic import render_sample
+
+    s = render_sample(2, views=3, size=(56, 70))
+    pts = unproject_depth(s["depth"], s["extrinsics"], s["intrinsics"])[s["mask"]]
+    col = (s["images"].permute(0, 2, 3, 1) * 255).to(torch.uint8)[s["mask"]]
+    path = write_preview(tmp_path / "p.png", s["images"], s["depth"], torch.rand(3, 56, 70), pts, col,
+                         s["extrinsics"], pixels=s["mask"] | True)
+    assert Image.open(path).size[0] > 800
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_preview(path, s["images"], s["depth"], torch.rand(3, 56, 70), pts, col, s["extrinsics"])
+    axes = top_view_axes(s["extrinsics"])
+    np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-9)
+    np.testing.assert_allclose(axes[2], [0, 0, 1], atol=0.05)  # the synthetic world has z up
