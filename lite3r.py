@@ -29,9 +29,14 @@ __all__ = [
     "TYPECHECK", "typed", "FEATURE_MAPS", "LINEAR_EPS", "FP8_MAX", "sla_block_map", "sla_reference",
     "linear_attention_reference", "sla_attention", "fp8_quantize", "fp8_fake_quant", "distill_loss",
     "SLAAttention", "FP8FakeQuantLinear", "FP8Linear", "is_attention", "swap_attention", "SwapReport",
-    "AttentionRecorder", "to_fp8_inference", "deploy", "SLAConfig", "swap_modules", "convert_to_sla",
+    "AttentionRecorder", "to_fp8_inference", "deploy", "Lite3rError", "SLAConfig", "swap_modules", "convert_to_sla",
     "convert_to_fp8_qat", "freeze_all_but_proj_l",
 ]
+
+class Lite3rError(ValueError):
+    """Input the core cannot use (a bad argument, shape or value); the message is one line naming it. The `lite3r`
+    command prints that line; any other exception is a bug and keeps its traceback."""
+
 
 # ------------------------------------------------------------------------------------------------ type checks
 TYPECHECK: bool = os.environ.get("LITE3R_TYPECHECK", "1") != "0"
@@ -77,7 +82,7 @@ def _backend(t: Tensor, op: str):
     if choice == "torch":
         return None
     if choice not in ("auto", "triton"):
-        raise ValueError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
+        raise Lite3rError(f"LITE3R_BACKEND must be auto, triton or torch, got {choice!r}")
     if choice == "auto" and t.device.type not in _AUTO_DEVICES:  # the Triton interpreter is never picked by itself
         return None
     mod = _kernels()
@@ -114,7 +119,7 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {"softmax": _phi_softmax, 
 def _num_kept(topk: float, n_blocks: int) -> int:
     """K = max(1, ceil(topk * Mk)) key blocks per query block (capped at Mk)."""
     if not 0.0 < topk <= 1.0:
-        raise ValueError(f"topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
+        raise Lite3rError(f"topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
     return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
 
 
@@ -145,7 +150,7 @@ def sla_block_map(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], *, t
 
 def _block_map(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
     if block_q < 1 or block_k < 1:
-        raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+        raise Lite3rError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
     n_k = -(-k.shape[2] // block_k)
     kept = _num_kept(topk, n_k)
     qf, kf = q.detach().float(), k.detach().float()
@@ -163,7 +168,7 @@ def _sparse_reference(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, block_q: int
     B, H, N, D = q.shape
     n_q, n_k, kept = -(-N // block_q), -(-N // block_k), lut.shape[-1]
     if lut.shape != (B, H, n_q, kept) or kept > n_k:
-        raise ValueError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K <= {n_k}]")
+        raise Lite3rError(f"lut has shape {tuple(lut.shape)}, expected [{B}, {H}, {n_q}, K <= {n_k}]")
     acc = torch.promote_types(q.dtype, torch.float32)  # scores and softmax at least in fp32
     if kept == n_k:  # every key block kept (the indices of a topk are distinct): dense attention
         return F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc)).to(q.dtype)
@@ -193,7 +198,7 @@ def linear_attention_reference(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b 
 
 def _linear_reference(q: Tensor, k: Tensor, v: Tensor, feature_map: str, eps: float = LINEAR_EPS) -> Tensor:
     if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     phi = FEATURE_MAPS[feature_map]
     acc = torch.promote_types(q.dtype, torch.float32)
     fq, fk = phi(q.to(acc)), phi(k.to(acc))  # [B, H, N, D]
@@ -221,7 +226,7 @@ def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
         return q.to(dtype), k.to(dtype), v.to(dtype)
     if q.dtype == k.dtype == v.dtype:
         return q, k, v
-    raise ValueError(f"q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}")
+    raise Lite3rError(f"q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
 @typed
@@ -235,7 +240,7 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     LITE3R_BACKEND allows and they support the device, the PyTorch reference otherwise.
     """
     if feature_map not in FEATURE_MAPS:
-        raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+        raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
     q, k, v = _common_dtype(q, k, v)
     kern = _backend(q, "sla_branches")
     if kern is not None:
@@ -257,7 +262,7 @@ FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
 def _check_finite(x: Tensor, amax: Tensor) -> None:
     # amax is inf for an inf anywhere on its row and NaN for a NaN (amax propagates NaN): one small reduction.
     if not torch.compiler.is_compiling() and not bool(torch.isfinite(amax).all()):
-        raise ValueError(f"fp8 quantisation of a tensor with inf/NaN values (shape {tuple(x.shape)}, {x.dtype}): "
+        raise Lite3rError(f"fp8 quantisation of a tensor with inf/NaN values (shape {tuple(x.shape)}, {x.dtype}): "
                          "FP8 scales would be meaningless")
 
 
@@ -306,13 +311,13 @@ def distill_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Te
 
     Raises ValueError naming the first misaligned index (shape) or the two lengths."""
     if len(student_outputs) != len(teacher_outputs):
-        raise ValueError(f"distill_loss: {len(student_outputs)} student outputs vs {len(teacher_outputs)} teacher "
+        raise Lite3rError(f"distill_loss: {len(student_outputs)} student outputs vs {len(teacher_outputs)} teacher "
                          "outputs (do both recorders select the same attention modules?)")
     if not student_outputs:
-        raise ValueError("distill_loss: no outputs to align (the recorders selected no attention module)")
+        raise Lite3rError("distill_loss: no outputs to align (the recorders selected no attention module)")
     for i, (s, t) in enumerate(zip(student_outputs, teacher_outputs)):
         if s.shape != t.shape:
-            raise ValueError(f"distill_loss: pair {i} differs in shape: student {tuple(s.shape)} vs teacher "
+            raise Lite3rError(f"distill_loss: pair {i} differs in shape: student {tuple(s.shape)} vs teacher "
                              f"{tuple(t.shape)}")
     losses = torch.stack([F.mse_loss(s.float(), t.float().to(s.device)) for s, t in zip(student_outputs,
                                                                                        teacher_outputs)])
@@ -320,9 +325,9 @@ def distill_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Te
         return losses.mean()
     w = torch.as_tensor(weights, dtype=torch.float32, device=losses.device).flatten()
     if w.numel() != losses.numel():
-        raise ValueError(f"distill_loss: {w.numel()} weights for {losses.numel()} output pairs")
+        raise Lite3rError(f"distill_loss: {w.numel()} weights for {losses.numel()} output pairs")
     if bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise ValueError(f"distill_loss: weights must be >= 0 with a positive sum, got {w.tolist()}")
+        raise Lite3rError(f"distill_loss: weights must be >= 0 with a positive sum, got {w.tolist()}")
     return (w * losses).sum() / w.sum()
 
 
@@ -341,17 +346,17 @@ class SLAAttention(nn.Module):
         if not is_attention(attn):
             raise TypeError(f"{type(attn).__name__} is not an attention module (needs qkv/proj Linear + num_heads)")
         if feature_map not in FEATURE_MAPS:
-            raise ValueError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+            raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         _num_kept(float(topk), 1)  # validates the range
         self.num_heads = attn.num_heads
         self.qkv = attn.qkv
         dim = self.qkv.in_features
         if dim % self.num_heads:
-            raise ValueError(f"qkv in_features {dim} not divisible by num_heads {self.num_heads}")
+            raise Lite3rError(f"qkv in_features {dim} not divisible by num_heads {self.num_heads}")
         self.head_dim = dim // self.num_heads
         scale = getattr(attn, "scale", None)  # timm / DINOv2 keep the softmax scale here
         if isinstance(scale, (int, float)) and not math.isclose(scale, self.head_dim ** -0.5, rel_tol=1e-6):
-            raise ValueError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
+            raise Lite3rError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
                              f"{self.head_dim ** -0.5:.6g}; leave this module dense (swap_attention(filter=...))")
         drop = getattr(attn, "attn_drop", None)  # timm: nn.Dropout; others: the dropout_p they pass to SDPA
         drop = drop.p if isinstance(drop, nn.Dropout) else drop
@@ -375,10 +380,10 @@ class SLAAttention(nn.Module):
         given = [name for name, value in extra.items() if value is not None and not (name == "is_causal" and
                                                                                       value is False)]
         if given:
-            raise ValueError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
+            raise Lite3rError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
                              "SLA; leave this module dense (swap_attention(filter=...))")
         if self.training and self.attn_drop_p > 0:  # eval (dropout off) is exact; training would silently differ
-            raise ValueError(f"SLAAttention cannot apply the replaced module's attention dropout (p="
+            raise Lite3rError(f"SLAAttention cannot apply the replaced module's attention dropout (p="
                              f"{self.attn_drop_p}) in training; set it to 0 or leave this module dense")
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -558,13 +563,13 @@ class SLAConfig:
         for name in ("block_q", "block_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SLAConfig.{name} must be a positive int (tokens per block), got {value!r}")
+                raise Lite3rError(f"SLAConfig.{name} must be a positive int (tokens per block), got {value!r}")
         if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"SLAConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
+            raise Lite3rError(f"SLAConfig.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         if self.scopes is not None:
             scopes = (self.scopes,) if isinstance(self.scopes, str) else tuple(self.scopes)
             if not scopes or not all(isinstance(x, str) for x in scopes):
-                raise ValueError(f"SLAConfig.scopes must be None (all) or scope names like ('global',), got "
+                raise Lite3rError(f"SLAConfig.scopes must be None (all) or scope names like ('global',), got "
                                  f"{self.scopes!r}")
             object.__setattr__(self, "scopes", scopes)
 
@@ -584,7 +589,7 @@ class SLAConfig:
     def to_json(self) -> dict:
         """The config as JSON (saved with students and deploy artifacts); a callable topk cannot be saved."""
         if callable(self.topk) and not isinstance(self.topk, dict):
-            raise ValueError("SLAConfig with a callable topk cannot be saved: use a fraction or a per-scope dict")
+            raise Lite3rError("SLAConfig with a callable topk cannot be saved: use a fraction or a per-scope dict")
         return {f.name: (list(v) if isinstance(v, tuple) else v)
                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
 
@@ -593,13 +598,13 @@ class SLAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"SLAConfig: unknown field(s) {', '.join(unknown)}")
+            raise Lite3rError(f"SLAConfig: unknown field(s) {', '.join(unknown)}")
         return cls(**d)
 
 
 def _check_topk(value, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} is the kept fraction of key blocks, in (0, 1]; got {value!r}")
+        raise Lite3rError(f"{name} is the kept fraction of key blocks, in (0, 1]; got {value!r}")
 
 
 def _default_fp8_filter(module: nn.Module, fqn: str) -> bool:
@@ -628,7 +633,7 @@ class SwapReport:
 
 def _no_root(kind: str):
     def refuse(module: nn.Module, fqn: str) -> nn.Module:
-        raise ValueError(f"the model itself is {kind}: wrap it in a container to swap it in place")
+        raise Lite3rError(f"the model itself is {kind}: wrap it in a container to swap it in place")
     return refuse
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from lite3r_recon.errors import InvalidInput
 
 
 # ------------------------------------------------------------------------------------------------ rigid motions
@@ -81,7 +82,7 @@ def quat_to_mat(q: Tensor) -> Tensor:
 def mat_to_quat(m: Tensor) -> Tensor:
     """Rotation matrices [..., 3, 3] -> quaternions xyzw [..., 4] with w >= 0 (best-conditioned branch)."""
     if m.shape[-2:] != (3, 3):
-        raise ValueError(f"expected rotation matrices [..., 3, 3], got {tuple(m.shape)}")
+        raise InvalidInput(f"expected rotation matrices [..., 3, 3], got {tuple(m.shape)}")
     m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.reshape(m.shape[:-2] + (9,)).unbind(-1)
     sq = torch.stack((1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22), dim=-1)
     pos = sq > 0  # sqrt of the positive part, with a zero (not inf) gradient where it is 0

@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from lite3r_recon.errors import InvalidInput
+
 # key fragments -> the model family whose checkpoints carry them (matched anywhere in a key, so wrapped keys count)
 FAMILY_MARKERS: dict[str, str] = {
     "aggregator.frame_blocks.": "VGGT",
@@ -30,7 +32,7 @@ WRAPPER_PREFIXES = ("module.", "model.")
 _SHOW = 5  # keys listed per category in error messages
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidInput):
     """A checkpoint that cannot be loaded into the model; the message's first line says why."""
 
 

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from lite3r_recon.errors import InvalidInput
 
 
 # ----------------------------------------------------------------------------------------------- activations
@@ -36,7 +37,7 @@ def activate_head(out: Tensor, activation: str, conf_activation: str) -> tuple[T
     elif activation == "linear":
         pts = xyz
     else:
-        raise ValueError(f"unknown activation {activation!r}")
+        raise InvalidInput(f"unknown activation {activation!r}")
     if conf_activation == "expp1":
         conf = 1 + conf.exp()
     elif conf_activation == "expp0":
@@ -44,7 +45,7 @@ def activate_head(out: Tensor, activation: str, conf_activation: str) -> tuple[T
     elif conf_activation == "sigmoid":
         conf = torch.sigmoid(conf)
     else:
-        raise ValueError(f"unknown conf_activation {conf_activation!r}")
+        raise InvalidInput(f"unknown conf_activation {conf_activation!r}")
     return pts, conf
 
 

@@ -16,6 +16,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from lite3r_recon.errors import InvalidInput
 
 Scope = Literal["frame", "global", "camera"]  # camera: across views, one token per view (pose trunks)
 
@@ -62,7 +63,7 @@ class RoPE2D(nn.Module):
         # t [B, H, N, D], pos [B, N, 2] (integer or float positions: y, x)
         d = t.shape[-1] // 2
         if t.shape[-1] % 4:
-            raise ValueError(f"RoPE2D needs a head dim divisible by 4, got {t.shape[-1]}")
+            raise InvalidInput(f"RoPE2D needs a head dim divisible by 4, got {t.shape[-1]}")
         inv_freq = 1.0 / (self.frequency ** (torch.arange(0, d, 2, device=t.device).float() / d))  # [d/2]
         ang = pos.to(torch.float32)[..., None] * inv_freq  # [B, N, 2, d/2]
         ang = torch.cat((ang, ang), dim=-1).to(t.dtype)  # [B, N, 2, d]
@@ -102,7 +103,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise InvalidInput(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
@@ -174,7 +175,7 @@ class PatchEmbed(nn.Module):
         H, W = x.shape[-2:]
         p = self.patch_size
         if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {p} (see backbones.load_images)")
+            raise InvalidInput(f"image size {H}x{W} is not a multiple of the patch size {p} (see backbones.load_images)")
         return self.proj(x).flatten(2).transpose(1, 2)
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 
 def resize_intrinsics(K, sx: float, sy: float):
@@ -39,10 +40,10 @@ def list_images(folder: str | os.PathLike) -> list[pathlib.Path]:
     """Sorted image files in a folder; a clear error when the folder is missing or holds none."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such image folder")
+        raise MissingInput(f"{folder}: no such image folder")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        raise InvalidInput(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
     return files
 
 
@@ -50,12 +51,12 @@ def _open_rgb(path: pathlib.Path):
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such image file")
+        raise MissingInput(f"{path}: no such image file")
     try:
         img = Image.open(path)
         img.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image ({e}); the file may be truncated or not an image") from None
+        raise InvalidInput(f"{path}: cannot read image ({e}); the file may be truncated or not an image") from None
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -85,19 +86,19 @@ def load_images(
     14. ``intrinsics``: pixel intrinsics of the original images, one per path.
     """
     if mode not in ("crop", "pad"):
-        raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+        raise InvalidInput(f"mode must be 'crop' or 'pad', got {mode!r}")
     if size % 14:
-        raise ValueError(f"size must be a multiple of 14 (the patch size), got {size}")
+        raise InvalidInput(f"size must be a multiple of 14 (the patch size), got {size}")
     if isinstance(paths, (str, os.PathLike)):
         paths = list_images(paths)
     paths = [pathlib.Path(p) for p in paths]
     if not paths:
-        raise ValueError("no image paths given")
+        raise InvalidInput("no image paths given")
     K = None
     if intrinsics is not None:
         K = torch.as_tensor(np.asarray(intrinsics), dtype=torch.float64).clone()
         if K.shape != (len(paths), 3, 3):
-            raise ValueError(f"intrinsics must be [{len(paths)}, 3, 3] (one per image), got {tuple(K.shape)}")
+            raise InvalidInput(f"intrinsics must be [{len(paths)}, 3, 3] (one per image), got {tuple(K.shape)}")
 
     images, masks = [], []
     for i, path in enumerate(paths):

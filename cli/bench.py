@@ -20,13 +20,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-import torch
-from torch import nn
-
-from lite3r import SLAConfig
-from lite3r_recon import models
-from lite3r_recon.models import resolve_device
-from lite3r_recon.timing import environment, free, rel_err, sync, time_calls
+from lite3r_recon.train_config import resolve_backbone
+from lite3r_recon.errors import InvalidInput
 
 GiB = 2**30
 VARIANTS: dict[str, tuple[str, str]] = {  # key -> (short name for the table, description)
@@ -38,7 +33,6 @@ VARIANTS: dict[str, tuple[str, str]] = {  # key -> (short name for the table, de
     "bf16-all": ("bf16 all", "dense bf16 weights, eager, all aggregator layers kept"),
     "bf16-lean": ("bf16 lean", "dense bf16 weights, eager, only the layers the heads read kept"),
 }
-FAMILIES = {"vggt": ("vggt-1b", "vggt-tiny"), "da3": ("da3-large", "da3-tiny")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,15 +57,15 @@ class BenchConfig:
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
-            raise ValueError(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
+            raise InvalidInput(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
         if not self.views or min(self.views) < 1:
-            raise ValueError(f"--views must be positive integers, got {self.views}")
+            raise InvalidInput(f"--views must be positive integers, got {self.views}")
         if self.res is not None and (self.res % 14 or self.res < 14):
-            raise ValueError(f"--res must be a multiple of the patch size 14, got {self.res}")
+            raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
         if not 0 < self.topk <= 1:
-            raise ValueError(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
+            raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
         if (self.repeats is not None and self.repeats < 1) or (self.warmup is not None and self.warmup < 1):
-            raise ValueError("--repeats and --warmup must be at least 1")
+            raise InvalidInput("--repeats and --warmup must be at least 1")
 
 
 def parse_views(text: str) -> tuple[int, ...]:
@@ -79,22 +73,23 @@ def parse_views(text: str) -> tuple[int, ...]:
     try:
         views = tuple(int(v) for v in str(text).split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--views takes integers separated by commas (e.g. 8,32,128), got {text!r}") from None
+        raise InvalidInput(f"--views takes integers separated by commas (e.g. 8,32,128), got {text!r}") from None
     if not views or min(views) < 1:
-        raise ValueError(f"--views takes positive integers, got {text!r}")
+        raise InvalidInput(f"--views takes positive integers, got {text!r}")
     return views
 
 
-def resolve_backbone(model: str, device: torch.device) -> str:
-    """Family -> the full model on CUDA, the tiny config elsewhere; a backbone name passes through."""
-    if model in FAMILIES:
-        return FAMILIES[model][0 if device.type == "cuda" else 1]
-    return model
+def resolve_backbone_for(model: str, device: torch.device) -> str:
+    """A family means the full model on CUDA and the tiny config elsewhere; a backbone name passes through."""
+    return resolve_backbone(model, full=device.type == "cuda")
 
 
 # -------------------------------------------------------------------------------------------- building the paths
 def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
     """The dense model (models.dense_model: the same weights every time) turned into path `variant`, on `device`."""
+    from lite3r import SLAConfig
+    from lite3r_recon import models
+
     model = models.dense_model(name, cfg.weights, device=device)  # the same weights every time (file or seed 0)
     if variant == "a":  # the official precision: fp32 weights, heads in fp32 outside autocast, every layer kept
         return models.configure(model, lean=False, head_dtype="float32")
@@ -119,6 +114,11 @@ def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tenso
 def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
                 log: Callable[[str], None] = print, profile: bool = False) -> tuple[list[dict], dict | None]:
     """All selected paths at one view count: one row (dict) per path, and the profile of the last path."""
+    import torch
+
+    from lite3r_recon import models
+    from lite3r_recon.timing import free, rel_err, sync, time_calls
+
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.rand(1, views, 3, cfg.res, cfg.res, generator=gen).to(device)
     rows, ref, prof = [], None, None
@@ -172,8 +172,11 @@ def _add_ratios(rows: list[dict]) -> None:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """The whole benchmark: every view count of cfg.views, every path of cfg.variants. Returns a JSON-able dict;
     with `profile`, also where the last path's forward spends its time at each view count."""
+    from lite3r_recon.models import resolve_device
+    from lite3r_recon.timing import environment
+
     device = resolve_device(cfg.device)
-    name = resolve_backbone(cfg.model, device)
+    name = resolve_backbone_for(cfg.model, device)
     note = None
     gpu = device.type == "cuda"
     cfg = dataclasses.replace(cfg, res=cfg.res or (518 if gpu else 140), repeats=cfg.repeats or (3 if gpu else 1),

@@ -11,6 +11,7 @@ from torch import nn
 
 from lite3r_recon.models import infer
 from lite3r_recon.timing import sync
+from lite3r_recon.errors import InvalidInput
 
 # ------------------------------------------------------------------------------------------------------ profile
 KERNEL_CATEGORIES: list[tuple[str, str]] = [  # first match wins; names as the CUDA kernels are called
@@ -79,7 +80,7 @@ def profile_breakdown(model: nn.Module, images: torch.Tensor, *, top: int = 15) 
 
     device = images.device
     if device.type != "cuda":
-        raise ValueError("--profile needs a CUDA device")
+        raise InvalidInput("--profile needs a CUDA device")
     with module_timers(model) as events:
         sync(device)
         t0 = time.perf_counter()

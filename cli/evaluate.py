@@ -16,8 +16,7 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 DEFAULT_SYNTHETIC = {"num": 2, "size": (126, 168), "seed": 1000}  # the embedded default: small, fast on CPU
 
@@ -29,6 +28,8 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
              threshold: float = 0.05, seed: int = 0) -> dict:
     """What `lite3r eval` does; returns {"config", "scenes": [per-scene rows], "mean": {metric: value},
     "groups": {group: [metrics]}, "seconds"}."""
+    import numpy as np
+    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lite3r_recon import datasets
@@ -37,20 +38,20 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
 
     if views < 1:
-        raise ValueError(f"--views must be >= 1, got {views}")
+        raise InvalidInput(f"--views must be >= 1, got {views}")
     if max_scenes is not None and max_scenes < 1:
-        raise ValueError(f"--max-scenes must be >= 1, got {max_scenes}")
+        raise InvalidInput(f"--max-scenes must be >= 1, got {max_scenes}")
     if json_path:
         ensure_writable(json_path, overwrite)  # fail before the long run, not after
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+        raise InvalidInput("--device cuda: no CUDA device is available")
     if dataset == "synthetic" and data is None:
         ds = datasets.open_dataset("synthetic", None, size=size or DEFAULT_SYNTHETIC["size"],
                                    num=max_scenes or DEFAULT_SYNTHETIC["num"], seed=DEFAULT_SYNTHETIC["seed"])
     else:
         if data is not None and not Path(data).exists():
-            raise FileNotFoundError(f"--data {data}: no such folder")
+            raise MissingInput(f"--data {data}: no such folder")
         ds = datasets.open_dataset(dataset, data, size=size or 518)
     n = min(len(ds), max_scenes) if max_scenes else len(ds)
     model = load_model(model_name, weights=weights, student=student, device=device, seed=seed)

@@ -3,15 +3,14 @@
     result = reconstruct(["scene/images"], model="vggt-1b", weights="model.safetensors", out="scene.ply",
                          json_path="cameras.json")
 
-Steps: `backbones.load_images` (crop / pad to multiples of 14) -> the dense backbone, or the lite3r student of
-`lite3r train` (`recon.train.load_student`) -> `backbones.to_cameras` (w2c OpenCV extrinsics, pixel intrinsics,
-depth, confidence) -> `unproject` every pixel into the world frame (the first view's camera for VGGT) -> drop the
+Steps: `lite3r_backbones.load_images` (crop / pad to multiples of 14) -> `lite3r_recon.models.load_model` (the dense
+backbone, or the lite3r student of `lite3r train`) -> `to_cameras` (w2c OpenCV extrinsics, pixel intrinsics,
+depth, confidence) -> `lite3r_recon.pointcloud`: every pixel unprojected into the world frame (the first view's camera for VGGT) -> drop the
 points below the `conf_percentile` percentile of the confidence over all views (and any non-finite point) -> write
 the cloud with trimesh and the cameras with per-view statistics, both atomically (recon.io), never replacing an
 existing file without `overwrite`.
 
-Pixel convention: pixel (row v, column u) sits at image coordinates (u, v), as in VGGT's own unprojection, so the
-principal point W/2, H/2 of the predicted intrinsics is the image centre.
+Torch is imported inside the functions, so the CLI reads this module's defaults without loading it.
 """
 from __future__ import annotations
 
@@ -21,86 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-
-from lite3r_recon import models
-
-FORMATS = (".ply", ".glb")
-
-
-# ------------------------------------------------------------------------------------------------ geometry
-def unproject(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Tensor:
-    """`recon.losses.unproject_depth` computed in float64 (large scenes, far points), returned float32:
-    depth [..., H, W], w2c `extrinsics` [..., 3, 4], `intrinsics` [..., 3, 3] -> world points [..., H, W, 3]."""
-    from lite3r_backbones.cameras import unproject_depth
-
-    return unproject_depth(depth.double(), extrinsics.double(), intrinsics.double()).float()
-
-
-def camera_centers(extrinsics: Tensor) -> Tensor:
-    """World positions [..., 3] of w2c cameras [..., 3, 4]: -R^T t."""
-    R, t = extrinsics[..., :3, :3].double(), extrinsics[..., :3, 3].double()
-    return (-torch.einsum("...ji,...j->...i", R, t)).float()
-
-
-def confidence_threshold(conf: Tensor, percentile: float) -> float:
-    """The `percentile` (0-100) of the finite confidences; points with conf >= it are kept (0: keep all)."""
-    if not 0 <= percentile < 100:
-        raise ValueError(f"--conf-percentile must be in [0, 100), got {percentile}")
-    finite = conf[torch.isfinite(conf)].double()
-    if finite.numel() == 0 or percentile == 0:
-        return float("-inf")
-    step = -(-finite.numel() // 16_000_000)  # torch.quantile takes at most 2**24 values: an even subsample
-    return float(torch.quantile(finite.flatten()[::step], percentile / 100.0))
-
-
-def point_cloud(images: Tensor, cams: dict[str, Tensor], conf_percentile: float = 50.0,
-                pixels: Tensor | None = None) -> tuple[Tensor, Tensor, list[dict[str, Any]], float]:
-    """Coloured world points of one scene.
-
-    images [S,3,H,W] in [0,1]; cams: extrinsics [S,3,4], intrinsics [S,3,3], depth [S,H,W], depth_conf [S,H,W]
-    (to_cameras output without the batch axis). Returns (points [N,3] float32, colours [N,3] uint8, per-view stats,
-    confidence threshold). A point is kept when its confidence is >= the threshold and it and its depth are finite
-    and the depth is positive. `pixels` (bool [S,H,W], load_images' mask): only these pixels count (padding is not
-    part of the scene: no points, no statistics, not in the confidence percentile)."""
-    depth, conf = cams["depth"].float().cpu(), cams["depth_conf"].float().cpu()
-    real = torch.ones_like(depth, dtype=torch.bool) if pixels is None else pixels.cpu()
-    if real.shape != depth.shape:
-        raise ValueError(f"pixel mask is {tuple(real.shape)}, the depth maps are {tuple(depth.shape)}")
-    pts = unproject(depth, cams["extrinsics"].cpu(), cams["intrinsics"].cpu())
-    thr = confidence_threshold(conf[real], conf_percentile)
-    valid = real & torch.isfinite(pts).all(-1) & torch.isfinite(depth) & (depth > 0)
-    keep = valid & (conf >= thr)
-    colours = (images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
-    stats = []
-    for i in range(depth.shape[0]):
-        d = depth[i][valid[i]]
-        stats.append({"points_total": int(real[i].sum()), "points_kept": int(keep[i].sum()),
-                      "depth_min": float(d.min()) if d.numel() else None,
-                      "depth_median": float(d.median()) if d.numel() else None,
-                      "depth_max": float(d.max()) if d.numel() else None,
-                      "conf_median": float(conf[i][real[i]].median()) if real[i].any() else None})
-    return pts[keep], colours[keep], stats, thr
-
-
-def write_cloud(path: str | os.PathLike, points: Tensor, colours: Tensor, *, overwrite: bool = False) -> Path:
-    """PLY (binary) or GLB point cloud with per-vertex RGBA colours, written atomically."""
-    import trimesh
-
-    from lite3r_recon.io import atomic_path
-
-    path = Path(path)
-    if path.suffix.lower() not in FORMATS:
-        raise ValueError(f"--out {path}: expected a .ply or .glb file")
-    rgba = torch.cat([colours, torch.full_like(colours[:, :1], 255)], dim=1).numpy()
-    cloud = trimesh.PointCloud(points.numpy(), colors=rgba)
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        if path.suffix.lower() == ".glb":
-            trimesh.Scene(cloud).export(str(tmp), file_type="glb")
-        else:
-            cloud.export(str(tmp), file_type="ply")
-    return path
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -109,7 +29,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     from lite3r_backbones import list_images
 
     if not inputs:
-        raise ValueError("no images given: pass image files or a folder of images")
+        raise InvalidInput("no images given: pass image files or a folder of images")
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -117,7 +37,7 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
         elif item.is_file():
             files.append(item)
         else:
-            raise FileNotFoundError(f"{item}: no such image file or folder")
+            raise MissingInput(f"{item}: no such image file or folder")
     return files
 
 
@@ -125,6 +45,7 @@ def predict(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
     """Backbone forward of one scene images [S,3,H,W] (bf16 autocast on CUDA) -> to_cameras output without the
     batch axis, float32 on the CPU."""
     from lite3r_backbones import to_cameras
+    from lite3r_recon import models
 
     out = models.infer(model, images[None])
     cams = to_cameras(model, out, images.shape[-2:])
@@ -142,23 +63,27 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
     `net`: an already built backbone / student to use instead of building `model` (its name must be `model`)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+    import torch
+
     from lite3r_backbones import load_images
+    from lite3r_recon import models
     from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
+    from lite3r_recon.pointcloud import FORMATS, camera_centers, confidence_threshold, point_cloud, write_cloud
 
     t0 = time.perf_counter()
     out = Path(out)
     if mode not in ("crop", "pad"):
-        raise ValueError(f"--mode {mode!r}: expected crop or pad")
+        raise InvalidInput(f"--mode {mode!r}: expected crop or pad")
     if size <= 0 or size % 14:
-        raise ValueError(f"--size {size}: expected a positive multiple of 14 (the patch size)")
+        raise InvalidInput(f"--size {size}: expected a positive multiple of 14 (the patch size)")
     if out.suffix.lower() not in FORMATS:
-        raise ValueError(f"--out {out}: expected a .ply or .glb file")
+        raise InvalidInput(f"--out {out}: expected a .ply or .glb file")
     confidence_threshold(torch.zeros(1), conf_percentile)  # validates the percentile before any work
     ensure_writable(out, overwrite)
     if json_path is not None:
         json_path = Path(json_path)
         if json_path.resolve() == out.resolve():
-            raise ValueError(f"--json {json_path}: the same file as --out")
+            raise InvalidInput(f"--json {json_path}: the same file as --out")
         ensure_writable(json_path, overwrite)
     models.check_backbone(model)
     dev = models.resolve_device(device)
@@ -216,5 +141,4 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
     return summary
 
 
-__all__ = ["camera_centers", "confidence_threshold", "point_cloud", "predict", "reconstruct",
-           "resolve_inputs", "unproject", "write_cloud"]
+__all__ = ["predict", "reconstruct", "resolve_inputs"]

@@ -32,6 +32,7 @@ from lite3r_recon.runs import (Dist, RunDir, SceneSource, autocast, barrier, fmt
                                loss_plot, lr_at, optimizer_tensors, progress, rank_slice, rng_state, scene_seed,
                                set_rng_state)
 from lite3r_recon.train_config import RESUMABLE, TrainConfig, distill_select
+from lite3r_recon.errors import InvalidInput, MismatchedKeys
 
 FORMAT = models.STUDENT_FORMAT
 STUDENT_FILES = ("student.safetensors", "student.json")
@@ -70,7 +71,7 @@ class QAT:
         self.select = distill_select(cfg.distill)
         n_attn = sum(1 for m in self.student.modules() if isinstance(m, lite3r.SLAAttention) or lite3r.is_attention(m))
         if isinstance(self.select, list) and self.select[-1] >= n_attn:
-            raise ValueError(f"--distill {cfg.distill}: {cfg.backbone} has {n_attn} attention modules "
+            raise InvalidInput(f"--distill {cfg.distill}: {cfg.backbone} has {n_attn} attention modules "
                              f"(indices 0..{n_attn - 1})")
         self.task_loss = TASK_LOSSES[cfg.family]
         self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point)
@@ -179,7 +180,7 @@ class QAT:
         with torch.no_grad():
             for n, p in self.params.items():
                 if f"param.{n}" not in tensors:
-                    raise KeyError(f"checkpoint has no tensor for {n}: it was made by another configuration")
+                    raise MismatchedKeys(f"checkpoint has no tensor for {n}: it was made by another configuration")
                 p.copy_(tensors[f"param.{n}"])
         load_optimizer(self.opt, tensors, info["param_groups"])
         set_rng_state(tensors, info["rng"])
@@ -307,7 +308,7 @@ def _resume_config(saved: TrainConfig, asked: TrainConfig, explicit: set[str] | 
     explicit = set(names) if explicit is None else set(explicit)
     diff = [n for n in names if n in explicit and n not in RESUMABLE and getattr(saved, n) != getattr(asked, n)]
     if diff:
-        raise ValueError(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
+        raise InvalidInput(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
                          f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change")
     return dataclasses.replace(saved, **{r: getattr(asked, r) for r in RESUMABLE if r in explicit})
 

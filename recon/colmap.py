@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lite3r_recon.errors import InvalidInput, MissingInput, WouldOverwrite
+
 MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 
 
@@ -84,7 +86,63 @@ class ColmapScene:
         ]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"COLMAP scene: {msg}")
+                raise InvalidInput(f"COLMAP scene: {msg}")
+
+
+def grid_queries(pixels: Tensor, n: int) -> Tensor:
+    """About `n` query points [Q, 2] (x, y integer pixels) on a regular grid over the True pixels of `pixels` [H, W]
+    (frame 0's real pixels), for the tracking head."""
+    H, W = pixels.shape
+    real = int(pixels.sum())
+    if n < 1 or real == 0:
+        return torch.zeros(0, 2)
+    step = max(1, int((real / n) ** 0.5))
+    ys, xs = torch.meshgrid(torch.arange(step // 2, H, step), torch.arange(step // 2, W, step), indexing="ij")
+    xy = torch.stack((xs.reshape(-1), ys.reshape(-1)), -1)
+    xy = xy[pixels[xy[:, 1], xy[:, 0]]]
+    return xy[torch.linspace(0, len(xy) - 1, min(n, len(xy))).round().long()].float()
+
+
+def scene_from_prediction(names: list[str], sizes: list[tuple[int, int]], pixel_map: Tensor, images: Tensor,
+                          cams: dict[str, Tensor], keep: Tensor, *, max_points: int = 100_000,
+                          tracks: dict[str, Tensor] | None = None, min_visibility: float = 0.5) -> ColmapScene:
+    """A ColmapScene of one prediction, geometry taken back to the original images through `pixel_map` [S,3,3]
+    (original -> network pixels, see `model_to_original`).
+
+    images [S,3,H,W] in [0,1]; cams: extrinsics [S,3,4], intrinsics [S,3,3] (network pixels), depth [S,H,W].
+    Without `tracks`: the pixels of `keep` [S,H,W] (at most `max_points`, evenly spread), each a point seen once,
+    where it was predicted. With `tracks` {"query" [Q,2], "track" [S,Q,2], "vis" [S,Q], "conf" [S,Q]} (network
+    pixels, frame 0's queries): one point per query whose frame-0 pixel is in `keep`, at frame 0's unprojected depth,
+    observed in every view where vis * conf >= `min_visibility` and the track is inside the image."""
+    from lite3r_recon.pointcloud import unproject
+
+    S, H, W = cams["depth"].shape
+    world = unproject(cams["depth"], cams["extrinsics"], cams["intrinsics"])  # [S, H, W, 3]
+    rgb = (images.float().clamp(0, 1).permute(0, 2, 3, 1) * 255).round().to(torch.uint8)
+    if tracks is None:
+        idx = keep.nonzero()  # [M, 3] (view, row, col)
+        if len(idx) > max_points:
+            idx = idx[torch.linspace(0, len(idx) - 1, max_points).round().long()]
+        v, r, c = idx.unbind(-1)
+        obs_xy = points_to_original(pixel_map[v], torch.stack((c, r), -1))
+        points, colours = world[v, r, c], rgb[v, r, c]
+        obs_point, obs_view = torch.arange(len(idx)), v
+    else:
+        q = tracks["query"].round().long()
+        good = keep[0, q[:, 1], q[:, 0]]
+        q = q[good]
+        xy = tracks["track"][:, good].double()  # [S, Q, 2]
+        score = (tracks["vis"] * tracks["conf"])[:, good]
+        inside = (xy[..., 0] >= -0.5) & (xy[..., 0] <= W - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= H - 0.5)
+        seen = (score >= min_visibility) & inside
+        seen[0] = True  # the query itself
+        points, colours = world[0, q[:, 1], q[:, 0]], rgb[0, q[:, 1], q[:, 0]]
+        obs_view, obs_point = seen.nonzero().unbind(-1)
+        obs_xy = points_to_original(pixel_map, xy)[obs_view, obs_point]
+    K = model_to_original(pixel_map, cams["intrinsics"]).float()
+    return ColmapScene(names=[Path(n).name for n in names], sizes=list(sizes), extrinsics=cams["extrinsics"].float(),
+                       intrinsics=K, points=points.float(), colours=colours, obs_point=obs_point.long(),
+                       obs_view=obs_view.long(), obs_xy=obs_xy.float())
 
 
 def rotation_to_quaternion_wxyz(R: np.ndarray) -> np.ndarray:
@@ -111,7 +169,7 @@ def colmap_text(scene: ColmapScene) -> dict[str, str]:
         fx, fy, cx, cy = (float(v) for v in (K[i, 0, 0], K[i, 1, 1], K[i, 0, 2] + 0.5, K[i, 1, 2] + 0.5))
         cams.append(f"{i + 1} PINHOLE {int(w)} {int(h)} {fx!r} {fy!r} {cx!r} {cy!r}")
         if any(c in name for c in " \n\t"):
-            raise ValueError(f"COLMAP image name {name!r}: no whitespace allowed")
+            raise InvalidInput(f"COLMAP image name {name!r}: no whitespace allowed")
         images.append(" ".join([str(i + 1), *map(repr, q[i].tolist()), *map(repr, E[i, :, 3].tolist()), str(i + 1),
                                 name]))
         mine = np.flatnonzero(obs_view == i)
@@ -132,11 +190,11 @@ def colmap_text(scene: ColmapScene) -> dict[str, str]:
 
 def _check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--colmap {out}: exists and is not a folder")
+        raise InvalidInput(f"--colmap {out}: exists and is not a folder")
     if out.is_dir() and not overwrite:
         present = sorted(p.name for p in out.iterdir() if p.stem in MODEL_FILES and p.suffix in (".bin", ".txt"))
         if present:
-            raise FileExistsError(f"--colmap {out}: holds a COLMAP model ({', '.join(present)}); pass --overwrite "
+            raise WouldOverwrite(f"--colmap {out}: holds a COLMAP model ({', '.join(present)}); pass --overwrite "
                                   f"to replace it")
 
 
@@ -151,7 +209,7 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
     out = Path(out)
     _check_destination(out, overwrite)
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"--colmap {out}: the folder {out.parent} does not exist")
+        raise MissingInput(f"--colmap {out}: the folder {out.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, text in colmap_text(scene).items():
@@ -163,7 +221,7 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
                                    "reprojection_error_px": rec.compute_mean_reprojection_error()}
         if bundle_adjust:
             if scene.obs_point.shape[0] == 0:
-                raise ValueError("--ba: no observations to adjust (no tracks)")
+                raise InvalidInput("--ba: no observations to adjust (no tracks)")
             options = pycolmap.BundleAdjustmentOptions()
             options.refine_focal_length = refine_focal_length
             options.refine_principal_point = False
@@ -194,13 +252,13 @@ def read_colmap(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such COLMAP model folder")
+        raise MissingInput(f"{path}: no such COLMAP model folder")
     if not any((path / f"cameras{s}").is_file() for s in (".bin", ".txt")):
-        raise ValueError(f"{path}: not a COLMAP model (no cameras.bin / cameras.txt)")
+        raise InvalidInput(f"{path}: not a COLMAP model (no cameras.bin / cameras.txt)")
     try:
         rec = pycolmap.Reconstruction(str(path))
     except Exception as e:  # pycolmap raises its own types for corrupt files
-        raise ValueError(f"{path}: cannot read the COLMAP model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise InvalidInput(f"{path}: cannot read the COLMAP model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
     names, sizes, ext, K = [], [], [], []
     for image in sorted(rec.images.values(), key=lambda im: im.name):
         cam = rec.cameras[image.camera_id]
@@ -209,7 +267,7 @@ def read_colmap(path: str | os.PathLike) -> dict[str, Any]:
         sizes.append((int(cam.width), int(cam.height)))
         ext.append(np.asarray(image.cam_from_world().matrix()))
     if not names:
-        raise ValueError(f"{path}: the COLMAP model has no images")
+        raise InvalidInput(f"{path}: the COLMAP model has no images")
     return {"names": names, "sizes": sizes, "extrinsics": torch.from_numpy(np.stack(ext)).float(),
             "intrinsics": torch.from_numpy(np.stack(K)).float()}
 
@@ -226,9 +284,9 @@ def _pinhole(cam, path: Path) -> np.ndarray:
         fx, cx, cy = p[:3]
         fy = fx
     else:
-        raise ValueError(f"{path}: camera {cam.camera_id} is {model} (with distortion); lite3r needs pinhole "
+        raise InvalidInput(f"{path}: camera {cam.camera_id} is {model} (with distortion); lite3r needs pinhole "
                          f"cameras (undistort the images first, e.g. colmap image_undistorter)")
     return np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])
 
 
-__all__ = ["ColmapScene", "colmap_text", "model_to_original", "points_to_original", "read_colmap", "write_colmap"]
+__all__ = ["ColmapScene", "colmap_text", "grid_queries", "model_to_original", "points_to_original", "read_colmap", "scene_from_prediction", "write_colmap"]

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lite3r_backbones.preprocess import resize_intrinsics
 from lite3r_recon import formats
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 DTU64_SCANS = (24, 37, 40, 55, 63, 65, 69, 83, 97, 105, 114, 118, 122)
 DATASETS = ("blendedmvs", "dtu64", "synthetic")
@@ -47,7 +48,7 @@ class SceneFiles:
     needs_depth: bool = True  # depth_min <= 0 / empty depth map make the view unusable
 
 
-class ViewError(ValueError):
+class ViewError(InvalidInput):
     """A view that cannot be used (the message names the file)."""
 
 
@@ -62,7 +63,7 @@ def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[i
     w0, h0 = image.size
     if isinstance(size, int):
         if size % 14:
-            raise ValueError(f"size must be a multiple of 14 (the patch size), got {size}")
+            raise InvalidInput(f"size must be a multiple of 14 (the patch size), got {size}")
         h, w = target_hw(h0, w0, "crop", size)
         H, W = min(h, size), w
     else:
@@ -172,11 +173,11 @@ class SceneDataset:
             except (ValueError, FileNotFoundError, OSError) as e:
                 warnings.warn(f"skipping view: {e}", stacklevel=2)
         if len(got) < views:
-            raise ValueError(f"scene {scene.name}: only {len(got)} usable views of {len(scene.views)}, "
+            raise InvalidInput(f"scene {scene.name}: only {len(got)} usable views of {len(scene.views)}, "
                              f"{views} asked")
         shapes = {tuple(g["image"].shape) for g in got}
         if len(shapes) > 1:
-            raise ValueError(f"scene {scene.name}: views of different sizes after resizing {sorted(shapes)}")
+            raise InvalidInput(f"scene {scene.name}: views of different sizes after resizing {sorted(shapes)}")
         depth = torch.stack([g["depth"] for g in got])
         out = {"images": torch.stack([g["image"] for g in got]), "depth": depth, "mask": depth > 0,
                "extrinsics": torch.from_numpy(np.stack([g["E"] for g in got])).float(),
@@ -192,7 +193,7 @@ class SyntheticScenes:
 
     def __init__(self, num: int = 4, size: int | tuple[int, int] = (126, 168), seed: int = 0):
         if num < 1:
-            raise ValueError(f"need at least 1 synthetic scene, got {num}")
+            raise InvalidInput(f"need at least 1 synthetic scene, got {num}")
         self.num, self.size, self.seed = num, size, seed
 
     def __len__(self) -> int:
@@ -240,7 +241,7 @@ def scan_blendedmvs(root: str | os.PathLike) -> list[SceneFiles]:
     blended_images/ and cams/."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such dataset folder")
+        raise MissingInput(f"{root}: no such dataset folder")
     one = _blendedmvs_scene(root)
     if one:
         return [one]
@@ -252,7 +253,7 @@ def scan_blendedmvs(root: str | os.PathLike) -> list[SceneFiles]:
         elif s:
             scenes.append(s)
     if not scenes:
-        raise ValueError(f"{root}: no BlendedMVS scenes (folders with blended_images/ and cams/)")
+        raise InvalidInput(f"{root}: no BlendedMVS scenes (folders with blended_images/ and cams/)")
     return scenes
 
 
@@ -263,7 +264,7 @@ def scan_dtu64(root: str | os.PathLike, scans=DTU64_SCANS) -> list[SceneFiles]:
     base = root / "dtu64" if (root / "dtu64").is_dir() else root
     cams = base / "Cameras"
     if not cams.is_dir():
-        raise FileNotFoundError(f"{base}: no Cameras/ folder (expected DTU64 layout dtu64/Cameras, dtu64/scanN/image)")
+        raise MissingInput(f"{base}: no Cameras/ folder (expected DTU64 layout dtu64/Cameras, dtu64/scanN/image)")
     scenes, missing = [], []
     for n in scans:
         img_dir = base / f"scan{n}" / "image"
@@ -279,7 +280,7 @@ def scan_dtu64(root: str | os.PathLike, scans=DTU64_SCANS) -> list[SceneFiles]:
         if views:
             scenes.append(SceneFiles(f"scan{n}", tuple(views), None, needs_depth=False))
     if not scenes:
-        raise ValueError(f"{base}: no DTU64 scans with images (scan{{N}}/image/*.png)")
+        raise InvalidInput(f"{base}: no DTU64 scans with images (scan{{N}}/image/*.png)")
     if missing:
         warnings.warn(f"{base}: {len(missing)} DTU64 scans missing, skipped: {' '.join(missing)}", stacklevel=2)
     return scenes
@@ -290,11 +291,11 @@ def open_dataset(kind: str, path: str | os.PathLike | None = None, *, size: int 
     """'blendedmvs' | 'dtu64' | 'synthetic' -> a dataset with len() and .sample(index, views, rng, normalize).
     'synthetic' without a path: `num` scenes rendered in memory; with a path: scenes written by make-scenes."""
     if kind not in DATASETS:
-        raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {kind!r}")
+        raise InvalidInput(f"--dataset must be one of {', '.join(DATASETS)}, got {kind!r}")
     if kind == "synthetic" and path is None:
         return SyntheticScenes(num, size, seed)
     if path is None:
-        raise ValueError(f"--dataset {kind} needs --data PATH")
+        raise InvalidInput(f"--dataset {kind} needs --data PATH")
     if kind == "dtu64":
         return SceneDataset(scan_dtu64(path), size, "dtu64")
     return SceneDataset(scan_blendedmvs(path), size, kind)

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from lite3r_recon.io import atomic_write_bytes, atomic_write_text
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 
 # ------------------------------------------------------------------------------------------------------ cam.txt
@@ -45,28 +46,28 @@ class Camera:
 
 def _read_text(path: Path, what: str) -> str:
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such {what} file")
+        raise MissingInput(f"{path}: no such {what} file")
     try:
         return path.read_text(encoding="utf-8", errors="strict")
     except (UnicodeDecodeError, OSError) as e:
-        raise ValueError(f"{path}: cannot read {what} file ({e})") from None
+        raise InvalidInput(f"{path}: cannot read {what} file ({e})") from None
 
 
 def parse_cam(text: str, name: str = "<cam>") -> Camera:
     tok = text.split()
     if len(tok) < 29 or tok[0].lower() != "extrinsic" or tok[17].lower() != "intrinsic":
-        raise ValueError(f"{name}: not an MVSNet cam.txt (expected 'extrinsic' + 16 numbers, 'intrinsic' + 9 "
+        raise InvalidInput(f"{name}: not an MVSNet cam.txt (expected 'extrinsic' + 16 numbers, 'intrinsic' + 9 "
                          f"numbers, then 2-4 depth values; got {len(tok)} tokens)")
     try:
         E = np.array([float(t) for t in tok[1:17]], dtype=np.float64).reshape(4, 4)
         K = np.array([float(t) for t in tok[18:27]], dtype=np.float64).reshape(3, 3)
         depth = tuple(float(t) for t in tok[27:31])
     except ValueError as e:
-        raise ValueError(f"{name}: non-numeric value in cam.txt ({e})") from None
+        raise InvalidInput(f"{name}: non-numeric value in cam.txt ({e})") from None
     if len(tok) > 31:
-        raise ValueError(f"{name}: cam.txt has {len(tok) - 27} depth values, expected 2 to 4")
+        raise InvalidInput(f"{name}: cam.txt has {len(tok) - 27} depth values, expected 2 to 4")
     if not (np.isfinite(E).all() and np.isfinite(K).all() and np.isfinite(depth).all()):
-        raise ValueError(f"{name}: cam.txt holds NaN or inf")
+        raise InvalidInput(f"{name}: cam.txt holds NaN or inf")
     return Camera(E, K, depth)
 
 
@@ -83,7 +84,7 @@ def format_cam(extrinsic, intrinsic, depth=(0.0, 1.0)) -> str:
     K = np.asarray(intrinsic, dtype=np.float64)
     depth = tuple(float(d) for d in depth)
     if E.shape != (4, 4) or K.shape != (3, 3) or not 2 <= len(depth) <= 4:
-        raise ValueError(f"cam.txt needs extrinsic [4,4] or [3,4], intrinsic [3,3] and 2-4 depth values; got "
+        raise InvalidInput(f"cam.txt needs extrinsic [4,4] or [3,4], intrinsic [3,3] and 2-4 depth values; got "
                          f"{E.shape}, {K.shape}, {len(depth)}")
     rows = lambda M: "\n".join(" ".join(repr(float(v)) for v in r) for r in M)  # noqa: E731 (repr: exact float)
     depth_s = " ".join(str(int(d)) if i == 2 else repr(d) for i, d in enumerate(depth))
@@ -100,24 +101,24 @@ def read_pfm(path: str | os.PathLike) -> np.ndarray:
     """PFM -> float32 [H,W] (Pf) or [H,W,3] (PF), top row first."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such PFM file")
+        raise MissingInput(f"{path}: no such PFM file")
     data = path.read_bytes()
     # header: three whitespace-separated fields, each ended by one whitespace char (lines in practice)
     m = re.match(rb"(P[Ff])\s+(\d+)\s+(\d+)\s+([-+0-9.eE]+)\s", data)
     if m is None:
-        raise ValueError(f"{path}: not a PFM file (expected 'Pf'/'PF', 'W H', scale)")
+        raise InvalidInput(f"{path}: not a PFM file (expected 'Pf'/'PF', 'W H', scale)")
     channels = 3 if m.group(1) == b"PF" else 1
     w, h = int(m.group(2)), int(m.group(3))
     try:
         scale = float(m.group(4))
     except ValueError:
-        raise ValueError(f"{path}: bad PFM scale {m.group(4)!r}") from None
+        raise InvalidInput(f"{path}: bad PFM scale {m.group(4)!r}") from None
     if scale == 0:
-        raise ValueError(f"{path}: PFM scale is 0 (its sign gives the byte order)")
+        raise InvalidInput(f"{path}: PFM scale is 0 (its sign gives the byte order)")
     n = w * h * channels
     body = data[m.end():]
     if len(body) < 4 * n:
-        raise ValueError(f"{path}: truncated PFM ({len(body)} bytes of data, expected {4 * n} for {w}x{h}x{channels})")
+        raise InvalidInput(f"{path}: truncated PFM ({len(body)} bytes of data, expected {4 * n} for {w}x{h}x{channels})")
     arr = np.frombuffer(body, dtype="<f4" if scale < 0 else ">f4", count=n).astype(np.float32)
     arr = arr.reshape(h, w, channels) if channels == 3 else arr.reshape(h, w)
     return np.ascontiguousarray(arr[::-1])
@@ -128,7 +129,7 @@ def pfm_bytes(array, *, little_endian: bool = True) -> bytes:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
-        raise ValueError(f"PFM needs [H,W] or [H,W,3], got {a.shape}")
+        raise InvalidInput(f"PFM needs [H,W] or [H,W,3], got {a.shape}")
     kind = b"PF" if a.ndim == 3 else b"Pf"
     header = kind + b"\n" + f"{a.shape[1]} {a.shape[0]}\n".encode() + (b"-1.0\n" if little_endian else b"1.0\n")
     return header + np.ascontiguousarray(a[::-1]).astype("<f4" if little_endian else ">f4").tobytes()
@@ -154,7 +155,7 @@ def read_pair(path: str | os.PathLike) -> dict[int, list[tuple[int, float]]]:
             out[ref] = [(int(src[2 * j]), float(src[2 * j + 1])) for j in range(k)]
             i += 2 + 2 * k
     except (IndexError, ValueError):
-        raise ValueError(f"{path}: malformed pair.txt (expected N, then per view 'id' and 'K id score ...')") from None
+        raise InvalidInput(f"{path}: malformed pair.txt (expected N, then per view 'id' and 'K id score ...')") from None
     return out
 
 

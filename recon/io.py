@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from lite3r_recon.errors import InvalidInput, MissingInput, WouldOverwrite
 
 
 def ensure_writable(path: str | os.PathLike, overwrite: bool = False, *, flag: str = "--overwrite") -> Path:
@@ -25,9 +26,9 @@ def ensure_writable(path: str | os.PathLike, overwrite: bool = False, *, flag: s
     ValueError when it is a folder."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{path} is a directory, expected a file path")
+        raise InvalidInput(f"{path} is a directory, expected a file path")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass {flag} to replace it")
+        raise WouldOverwrite(f"{path} exists; pass {flag} to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -48,9 +49,9 @@ def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, suffix: str
     try:
         yield tmp
         if not tmp.exists():
-            raise FileNotFoundError(f"{path}: the writer produced no file")
+            raise MissingInput(f"{path}: the writer produced no file")
         if not overwrite and path.exists():  # appeared while we wrote
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+            raise WouldOverwrite(f"{path} exists; pass --overwrite to replace it")
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode a plain open() would give
         os.replace(tmp, path)
     except BaseException:

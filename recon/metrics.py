@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lite3r_backbones.cameras import se3_inverse
+from lite3r_recon.errors import InvalidInput
 
 AUC_THRESHOLDS = (30, 15, 5, 3)
 ACC_THRESHOLDS = (30, 15, 5, 3)
@@ -101,7 +102,7 @@ def pose_metrics(pred: Tensor, gt: Tensor, *, thresholds=ACC_THRESHOLDS, auc_thr
     """pred, gt extrinsics [..., S, 3, 4] w2c (S >= 2) -> rra{k}, rta{k} (fraction of pairs under k degrees),
     auc{T}, and the mean errors rot_err / trans_err, each a tensor of shape [...]."""
     if pred.shape[-3] < 2:
-        raise ValueError(f"pose metrics need at least 2 views, got {pred.shape[-3]}")
+        raise InvalidInput(f"pose metrics need at least 2 views, got {pred.shape[-3]}")
     r, t = relative_pose_errors(pred, gt)
     out: dict[str, Tensor] = {}
     for k in thresholds:
@@ -159,7 +160,7 @@ def pointcloud_metrics(pred: Tensor, gt: Tensor, *, threshold: float = 0.05, ali
         a = pred if pred_align is None else pred_align.reshape(-1, 3)
         b = gt if gt_align is None else gt_align.reshape(-1, 3)
         if a.shape != b.shape or a.shape[0] < 3:
-            raise ValueError(f"Sim(3) alignment needs >= 3 corresponding points, got {tuple(a.shape)} and "
+            raise InvalidInput(f"Sim(3) alignment needs >= 3 corresponding points, got {tuple(a.shape)} and "
                              f"{tuple(b.shape)}")
         s, R, t = umeyama(a, b)
         pred = apply_sim3(pred, s, R, t)

@@ -26,6 +26,7 @@ import lite3r
 from lite3r import SLAConfig
 from lite3r_recon import deploy
 from lite3r_recon.deploy import deploy_model  # noqa: F401  (part of the door: commands deploy through here)
+from lite3r_recon.errors import InvalidInput, MismatchedKeys, MissingInput
 
 ARTIFACT_FORMAT = "lite3r-deploy/1"
 STUDENT_FORMAT = "lite3r-train/1"
@@ -42,7 +43,7 @@ def dense_model(name: str, weights: str | os.PathLike | None = None, *, seed: in
     device = torch.device(device or "cpu")
     if weights:
         if not Path(weights).is_file():
-            raise FileNotFoundError(f"--weights {weights}: no such checkpoint file")
+            raise MissingInput(f"--weights {weights}: no such checkpoint file")
         model = build_backbone(name, device="meta")
         load_checkpoint(model, weights, strict=True, device=device,
                         skip_prefixes=getattr(model, "optional_checkpoint_prefixes", ()))
@@ -80,9 +81,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+        raise InvalidInput(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        raise InvalidInput(f"--device {device}: CUDA is not available on this machine")
     return dev
 
 
@@ -95,7 +96,7 @@ def make_student(teacher: nn.Module, config: SLAConfig = SLAConfig(), *, fp8: bo
     student = teacher if inplace else copy.deepcopy(teacher)
     n_attn = lite3r.convert_to_sla(student, config)
     if n_attn == 0:
-        raise ValueError(f"no attention module of {getattr(teacher, 'name', type(teacher).__name__)} is in SLA scopes "
+        raise InvalidInput(f"no attention module of {getattr(teacher, 'name', type(teacher).__name__)} is in SLA scopes "
                          f"{config.scopes}: nothing would be sparse or trained")
     if fp8:
         lite3r.convert_to_fp8_qat(student)
@@ -135,13 +136,13 @@ def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
-        raise KeyError(f"{path}: {len(missing)} tensors name no parameter of the model, first {missing[:3]}")
+        raise MismatchedKeys(f"{path}: {len(missing)} tensors name no parameter of the model, first {missing[:3]}")
     with torch.no_grad():
         for key, value in tensors.items():
             if params[key].shape != value.shape:
-                raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
+                raise InvalidInput(f"{path}: {key} has shape {tuple(value.shape)}, model has {tuple(params[key].shape)}")
             if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{path}: {key} has NaN/inf values")
+                raise InvalidInput(f"{path}: {key} has NaN/inf values")
             params[key].copy_(value)
     return model
 
@@ -169,18 +170,18 @@ def student_info(path: str | os.PathLike) -> tuple[Path, dict]:
     if path.is_dir():
         path = path / "student.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such student file (lite3r train writes DIR/student.safetensors)")
+        raise MissingInput(f"{path}: no such student file (lite3r train writes DIR/student.safetensors)")
     try:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
     except Exception as err:
-        raise ValueError(f"{path}: not a readable safetensors student file ({err})") from None
+        raise InvalidInput(f"{path}: not a readable safetensors student file ({err})") from None
     meta_json = path.with_suffix(".json")
     if "lite3r_train" in meta:
         return path, json.loads(meta["lite3r_train"])
     if meta_json.is_file():
         return path, json.loads(meta_json.read_text())
-    raise ValueError(f"{path}: no training config (neither safetensors metadata nor {meta_json.name})")
+    raise InvalidInput(f"{path}: no training config (neither safetensors metadata nor {meta_json.name})")
 
 
 def student_config(info: dict) -> tuple[SLAConfig, bool]:
@@ -208,12 +209,12 @@ def load_student(path: str | os.PathLike, teacher: nn.Module | str, *, weights: 
         teacher = dense_model(teacher, weights, seed=run_seed if seed is None else seed)
     name = getattr(teacher, "name", None)
     if name and name != info["backbone"]:
-        raise ValueError(f"{path} was trained on {info['backbone']}, not on {name}")
+        raise InvalidInput(f"{path} was trained on {info['backbone']}, not on {name}")
     student = make_student(teacher, config, fp8=fp8, inplace=built_here)
     load_proj_l(student, path)
     missing = set(trainable(student)) - set(info["params"])
     if missing:
-        raise KeyError(f"{path}: no tensor for {len(missing)} proj_l parameters, first {sorted(missing)[:3]}")
+        raise MismatchedKeys(f"{path}: no tensor for {len(missing)} proj_l parameters, first {sorted(missing)[:3]}")
     return student.requires_grad_(False).to(device or "cpu")
 
 
@@ -222,7 +223,7 @@ def check_backbone(name: str) -> str:
     from lite3r_backbones import list_backbones
 
     if name not in list_backbones():
-        raise ValueError(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
+        raise InvalidInput(f"--model {name!r}: unknown backbone; expected one of {', '.join(list_backbones())}")
     return name
 
 
@@ -265,7 +266,7 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
     model = getattr(model, "_orig_mod", model)
     config = artifact_config(model)
     if not config["backbone"]:
-        raise ValueError("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
+        raise InvalidInput("save_artifact needs a backbone model (with .name and .config) to rebuild it from the file")
     tensors = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no two keys share storage
     atomic_save_safetensors(path, tensors, metadata={"lite3r": json.dumps(config)}, overwrite=overwrite)
     return config
@@ -277,10 +278,10 @@ def read_artifact_config(path: str | os.PathLike) -> dict:
     with safe_open(os.fspath(path), framework="pt") as f:
         meta = f.metadata() or {}
     if "lite3r" not in meta:
-        raise ValueError(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
+        raise InvalidInput(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
     config = json.loads(meta["lite3r"])
     if config.get("format") != ARTIFACT_FORMAT:
-        raise ValueError(f"{path}: artifact format {config.get('format')!r}, this lite3r reads {ARTIFACT_FORMAT!r}")
+        raise InvalidInput(f"{path}: artifact format {config.get('format')!r}, this lite3r reads {ARTIFACT_FORMAT!r}")
     return config
 
 
@@ -339,19 +340,3 @@ def load_artifact(path: str | os.PathLike, *, device: str | torch.device | None 
     if compile_mode:
         model = deploy.compile_model(model, mode=compile_mode, regional=regional)
     return model
-
-
-def export(out: str | os.PathLike, *, model: str = "vggt-tiny", weights: str | os.PathLike | None = None,
-           student: str | os.PathLike | None = None, config: SLAConfig = SLAConfig(), fp8: bool = True,
-           dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict:
-    """`lite3r export`: teacher (checkpoint or random weights) -> student (a trained `student.safetensors` with its
-    own SLA / FP8 settings, or a fresh student from `config` and `fp8`) -> deployed on the CPU, uncompiled ->
-    artifact. Returns the artifact config."""
-    from lite3r_recon.io import ensure_writable
-
-    ensure_writable(out, overwrite)  # before the (long) build
-    teacher = dense_model(model, weights)
-    built = (load_student(student, teacher) if student is not None
-             else make_student(teacher, config, fp8=fp8, inplace=True))
-    deployed = deploy_model(built, dtype=dtype, compile_mode=None)
-    return save_artifact(deployed, out, overwrite=overwrite)

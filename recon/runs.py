@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from lite3r_recon.errors import InvalidInput, WouldOverwrite
 
 
 def lr_at(step: int, cfg) -> float:
@@ -46,7 +47,7 @@ def scene_seed(seed: int, step: int, index: int, scenes: int = 0) -> int:
 def rank_slice(batch: int, rank: int, world: int) -> range:
     """The sample indices of the global batch that rank `rank` of `world` computes."""
     if batch % world:
-        raise ValueError(f"--batch {batch} must be divisible by the number of processes ({world})")
+        raise InvalidInput(f"--batch {batch} must be divisible by the number of processes ({world})")
     per = batch // world
     return range(rank * per, (rank + 1) * per)
 
@@ -64,7 +65,7 @@ class SceneSource:
 
             self.dataset = datasets.open_dataset(cfg.dataset, cfg.data, size=cfg.res)
             if len(self.dataset) == 0:
-                raise ValueError(f"--data {cfg.data}: no {cfg.dataset} scenes found")
+                raise InvalidInput(f"--data {cfg.data}: no {cfg.dataset} scenes found")
 
     def sample(self, seed: int) -> dict[str, Tensor]:
         if self.cache is not None and seed in self.cache:  # a finite pool (--scenes N) is rendered / read once
@@ -165,12 +166,12 @@ class RunDir:
     def prepare(self, *, resume: bool, overwrite: bool) -> dict | None:
         """Returns the latest checkpoint's JSON when resuming one, else None (after clearing with overwrite)."""
         if self.out.exists() and not self.out.is_dir():
-            raise FileExistsError(f"--out {self.out} is a file, not a directory")
+            raise WouldOverwrite(f"--out {self.out} is a file, not a directory")
         if resume and (self.ckpt / "latest.json").exists():
             latest = json.loads((self.ckpt / "latest.json").read_text())
             return json.loads((self.ckpt / f"{latest['name']}.json").read_text())
         if self.exists() and not (overwrite or resume):
-            raise FileExistsError(f"--out {self.out} holds a training run; pass --resume to continue it or "
+            raise WouldOverwrite(f"--out {self.out} holds a training run; pass --resume to continue it or "
                                   f"--overwrite to start over")
         if self.exists():
             for f in self.OURS:

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+from lite3r_recon.errors import InvalidInput, WouldOverwrite
 
 AMBIENT = 0.35
 BACKGROUND_TOP, BACKGROUND_BOTTOM = (0.55, 0.70, 0.95), (0.85, 0.90, 1.0)
@@ -55,7 +56,7 @@ class Scene:
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if h < 8 or w < 8:
-        raise ValueError(f"image size must be at least 8x8, got {h}x{w}")
+        raise InvalidInput(f"image size must be at least 8x8, got {h}x{w}")
     return h, w
 
 
@@ -73,7 +74,7 @@ def look_at(center: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.nd
 def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518) -> Scene:
     """The scene and cameras of `seed` (numpy Generator; nothing global is touched)."""
     if views < 1:
-        raise ValueError(f"views must be >= 1, got {views}")
+        raise InvalidInput(f"views must be >= 1, got {views}")
     H, W = _hw(size)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5CE7E])
     color = lambda: tuple(float(c) for c in rng.uniform(0.1, 0.95, 3))  # noqa: E731
@@ -220,7 +221,7 @@ def render_scenes(scenes: list[Scene], views: list[int] | None = None, *, device
     """Views `views` (default: all) of scenes of one size -> (images [B,V,3,H,W] float32 in [0,1], z-depth [B,V,H,W]
     float32, 0 where no surface), cast on `device` (default CPU) in one batch."""
     if not scenes or len({s.size for s in scenes}) != 1:
-        raise ValueError("render_scenes needs at least one scene, all of the same image size")
+        raise InvalidInput("render_scenes needs at least one scene, all of the same image size")
     device = torch.device(device or "cpu")
     views = list(range(len(scenes[0].extrinsics))) if views is None else list(views)
     B, V, (H, W) = len(scenes), len(views), scenes[0].size
@@ -314,7 +315,7 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
 
     out = Path(out)
     if image_format not in ("jpg", "png"):
-        raise ValueError(f"image_format must be jpg or png, got {image_format!r}")
+        raise InvalidInput(f"image_format must be jpg or png, got {image_format!r}")
     scene = make_scene(seed, views, size)
     for sub in ("blended_images", "cams", "rendered_depth_maps"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -351,11 +352,11 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     from lite3r_recon.io import atomic_write_json, console
 
     if num < 1 or views < 1:
-        raise ValueError(f"--num and --views must be >= 1, got {num} and {views}")
+        raise InvalidInput(f"--num and --views must be >= 1, got {num} and {views}")
     H, W = _hw(size)
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file, expected a folder for the scenes")
+        raise WouldOverwrite(f"{out} is a file, expected a folder for the scenes")
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     todo = [k for k in range(num) if overwrite or not (out / f"scene_{k:04d}" / "cams" / "pair.txt").is_file()]

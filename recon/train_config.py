@@ -5,10 +5,18 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 FAMILIES = {"vggt": {"tiny": "vggt-tiny", "full": "vggt-1b"}, "da3": {"tiny": "da3-tiny", "full": "da3-large"}}
 DEFAULT_RES = {"tiny": (126, 168), "full": (518, 518)}
 RESUMABLE = ("steps", "ckpt_every", "eval_scenes")  # may change on --resume; everything else must match
+
+
+def resolve_backbone(model: str, *, full: bool) -> str:
+    """How every command reads its MODEL: a family (vggt, da3) is its full model (vggt-1b, da3-large) when `full`
+    (real weights given, or a GPU benchmark), else its tiny one; a backbone name (vggt-tiny, da3-large, ...) passes
+    through (checked against the registry when the model is built)."""
+    return FAMILIES[model]["full" if full else "tiny"] if model in FAMILIES else model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +40,9 @@ class LossWeights:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"loss weight {f.name} must be finite, got {v}")
+                raise InvalidInput(f"loss weight {f.name} must be finite, got {v}")
         if self.conf_alpha < 0 or self.grad_scales < 0:
-            raise ValueError("conf_alpha and grad_scales must be non-negative")
+            raise InvalidInput("conf_alpha and grad_scales must be non-negative")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,50 +86,50 @@ class TrainConfig:
     def __post_init__(self):
         family = self.family
         if family not in FAMILIES:
-            raise ValueError(f"model must be vggt, da3 or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large); "
+            raise InvalidInput(f"model must be vggt, da3 or a backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large); "
                              f"got {self.model!r}")
         if self.model in FAMILIES:
             size = self.size or ("full" if self.teacher else "tiny")
         else:  # a backbone name fixes the size
             size = "tiny" if "tiny" in self.model else "full"
         if size not in ("tiny", "full"):
-            raise ValueError(f"--size must be tiny or full, got {self.size!r}")
+            raise InvalidInput(f"--size must be tiny or full, got {self.size!r}")
         object.__setattr__(self, "size", size)
         res = tuple(self.res) if self.res else DEFAULT_RES.get(size, DEFAULT_RES["tiny"])
         if len(res) != 2 or any(int(r) <= 0 or int(r) % 14 for r in res):
-            raise ValueError(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
+            raise InvalidInput(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
         object.__setattr__(self, "res", (int(res[0]), int(res[1])))
         if self.dataset not in ("synthetic", "blendedmvs"):
-            raise ValueError(f"--dataset must be synthetic or blendedmvs, got {self.dataset!r}")
+            raise InvalidInput(f"--dataset must be synthetic or blendedmvs, got {self.dataset!r}")
         if self.dataset == "blendedmvs" and not self.data:
-            raise ValueError("--dataset blendedmvs needs --data PATH (a BlendedMVS root)")
+            raise InvalidInput("--dataset blendedmvs needs --data PATH (a BlendedMVS root)")
         if self.data and not Path(self.data).exists():
-            raise FileNotFoundError(f"--data {self.data}: no such directory")
+            raise MissingInput(f"--data {self.data}: no such directory")
         if self.teacher and not Path(self.teacher).is_file():
-            raise FileNotFoundError(f"--teacher {self.teacher}: no such file")
+            raise MissingInput(f"--teacher {self.teacher}: no such file")
         object.__setattr__(self, "scenes", (0 if self.data else 16) if self.scenes is None else self.scenes)
         if self.scenes < 0:
-            raise ValueError(f"--scenes must be 0 (a new scene for every sample) or positive, got {self.scenes}")
+            raise InvalidInput(f"--scenes must be 0 (a new scene for every sample) or positive, got {self.scenes}")
         for name in ("steps", "batch", "views", "block", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.eval_scenes < 0:
-            raise ValueError("--warmup and --eval-scenes must be non-negative")
+            raise InvalidInput("--warmup and --eval-scenes must be non-negative")
         if not 0 < self.topk <= 1:
-            raise ValueError(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
+            raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
-            raise ValueError("--lambda-kd and the task loss weights must be non-negative")
+            raise InvalidInput("--lambda-kd and the task loss weights must be non-negative")
         if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
+            raise InvalidInput(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.sla not in ("global", "all"):
-            raise ValueError(f"--sla must be global or all, got {self.sla!r}")
+            raise InvalidInput(f"--sla must be global or all, got {self.sla!r}")
         if self.feature_map not in ("softmax", "elu", "relu"):
-            raise ValueError(f"--feature-map must be softmax, elu or relu, got {self.feature_map!r}")
+            raise InvalidInput(f"--feature-map must be softmax, elu or relu, got {self.feature_map!r}")
         object.__setattr__(self, "target", self.target or ("gt" if self.teacher else "teacher"))
         if self.target not in ("gt", "teacher"):
-            raise ValueError(f"--target must be gt or teacher, got {self.target!r}")
+            raise InvalidInput(f"--target must be gt or teacher, got {self.target!r}")
         distill_select(self.distill)  # validates
 
     @property
@@ -130,7 +138,7 @@ class TrainConfig:
 
     @property
     def backbone(self) -> str:
-        return FAMILIES[self.model][self.size] if self.model in FAMILIES else self.model
+        return resolve_backbone(self.model, full=self.size == "full")
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -156,9 +164,9 @@ def distill_select(spec: str) -> str | list[int] | None:
     try:
         idx = sorted({int(s) for s in spec.split(",") if s.strip()})
     except ValueError:
-        raise ValueError(f"--distill takes global, all or attention-module indices like 0,5,11; got {spec!r}") from None
+        raise InvalidInput(f"--distill takes global, all or attention-module indices like 0,5,11; got {spec!r}") from None
     if not idx or idx[0] < 0:
-        raise ValueError(f"--distill indices must be non-negative integers, got {spec!r}")
+        raise InvalidInput(f"--distill indices must be non-negative integers, got {spec!r}")
     return idx
 
 
@@ -167,7 +175,7 @@ def parse_res(text: str) -> tuple[int, int]:
     try:
         parts = [int(p) for p in str(text).replace("x", ",").split(",") if p.strip()]
     except ValueError:
-        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}") from None
+        raise InvalidInput(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}") from None
     if len(parts) not in (1, 2):
-        raise ValueError(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}")
+        raise InvalidInput(f"--res takes H,W or one size in pixels (multiples of 14), got {text!r}")
     return (parts[0], parts[-1])

@@ -68,9 +68,9 @@ def test_parse_views():
 def test_resolve_backbone():
     import torch
 
-    assert bench.resolve_backbone("vggt", torch.device("cpu")) == "vggt-tiny"
-    assert bench.resolve_backbone("da3", torch.device("cuda")) == "da3-large"
-    assert bench.resolve_backbone("vggt-tiny", torch.device("cuda")) == "vggt-tiny"
+    assert bench.resolve_backbone_for("vggt", torch.device("cpu")) == "vggt-tiny"
+    assert bench.resolve_backbone_for("da3", torch.device("cuda")) == "da3-large"
+    assert bench.resolve_backbone_for("vggt-tiny", torch.device("cuda")) == "vggt-tiny"
 
 
 @pytest.mark.parametrize("kernel, category", [

@@ -113,3 +113,27 @@ def test_existing_output_is_refused(tmp_path, image):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {tmp_path / 'o.ply'} exists; pass --overwrite to replace it"
     assert (tmp_path / "o.ply").read_text() == "keep me"
+
+
+def test_only_the_projects_errors_become_one_line():
+    """A user error (lite3r_recon.errors / lite3r.Lite3rError) is one line and exit 2; a bug (TypeError, KeyError)
+    keeps its traceback, so it can be found."""
+    code = ("import sys, lite3r_cli.app as A\n"
+            "def boom():\n"
+            "    raise {exc}\n"
+            "A.app = boom\nA.main()\n")
+    env = dict(os.environ)
+    env.pop("LITE3R_DEBUG", None)
+    cases = [("__import__('lite3r_recon.errors').errors.InvalidInput('--views 0: expected >= 1')", 2, False),
+             ("__import__('lite3r').Lite3rError('topk must be in (0, 1]')", 2, False),
+             ("TypeError('a bug')", 1, True), ("KeyError('also a bug')", 1, True)]
+    for exc, rc, traceback in cases:
+        proc = subprocess.run([sys.executable, "-c", code.format(exc=exc)], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == rc, (exc, proc.stderr)
+        assert ("Traceback" in proc.stderr) == traceback, (exc, proc.stderr)
+        if not traceback:
+            assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+    debug = subprocess.run([sys.executable, "-c", code.format(exc=cases[0][0])], capture_output=True, text=True,
+                           env={**env, "LITE3R_DEBUG": "1"}, timeout=120)
+    assert "Traceback" in debug.stderr

@@ -15,6 +15,7 @@ from PIL import Image
 from torch import nn
 
 from lite3r_cli import reconstruct as R
+from lite3r_recon import pointcloud as P
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -41,7 +42,7 @@ def test_unproject_by_hand():
     K = torch.tensor([[2.0, 0, 0], [0, 2.0, 0], [0, 0, 1]])
     E = torch.cat([torch.eye(3), torch.zeros(3, 1)], 1)
     depth = torch.full((3, 4), 4.0)
-    pts = R.unproject(depth, E, K)
+    pts = P.unproject(depth, E, K)
     assert pts.shape == (3, 4, 3)
     assert torch.allclose(pts[1, 2], torch.tensor([4.0, 2.0, 4.0]))
     assert torch.allclose(pts[0, 0], torch.tensor([0.0, 0.0, 4.0]))
@@ -50,9 +51,9 @@ def test_unproject_by_hand():
     c = torch.tensor([1.0, 2.0, 3.0])
     E = torch.cat([rot, (-rot @ c)[:, None]], 1)
     K = torch.tensor([[10.0, 0, 2], [0, 10.0, 1], [0, 0, 1]])  # pixel (v=1, u=2) is the principal point
-    pts = R.unproject(torch.full((1, 3, 4), 5.0), E[None], K[None])
+    pts = P.unproject(torch.full((1, 3, 4), 5.0), E[None], K[None])
     assert torch.allclose(pts[0, 1, 2], c + torch.tensor([5.0, 0, 0]))
-    assert torch.allclose(R.camera_centers(E), c)
+    assert torch.allclose(P.camera_centers(E), c)
     # one pixel right (u=3): x_cam = 0.1 * 5 = 0.5 -> world +y
     assert torch.allclose(pts[0, 1, 3], c + torch.tensor([5.0, 0.5, 0]))
 
@@ -65,7 +66,7 @@ def test_unprojected_points_reproject_to_their_pixel_and_depth(seed, views):
     E = torch.stack([c[0] for c in cams]).float()
     K = torch.stack([c[1] for c in cams]).float()
     depth = 0.5 + 10 * torch.rand(views, H, W, generator=torch.Generator().manual_seed(seed))
-    pts = R.unproject(depth, E, K).double()
+    pts = P.unproject(depth, E, K).double()
     cam = torch.einsum("sij,shwj->shwi", E[..., :3].double(), pts) + E[:, None, None, :, 3].double()
     pix = torch.einsum("sij,shwj->shwi", K.double(), cam)
     v, u = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
@@ -73,7 +74,7 @@ def test_unprojected_points_reproject_to_their_pixel_and_depth(seed, views):
     torch.testing.assert_close(pix[..., 0] / pix[..., 2], u.expand(views, H, W), rtol=0, atol=1e-3)
     torch.testing.assert_close(pix[..., 1] / pix[..., 2], v.expand(views, H, W), rtol=0, atol=1e-3)
     # camera centres: R c + t = 0
-    c = R.camera_centers(E).double()
+    c = P.camera_centers(E).double()
     torch.testing.assert_close(torch.einsum("sij,sj->si", E[..., :3].double(), c) + E[..., 3].double(),
                                torch.zeros(views, 3, dtype=torch.float64), rtol=0, atol=1e-4)
 
@@ -88,18 +89,18 @@ def test_point_cloud_filters_by_confidence_percentile_and_keeps_colours():
     depth[1, 0, 0] = -1.0  # behind the camera: never kept
     conf = torch.arange(S * H * W, dtype=torch.float32).reshape(S, H, W)
     cams = dict(extrinsics=E, intrinsics=K, depth=depth, depth_conf=conf)
-    pts, col, stats, thr = R.point_cloud(images, cams, 50.0)
+    pts, col, stats, thr = P.point_cloud(images, cams, 50.0)
     assert thr == pytest.approx(19.5)  # median of 0..39
     assert pts.shape == (19, 3) and col.shape == (19, 3) and col.dtype == torch.uint8  # view 1 less its pixel 0
     assert [s["points_kept"] for s in stats] == [0, 19] and stats[0]["points_total"] == H * W
     expect = (images[1].permute(1, 2, 0).reshape(-1, 3) * 255).round().to(torch.uint8)[1:]
     assert torch.equal(col, expect)
-    torch.testing.assert_close(pts, R.unproject(depth, E, K)[1].reshape(-1, 3)[1:])
-    pts, col, stats, thr = R.point_cloud(images, cams, 0.0)
+    torch.testing.assert_close(pts, P.unproject(depth, E, K)[1].reshape(-1, 3)[1:])
+    pts, col, stats, thr = P.point_cloud(images, cams, 0.0)
     assert pts.shape[0] == S * H * W - 2 and [s["points_kept"] for s in stats] == [H * W - 1, H * W - 1]
     for bad in (-1, 100, 150):
         with pytest.raises(ValueError, match="conf-percentile"):
-            R.point_cloud(images, cams, bad)
+            P.point_cloud(images, cams, bad)
 
 
 def test_point_cloud_drops_padding_pixels():
@@ -111,12 +112,12 @@ def test_point_cloud_drops_padding_pixels():
     cams = dict(extrinsics=E, intrinsics=K, depth=torch.ones(S, H, W), depth_conf=conf)
     pixels = torch.ones(S, H, W, dtype=torch.bool)
     pixels[:, 0] = False  # the top row of both views is padding
-    pts, _, stats, _ = R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels)
+    pts, _, stats, _ = P.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels)
     assert pts.shape[0] == S * (H - 1) * W and [s["points_total"] for s in stats] == [(H - 1) * W] * S
-    _, _, _, thr = R.point_cloud(torch.rand(S, 3, H, W), cams, 50.0, pixels)
+    _, _, _, thr = P.point_cloud(torch.rand(S, 3, H, W), cams, 50.0, pixels)
     assert thr == pytest.approx(float(conf[pixels].quantile(0.5)))
     with pytest.raises(ValueError, match="pixel mask"):
-        R.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels[:, 1:])
+        P.point_cloud(torch.rand(S, 3, H, W), cams, 0.0, pixels[:, 1:])
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -160,7 +161,7 @@ def test_written_ply_and_json_hold_the_unprojected_points(tmp_path):
                       quiet=True, net=net)
     c = {k: v[0] for k, v in net.cams.items()}
     keep = c["depth_conf"] >= torch.quantile(c["depth_conf"].flatten().double(), 0.25).float()
-    expected = R.unproject(c["depth"], c["extrinsics"], c["intrinsics"])[keep]
+    expected = P.unproject(c["depth"], c["extrinsics"], c["intrinsics"])[keep]
     cloud = trimesh.load(out)
     assert isinstance(cloud, trimesh.PointCloud)
     assert len(cloud.vertices) == s["points_kept"] == int(keep.sum()) == math.ceil(0.75 * keep.numel())

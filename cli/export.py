@@ -1,0 +1,31 @@
+"""`lite3r export`: teacher (a checkpoint, or the backbone's default weights) -> student (a trained
+`student.safetensors` with the SLA / FP8 settings it was trained with, or a fresh one from `topk`, `scope`, `fp8`) ->
+deployed on the CPU, uncompiled -> one artifact file (`lite3r_recon.models.save_artifact`). The official VGGT-1B
+checkpoint loads as it is (strictly). Torch is imported inside, so the CLI reads the defaults without loading it."""
+from __future__ import annotations
+
+import os
+
+
+def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike = "model.lite3r.safetensors",
+           model: str = "vggt-tiny", weights: str | os.PathLike | None = None, topk: float = 0.05,
+           scope: str = "global", fp8: bool = True, overwrite: bool = False) -> dict:
+    """Write the artifact; returns its config (backbone, SLA modules and the SLAConfig, FP8 linear count)."""
+    import lite3r
+    from lite3r_recon import models
+    from lite3r_recon.errors import InvalidInput
+    from lite3r_recon.io import ensure_writable
+
+    if scope not in ("global", "all"):
+        raise InvalidInput(f"--scope must be global or all, got {scope!r}")
+    models.check_backbone(model)
+    config = lite3r.SLAConfig(topk=topk, scopes=("global",) if scope == "global" else None)
+    ensure_writable(out, overwrite)  # before the (long) build
+    teacher = models.dense_model(model, weights)
+    built = (models.load_student(student, teacher) if student is not None
+             else models.make_student(teacher, config, fp8=fp8, inplace=True))
+    import torch
+
+    deployed = models.deploy_model(built, dtype=torch.bfloat16, compile_mode=None)  # bf16 besides FP8 / fp32
+    return models.save_artifact(deployed, out, overwrite=overwrite)
+
