@@ -136,6 +136,8 @@ def scene_from_prediction(names: list[str], sizes: list[tuple[int, int]], pixel_
         inside = (xy[..., 0] >= -0.5) & (xy[..., 0] <= W - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= H - 0.5)
         seen = (score >= min_visibility) & inside
         seen[0] = True  # the query itself
+        multi = seen.sum(0) >= 2  # a point seen once is a dense point, not a track
+        q, xy, seen = q[multi], xy[:, multi], seen[:, multi]
         points, colours = world[0, q[:, 1], q[:, 0]], rgb[0, q[:, 1], q[:, 0]]
         obs_view, obs_point = seen.nonzero().unbind(-1)
         obs_xy = points_to_original(pixel_map, xy)[obs_view, obs_point]
@@ -202,7 +204,7 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
                  refine_focal_length: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Write `scene` as a COLMAP model in folder `out` (created; its parent must exist). With `bundle_adjust`,
     pycolmap jointly refines the poses, the points (and the focal lengths unless `refine_focal_length` is False)
-    first; the points then need observations in >= 2 views to be constrained. Returns counts and the mean
+    first, after dropping the points observed in fewer than 2 views (unconstrained). Returns counts and the mean
     reprojection error (pixels) before and after."""
     import pycolmap
 
@@ -227,9 +229,14 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
             options.refine_principal_point = False
             options.refine_extra_params = False
             options.print_summary = False
+            for pid in [pid for pid, p in rec.points3D.items() if p.track.length() < 2]:
+                rec.delete_point3D(pid)  # unconstrained along its ray: bundle adjustment refuses it
+            if rec.num_points3D() == 0:
+                raise InvalidInput("--ba: no point is observed in two views (no tracks to adjust)")
             pycolmap.bundle_adjustment(rec, options)
             rec.update_point_3d_errors()
             summary["reprojection_error_px_after_ba"] = rec.compute_mean_reprojection_error()
+            summary["points3D"] = rec.num_points3D()
         for f in tmp.iterdir():
             f.unlink()
         rec.write_binary(str(tmp)) if binary else rec.write_text(str(tmp))

@@ -121,3 +121,52 @@ def test_read_errors(tmp_path):
     (bad / "cameras.txt").unlink()
     with pytest.raises(ValueError, match="cannot read the COLMAP model"):
         read_colmap(bad)
+
+
+def _prediction(S: int = 3, H: int = 28, W: int = 42):
+    """A prediction of a synthetic scene at network size, and the pixel map of a 2x resize + 5 px crop offset."""
+    s = render_sample(5, views=S, size=(H, W))
+    cams = {"extrinsics": s["extrinsics"], "intrinsics": s["intrinsics"], "depth": torch.where(s["mask"], s["depth"], 1.0)}
+    A = torch.tensor([[0.5, 0, -0.25], [0, 0.5, -0.25 - 5], [0, 0, 1]], dtype=torch.float64).expand(S, 3, 3)
+    sizes = [(2 * W, 2 * H + 10)] * S
+    return s, cams, A, sizes
+
+
+def test_scene_from_prediction_dense(tmp_path):
+    from lite3r_recon.colmap import scene_from_prediction
+
+    s, cams, A, sizes = _prediction()
+    keep = s["mask"].clone()
+    scene = scene_from_prediction([f"dir/v{i}.png" for i in range(3)], sizes, A, s["images"], cams, keep,
+                                  max_points=500)
+    assert scene.names == ["v0.png", "v1.png", "v2.png"] and len(scene.points) == 500
+    assert scene.obs_xy[:, 1].min() >= -0.5 and scene.obs_xy[:, 1].max() <= sizes[0][1] - 0.5
+    torch.testing.assert_close(scene.intrinsics, model_to_original(A, s["intrinsics"]).float())
+    summary = write_colmap(tmp_path / "dense", scene)
+    # each point projects back onto its own pixel of the ORIGINAL image: the pixel map is applied consistently
+    assert summary["points3D"] == 500 and summary["reprojection_error_px"] < 1e-3
+
+
+def test_scene_from_prediction_tracks(tmp_path):
+    from lite3r_recon.colmap import grid_queries, scene_from_prediction
+
+    s, cams, A, sizes = _prediction()
+    q = grid_queries(s["mask"][0], 30)
+    assert 0 < len(q) <= 30 and bool(s["mask"][0][q[:, 1].long(), q[:, 0].long()].all())
+    # exact tracks: frame-0 points projected into every view
+    from lite3r_recon.pointcloud import unproject
+
+    X = unproject(cams["depth"], cams["extrinsics"], cams["intrinsics"])[0][q[:, 1].long(), q[:, 0].long()]
+    track = torch.stack([_project(s["extrinsics"][i], s["intrinsics"][i], X) for i in range(3)]).float()
+    vis = torch.ones(3, len(q))
+    vis[2, :5] = 0.1  # not seen in view 2
+    scene = scene_from_prediction(["a.png", "b.png", "c.png"], sizes, A, s["images"], cams, s["mask"],
+                                  tracks={"query": q, "track": track, "vis": vis, "conf": torch.ones(3, len(q))})
+    inside = ((track[..., 0] >= -0.5) & (track[..., 0] <= 41.5) & (track[..., 1] >= -0.5) & (track[..., 1] <= 27.5))
+    seen = inside & (vis > 0.5)
+    multi = seen.sum(0) >= 2  # queries seen only in frame 0 are not tracks
+    assert 0 < len(scene.points) == int(multi.sum()) < len(q)
+    assert len(scene.obs_point) == int(seen[:, multi].sum())
+    summary = write_colmap(tmp_path / "tracks", scene, bundle_adjust=True)
+    assert summary["reprojection_error_px"] < 1e-3 and summary["reprojection_error_px_after_ba"] < 1e-3
+    assert grid_queries(torch.zeros(5, 5, dtype=torch.bool), 10).shape == (0, 2)
