@@ -39,8 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cameras import mat_to_quat, quat_to_mat  # noqa: F401  (camera geometry: backbones/cameras.py)
+from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
+from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
 from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
+from .track_head import TrackHead
+from lite3r_recon.errors import InvalidInput
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,6 +77,12 @@ class VGGTConfig:
     enable_camera: bool = True
     enable_depth: bool = True
     enable_point: bool = True
+    enable_track: bool = True  # the tracking head (runs only when forward gets query_points)
+    track_features: int = 128
+    track_hidden_size: int = 384
+    track_depth: int = 6  # update-transformer layers
+    track_corr_levels: int = 7  # correlation pyramid levels: images need >= 2 * 2**(levels-1) px a side
+    track_iters: int = 4
     # inference / memory options (do not change the weights)
     lean: bool = True  # keep only the aggregator layers the heads read
     frames_chunk_size: int | None = 8  # DPT heads over this many frames at a time (None: all at once)
@@ -80,15 +91,17 @@ class VGGTConfig:
 
     def __post_init__(self):
         if self.embed_dim % self.num_heads or self.embed_dim % self.patch_embed_heads:
-            raise ValueError(f"{self.name}: embed_dim {self.embed_dim} must be divisible by the head counts")
+            raise InvalidInput(f"{self.name}: embed_dim {self.embed_dim} must be divisible by the head counts")
         if (self.embed_dim // self.num_heads) % 4:
-            raise ValueError(f"{self.name}: head dim must be a multiple of 4 for 2D RoPE")
+            raise InvalidInput(f"{self.name}: head dim must be a multiple of 4 for 2D RoPE")
         if len(self.intermediate_layer_idx) != 4 or not all(0 <= i < self.depth for i in self.intermediate_layer_idx):
-            raise ValueError(f"{self.name}: intermediate_layer_idx needs 4 indices in [0, {self.depth})")
+            raise InvalidInput(f"{self.name}: intermediate_layer_idx needs 4 indices in [0, {self.depth})")
         if self.head_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"{self.name}: head_dtype must be 'float32' or 'bfloat16', got {self.head_dtype!r}")
+            raise InvalidInput(f"{self.name}: head_dtype must be 'float32' or 'bfloat16', got {self.head_dtype!r}")
+        if self.track_hidden_size % 8 or self.track_features % 2:
+            raise InvalidInput(f"{self.name}: track_hidden_size must be divisible by 8 (heads), track_features even")
         if self.frames_chunk_size is not None and self.frames_chunk_size < 1:
-            raise ValueError(f"{self.name}: frames_chunk_size must be >= 1 or None")
+            raise InvalidInput(f"{self.name}: frames_chunk_size must be >= 1 or None")
 
 
 CONFIGS: dict[str, VGGTConfig] = {
@@ -107,74 +120,29 @@ CONFIGS: dict[str, VGGTConfig] = {
         dpt_features=32,
         dpt_out_channels=(16, 32, 64, 64),
         dpt_head_features_2=16,
+        track_features=16,
+        track_hidden_size=32,
+        track_depth=1,
+        track_corr_levels=3,
+    ),
+    # The GPU study's teacher (lite3r pretrain --size small): ~24 M parameters, 16 views at 252x252 give 5,264
+    # tokens in global attention (83 key blocks of 64).
+    "vggt-small": VGGTConfig(
+        name="vggt-small",
+        embed_dim=256,
+        depth=8,
+        num_heads=4,
+        patch_embed_depth=4,
+        patch_embed_heads=4,
+        intermediate_layer_idx=(1, 3, 5, 7),
+        camera_trunk_depth=1,
+        camera_num_heads=4,
+        dpt_features=64,
+        dpt_out_channels=(64, 128, 256, 256),
+        dpt_head_features_2=32,
+        enable_track=False,  # pretraining has no tracking loss; a 1B-size tracker would add 47 M parameters
     ),
 }
-
-
-# ----------------------------------------------------------------------------------------------- pose encoding
-
-
-def quat_to_mat(q: Tensor) -> Tensor:
-    """Quaternions xyzw [..., 4] (need not be unit) -> rotation matrices [..., 3, 3]."""
-    i, j, k, r = q.unbind(-1)
-    two_s = 2.0 / (q * q).sum(-1)
-    m = torch.stack(
-        (
-            1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
-            two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
-            two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
-        ),
-        dim=-1,
-    )
-    return m.reshape(q.shape[:-1] + (3, 3))
-
-
-def mat_to_quat(m: Tensor) -> Tensor:
-    """Rotation matrices [..., 3, 3] -> quaternions xyzw [..., 4] with w >= 0 (best-conditioned branch)."""
-    if m.shape[-2:] != (3, 3):
-        raise ValueError(f"expected rotation matrices [..., 3, 3], got {tuple(m.shape)}")
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = m.reshape(m.shape[:-2] + (9,)).unbind(-1)
-    sq = torch.stack((1 + m00 + m11 + m22, 1 + m00 - m11 - m22, 1 - m00 + m11 - m22, 1 - m00 - m11 + m22), dim=-1)
-    pos = sq > 0  # sqrt of the positive part, with a zero (not inf) gradient where it is 0
-    q_abs = torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))  # 2|r|,2|i|..
-    cands = torch.stack(  # each row: (r, i, j, k) scaled by one of 4|r|, 4|i|, 4|j|, 4|k|
-        (
-            torch.stack((q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01), -1),
-            torch.stack((m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20), -1),
-            torch.stack((m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21), -1),
-            torch.stack((m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2), -1),
-        ),
-        dim=-2,
-    ) / (2.0 * q_abs[..., None].clamp_min(0.1))
-    best = q_abs.argmax(-1)[..., None, None].expand(*q_abs.shape[:-1], 1, 4)
-    rijk = cands.gather(-2, best).squeeze(-2)
-    q = rijk[..., [1, 2, 3, 0]]
-    return torch.where(q[..., 3:4] < 0, -q, q)
-
-
-def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
-    """extrinsics [B,S,3,4] (w2c OpenCV), intrinsics [B,S,3,3] -> pose_enc [B,S,9] = [t, quat xyzw, fov_h, fov_w]."""
-    H, W = image_hw
-    quat = mat_to_quat(extrinsics[..., :3, :3])
-    fov_h = 2 * torch.atan((H / 2) / intrinsics[..., 1, 1])
-    fov_w = 2 * torch.atan((W / 2) / intrinsics[..., 0, 0])
-    return torch.cat((extrinsics[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]), dim=-1).float()
-
-
-def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """pose_enc [..., 9] -> (extrinsics [..., 3, 4] w2c OpenCV, intrinsics [..., 3, 3], principal point at centre)."""
-    H, W = image_hw
-    R = quat_to_mat(pose_enc[..., 3:7])
-    extrinsics = torch.cat((R, pose_enc[..., :3, None]), dim=-1)
-    fy = (H / 2.0) / torch.tan(pose_enc[..., 7] / 2.0)
-    fx = (W / 2.0) / torch.tan(pose_enc[..., 8] / 2.0)
-    intrinsics = torch.zeros(pose_enc.shape[:-1] + (3, 3), dtype=pose_enc.dtype, device=pose_enc.device)
-    intrinsics[..., 0, 0] = fx
-    intrinsics[..., 1, 1] = fy
-    intrinsics[..., 0, 2] = W / 2
-    intrinsics[..., 1, 2] = H / 2
-    intrinsics[..., 2, 2] = 1.0
-    return extrinsics, intrinsics
 
 
 # ----------------------------------------------------------------------------------------------- aggregator
@@ -305,21 +273,27 @@ class CameraHead(nn.Module):
 
 
 class VGGT(nn.Module):
-    """VGGT model: ``forward(images [B,S,3,H,W] or [S,3,H,W] in [0,1]) -> dict`` (official output keys).
+    """VGGT model: ``forward(images [B,S,3,H,W] or [S,3,H,W] in [0,1], query_points=None) -> dict`` (official keys).
 
     Returns ``pose_enc`` [B,S,9] (last iteration), ``pose_enc_list``, ``depth`` [B,S,H,W,1], ``depth_conf``
     [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf`` [B,S,H,W], and ``images`` (the input, as the
     official model does at inference). H and W must be multiples of 14 (``load_images`` does that).
-    The official checkpoint also has a tracking head (``track_head.*``) that lite3r does not implement: load it
-    with ``load_checkpoint(model, path, skip_prefixes=model.optional_checkpoint_prefixes)``.
+    With ``query_points`` [B,Q,2] or [Q,2] (pixels x, y of the input images, in frame 0) also ``track`` [B,S,Q,2]
+    (pixels, last iteration; frame 0 is the query), ``vis`` and ``conf`` [B,S,Q] in (0, 1), from the tracking head
+    (``track_head.*``, see track_head.py). The official VGGT-1B file loads strictly as it is; a model built with
+    ``enable_track=False`` has no tracking head and skips those keys only when asked
+    (``skip_prefixes=model.optional_checkpoint_prefixes``). The tracking head runs at the heads' precision
+    (``head_dtype``; the official code runs it under the caller's autocast instead).
 
     ``config`` is read at every forward, so inference options (lean, frames_chunk_size, head_dtype,
     grad_checkpointing, camera_iterations) may be changed by replacing ``model.config``
     (``dataclasses.replace``); architecture fields must not change after construction.
     """
 
-    # official-checkpoint keys of parts lite3r does not build; dropped only when the caller asks (skip_prefixes)
-    optional_checkpoint_prefixes = ("track_head.",)
+    @property
+    def optional_checkpoint_prefixes(self) -> tuple[str, ...]:
+        """Official-checkpoint keys of parts this model was built without; dropped only when the caller asks."""
+        return () if self.track_head is not None else ("track_head.",)
 
     def __init__(self, config: VGGTConfig = VGGTConfig()) -> None:
         super().__init__()
@@ -344,6 +318,13 @@ class VGGT(nn.Module):
             DPTHead(dim2, output_dim=2, activation="exp", conf_activation="expp1", **dpt)
             if config.enable_depth else None
         )
+        self.track_head = (
+            TrackHead(dim2, patch_size=config.patch_size, features=config.track_features, iters=config.track_iters,
+                      out_channels=config.dpt_out_channels, intermediate_layer_idx=config.intermediate_layer_idx,
+                      hidden_size=config.track_hidden_size, depth=config.track_depth,
+                      corr_levels=config.track_corr_levels)
+            if config.enable_track else None
+        )
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -360,12 +341,14 @@ class VGGT(nn.Module):
             return None
         return sorted(set(self.config.intermediate_layer_idx) | {self.config.depth - 1})
 
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, query_points: Tensor | None = None) -> dict[str, Tensor]:
         if images.ndim == 4:
             images = images[None]
         if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
+            raise InvalidInput(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
         H, W = images.shape[-2:]
+        if query_points is not None:
+            query_points = self._check_queries(query_points, images.shape[0])
         tokens, patch_start_idx = self.aggregator(images, self.kept_layers, self.config.grad_checkpointing)
         out: dict[str, Tensor] = {}
         with self._head_precision(images.device):
@@ -379,9 +362,25 @@ class VGGT(nn.Module):
             if self.point_head is not None:
                 pts, conf = self.point_head(tokens, (H, W), patch_start_idx, self.config.frames_chunk_size)
                 out["world_points"], out["world_points_conf"] = pts, conf
+            if query_points is not None:
+                tracks, out["vis"], out["conf"] = self.track_head(
+                    tokens, (H, W), patch_start_idx, query_points, frames_chunk_size=self.config.frames_chunk_size)
+                out["track"] = tracks[-1]
         if not self.training:
             out["images"] = images
         return out
+
+    def _check_queries(self, query_points: Tensor, batch: int) -> Tensor:
+        if self.track_head is None:
+            raise InvalidInput(f"{self.name} was built with enable_track=False: it cannot track query_points")
+        if query_points.ndim == 2:
+            query_points = query_points[None]
+        if query_points.ndim != 3 or query_points.shape[-1] != 2 or query_points.shape[0] not in (1, batch):
+            raise InvalidInput(f"expected query_points [B,Q,2] or [Q,2] (pixels x, y) for {batch} image batch(es), "
+                             f"got {tuple(query_points.shape)}")
+        if not query_points.is_floating_point():
+            query_points = query_points.float()
+        return query_points.expand(batch, -1, -1)
 
     def _head_precision(self, device: torch.device):
         if self.config.head_dtype == "bfloat16":

@@ -80,13 +80,13 @@ def test_shape_mismatch_is_an_error_even_non_strict(tmp_path):
 
 
 def test_extra_head_needs_explicit_skip(tmp_path, tiny_sd):
-    sd = dict(tiny_sd, **{"track_head.tracker.fmap_norm.weight": torch.ones(4)})
-    path = tmp_path / "with_track.safetensors"
+    sd = dict(tiny_sd, **{"extra_head.fmap_norm.weight": torch.ones(4)})
+    path = tmp_path / "with_extra.safetensors"
     save_file(sd, str(path))
     with pytest.raises(CheckpointError, match=r"1 unexpected") as e:
         load_checkpoint(build_backbone("vggt-tiny"), path)
-    assert "skip_prefixes=('track_head.',)" in str(e.value)
-    assert _same(load_checkpoint(build_backbone("vggt-tiny"), path, skip_prefixes=("track_head.",)), tiny_sd)
+    assert "skip_prefixes=('extra_head.',)" in str(e.value)
+    assert _same(load_checkpoint(build_backbone("vggt-tiny"), path, skip_prefixes=("extra_head.",)), tiny_sd)
 
 
 def test_da3_checkpoint_detected(tmp_path):
