@@ -10,10 +10,16 @@
 Each model family module (vggt.py, da3.py) exports ``MODEL`` (the nn.Module class, built as ``MODEL(config)``,
 with a static ``to_cameras(out, image_hw)``) and ``CONFIGS`` (name -> frozen config dataclass with a ``name``
 field). ``build_backbone(name, **overrides)`` replaces config fields, e.g. ``build_backbone("vggt-1b", lean=False)``.
+
+The tiny backbones ship with weights: teachers pretrained on synthetic scenes by ``lite3r pretrain`` (the files, their
+command, seed and metrics in backbones/weights/). ``build_backbone("vggt-tiny")`` loads them; ``weights="random"``
+gives a random init, ``weights=PATH`` loads a checkpoint strictly.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -21,6 +27,7 @@ from torch import nn
 from . import vggt as _vggt
 from .checkpoint import CheckpointError, load_checkpoint
 from .preprocess import list_images, load_images
+from lite3r_recon.errors import InvalidInput, MissingInput
 
 # name -> (model class, config)
 _REGISTRY: dict[str, tuple[type[nn.Module], object]] = {}
@@ -45,19 +52,64 @@ def list_backbones() -> list[str]:
 def get_config(name: str, **overrides):
     """The (frozen) config for ``name`` with ``overrides`` applied; clear errors for unknown names/fields."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise InvalidInput(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     _, cfg = _REGISTRY[name]
     fields = {f.name for f in dataclasses.fields(cfg)}
     bad = sorted(set(overrides) - fields)
     if bad:
-        raise ValueError(f"{name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
+        raise InvalidInput(f"{name}: unknown option(s) {', '.join(bad)}; valid: {', '.join(sorted(fields))}")
     return dataclasses.replace(cfg, **overrides) if overrides else cfg
 
 
-def build_backbone(name: str, *, device: str | torch.device | None = None, **overrides) -> nn.Module:
-    """Build a registered backbone; ``device="meta"`` builds it without allocating (then ``load_checkpoint``)."""
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# backbone -> (its shipped weights in WEIGHTS_DIR, with a .json of the command, seed and metrics beside each; the
+# inference options they were trained with, applied unless the caller overrides them)
+SHIPPED: dict[str, tuple[str, dict]] = {
+    "vggt-tiny": ("vggt-tiny.safetensors", {}),
+    "da3-tiny": ("da3-tiny.safetensors", {"ref_view_strategy": "first"}),  # trained with view 0 as the reference
+}
+# config fields that change no parameter: the shipped weights still fit when these are overridden
+INFERENCE_FIELDS = frozenset({"lean", "frames_chunk_size", "head_dtype", "grad_checkpointing", "camera_iterations",
+                              "with_ray", "normalize", "ref_view_strategy"})
+
+
+def shipped_weights(name: str) -> Path | None:
+    """The file of the weights shipped for backbone `name`, or None when it has none."""
+    if name not in SHIPPED:
+        return None
+    path = WEIGHTS_DIR / SHIPPED[name][0]
+    if not path.is_file():
+        raise MissingInput(f"{path}: the shipped weights of {name} are missing (a broken install?); "
+                                f"pass weights='random' for a random init")
+    return path
+
+
+def build_backbone(name: str, *, device: str | torch.device | None = None,
+                   weights: str | os.PathLike | None = None, **overrides) -> nn.Module:
+    """Build a registered backbone.
+
+    weights: None -> the shipped weights when `name` has them (the tiny teachers) and no override changes a
+    parameter, else a random init; "random" -> a random init; a path -> that checkpoint, loaded strictly.
+    ``device="meta"`` builds it without allocating and loads nothing (then ``load_checkpoint``)."""
     cls, _ = _REGISTRY.get(name, (None, None))
     cfg = get_config(name, **overrides)
+    meta = device is not None and torch.device(device).type == "meta"
+    path = None
+    if weights is None:
+        if not meta and set(overrides) <= INFERENCE_FIELDS:
+            path = shipped_weights(name)
+        if path is not None:
+            cfg = get_config(name, **{**SHIPPED[name][1], **overrides})
+    elif str(weights) != "random":
+        if meta:
+            raise InvalidInput("build_backbone: weights cannot be loaded on the meta device (build, then load_checkpoint)")
+        path = Path(weights)
+        if not path.is_file():
+            raise MissingInput(f"weights {path}: no such file")
+    if path is not None:  # no random init to throw away: build on meta, assign the loaded tensors
+        with torch.device("meta"):
+            model = cls(cfg)
+        return load_checkpoint(model, path, strict=True, device=device or "cpu")
     if device is None:
         return cls(cfg)
     with torch.device(device):
@@ -68,7 +120,7 @@ def to_cameras(name_or_model: str | nn.Module, out: dict, image_hw) -> dict:
     """Model output -> dict(extrinsics [B,S,3,4] w2c OpenCV, intrinsics [B,S,3,3], depth [B,S,H,W], depth_conf)."""
     name = name_or_model if isinstance(name_or_model, str) else getattr(name_or_model, "name", None)
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise InvalidInput(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     return _REGISTRY[name][0].to_cameras(out, tuple(int(v) for v in image_hw))
 
 
@@ -81,5 +133,6 @@ __all__ = [
     "load_checkpoint",
     "load_images",
     "register",
+    "shipped_weights",
     "to_cameras",
 ]

@@ -1,0 +1,68 @@
+"""lite3r pretrain: deterministic, resumable bit for bit after a kill, held-out scenes disjoint from training ones,
+and its files (fp16 teacher that loads strictly, metrics, plots)."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lite3r_backbones import build_backbone
+from lite3r_cli.pretrain import HELDOUT, PretrainConfig, heldout_seeds, pretrain, train_seed
+
+TINY = dict(steps=4, batch=1, views=2, res=(28, 42), warmup=1, ckpt_every=2, eval_every=2, eval_scenes=0)
+
+
+def _weights(out):
+    return load_file(str(out / "checkpoints" / "step-000004.safetensors"))
+
+
+@pytest.mark.parametrize("family", ["vggt", "da3"])
+def test_resume_after_kill_is_bit_identical(tmp_path, family):
+    cfg = PretrainConfig(family=family, **TINY)
+    full = pretrain(cfg, tmp_path / "full", quiet=True, device="cpu")
+    stopped = pretrain(cfg, tmp_path / "cut", quiet=True, device="cpu", stop_after=3)  # "killed" after step 3
+    assert stopped["stopped_at"] == 3
+    # a kill after step 3 leaves the step-2 checkpoint: resuming replays step 3 and runs step 4
+    resumed = pretrain(cfg, tmp_path / "cut", resume=True, quiet=True, device="cpu")
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]]
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(("param.", "optim.")))
+    assert full["history"][-1]["loss"] != full["history"][0]["loss"]  # it trained
+
+
+def test_files_and_fp16_teacher_loads_strictly(tmp_path):
+    cfg = PretrainConfig(**{**TINY, "eval_scenes": 1, "steps": 2})
+    out = tmp_path / "run"
+    summary = pretrain(cfg, out, quiet=True, device="cpu")
+    for f in ("teacher.safetensors", "teacher.json", "metrics.json", "loss.png", "heldout.png", "config.json"):
+        assert (out / f).is_file(), f
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    sd = load_file(str(out / "teacher.safetensors"))
+    assert {v.dtype for v in sd.values()} == {torch.float16}
+    model = build_backbone("vggt-tiny", weights=out / "teacher.safetensors")  # strict
+    assert all(torch.equal(p.detach().half(), sd[n]) for n, p in model.state_dict().items())
+    info = json.loads((out / "teacher.json").read_text())
+    assert info["command"].startswith("lite3r pretrain vggt --size tiny --steps 2")
+    assert set(info["metrics"]) == {"random_init", "trained"} and "abs_rel" in info["metrics"]["trained"]
+    assert summary["evals"][0]["step"] == 0 and summary["evals"][-1]["step"] == 2
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(cfg, out, quiet=True, device="cpu")
+    with pytest.raises(ValueError, match="other settings"):
+        pretrain(PretrainConfig(**{**TINY, "lr": 0.5}), out, resume=True, quiet=True, device="cpu")
+
+
+def test_heldout_scenes_are_not_training_scenes():
+    train = {train_seed(s, t, i) for s in (0, 1) for t in range(50) for i in range(8)}
+    assert max(train) < HELDOUT <= min(heldout_seeds(16))
+    assert len(train) == 800  # a new scene for every sample
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="vggt or da3"):
+        PretrainConfig(family="dust3r")
+    with pytest.raises(ValueError, match="--size"):
+        PretrainConfig(size="huge")
+    with pytest.raises(ValueError, match="multiples of the patch size"):
+        PretrainConfig(res=(30, 42))
+    assert PretrainConfig(size="small").res == (252, 252)
