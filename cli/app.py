@@ -230,7 +230,7 @@ def train(
 # ---------------------------------------------------------------------------------------------------- reconstruct
 @app.command()
 def reconstruct(
-    images: Annotated[list[Path], typer.Argument(help="image files and/or folders of images (sorted by name)")],
+    images: Annotated[list[Path], typer.Argument(help="image files, folders of images (sorted by name) and/or videos")],
     model: ModelOpt = _RECON["model"],
     weights: WeightsOpt = _RECON["weights"],
     student: StudentOpt = _RECON["student"],
@@ -246,12 +246,31 @@ def reconstruct(
     overwrite: OverwriteOpt = _RECON["overwrite"],
     device: DeviceOpt = _RECON["device"],
     quiet: QuietOpt = _RECON["quiet"],
+    colmap: Annotated[Optional[Path], typer.Option(help="also write a COLMAP sparse model (cameras, images, points3D "
+                                                        "of the original images) into this folder")] = None,
+    colmap_text: Annotated[bool, typer.Option(help="COLMAP text files instead of binary")] = _RECON["colmap_text"],
+    ba: Annotated[bool, typer.Option("--ba", help="bundle-adjust the COLMAP model (pycolmap) on VGGT's point "
+                                                  "tracks")] = _RECON["ba"],
+    tracks: Annotated[Optional[int], typer.Option(help="track this many frame-0 grid points with VGGT's tracking head "
+                                                       "into the COLMAP model (default: 512 with --ba, else none)")] = None,
+    fps: Annotated[float, typer.Option(help="frames per second sampled from video inputs")] = _RECON["fps"],
+    max_views: Annotated[Optional[int], typer.Option(help="at most this many views (video frames and images, "
+                                                           "evenly kept)")] = None,
+    intrinsics: Annotated[Optional[Path], typer.Option(help="known intrinsics of the original images (JSON or a "
+                                                            "COLMAP model folder), used instead of the predicted ones")] = None,
+    cameras: Annotated[Optional[Path], typer.Option(help="known cameras with poses (JSON or COLMAP model): condition "
+                                                         "DA3 on them and export them")] = None,
+    preview: Annotated[bool, typer.Option(help="write <out stem>.png: depth and confidence per view, a top view of "
+                                               "the points and cameras")] = _RECON["preview"],
 ) -> None:
-    """Reconstruct a scene: predicted depth unprojected with the predicted cameras into a coloured world-space point
-    cloud (low-confidence points dropped), plus the cameras as JSON."""
+    """Reconstruct a scene (images, folders or videos): predicted depth unprojected with the predicted (or given)
+    cameras into a coloured world-space point cloud (low-confidence points dropped), the cameras as JSON, a
+    preview PNG, and optionally a COLMAP model (bundle-adjusted on VGGT's tracks with --ba)."""
     _reconstruct.reconstruct(images, model=_full(model, weights), weights=weights, student=student, size=size,
                              mode=mode, conf_percentile=conf_percentile, out=out, json_path=json_out,
-                             overwrite=overwrite, device=device, quiet=quiet)
+                             overwrite=overwrite, device=device, quiet=quiet, colmap=colmap, colmap_text=colmap_text,
+                             ba=ba, tracks=tracks, fps=fps, max_views=max_views, intrinsics=intrinsics,
+                             cameras=cameras, preview=preview)
 
 
 # ---------------------------------------------------------------------------------------------------- eval

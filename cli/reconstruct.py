@@ -41,15 +41,17 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
-def predict(model: nn.Module, images: Tensor) -> dict[str, Tensor]:
+def predict(model: nn.Module, images: Tensor, **inputs) -> dict[str, Tensor]:
     """Backbone forward of one scene images [S,3,H,W] (bf16 autocast on CUDA) -> to_cameras output without the
-    batch axis, float32 on the CPU."""
+    batch axis, float32 on the CPU, plus the tracks (track, vis, conf) when `inputs` has VGGT's query_points."""
     from lite3r_backbones import to_cameras
     from lite3r_recon import models
 
-    out = models.infer(model, images[None])
+    out = models.infer(model, images[None], **inputs)
     cams = to_cameras(model, out, images.shape[-2:])
-    return {k: cams[k][0].detach().float().cpu() for k in ("extrinsics", "intrinsics", "depth", "depth_conf")}
+    keys = ("extrinsics", "intrinsics", "depth", "depth_conf")
+    return {k: (cams if k in keys else out)[k][0].detach().float().cpu()
+            for k in keys + tuple(k for k in ("track", "vis", "conf") if k in out)}
 
 
 # ------------------------------------------------------------------------------------------------ command
@@ -58,9 +60,20 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                 size: int = 518, mode: str = "crop", conf_percentile: float = 50.0,
                 out: str | os.PathLike = "scene.ply", json_path: str | os.PathLike | None = None,
                 overwrite: bool = False, device: str | None = None, quiet: bool = False,
-                net: nn.Module | None = None) -> dict[str, Any]:
+                colmap: str | os.PathLike | None = None, colmap_text: bool = False, ba: bool = False,
+                tracks: int | None = None, fps: float = 1.0, max_views: int | None = None,
+                intrinsics: str | os.PathLike | None = None, cameras: str | os.PathLike | None = None,
+                preview: bool = True, net: nn.Module | None = None) -> dict[str, Any]:
     """Run the whole command; returns the summary written to `json_path` (cameras, per-view stats, timings).
-    `net`: an already built backbone / student to use instead of building `model` (its name must be `model`)."""
+    `net`: an already built backbone / student to use instead of building `model` (its name must be `model`).
+
+    Videos among the inputs are sampled at `fps` (at most `max_views` frames) into <out stem>_frames/ beside
+    `out`; `max_views` also caps the views in all (evenly kept). `intrinsics` (JSON or COLMAP model, original
+    image pixels) replaces the predicted intrinsics in the exported geometry; `cameras` (with poses; DA3 only)
+    conditions DA3 on them and exports them, the depth scaled to their units. `colmap` writes a COLMAP model
+    (binary, or text with `colmap_text`) of the original images: the kept pixels (at most 100,000) seen once, or
+    with `tracks` (VGGT's tracking head; 512 when `ba` asks for none) the tracks of a grid of frame-0 queries;
+    `ba` bundle-adjusts that model through pycolmap. `preview` writes <out stem>.png beside `out`."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     import torch
@@ -89,12 +102,47 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
     dev = models.resolve_device(device)
     files = resolve_inputs(inputs)
     con = console(quiet)
+    family = model.split("-")[0]
+    n_tracks = tracks if tracks is not None else (512 if ba else 0)
+    if n_tracks < 0 or (n_tracks and family != "vggt"):
+        raise InvalidInput(f"--tracks {n_tracks}: expected >= 0 query points, and a VGGT model (its tracking head)"
+                           + (f", not {model}" if family != "vggt" else ""))
+    if ba and colmap is None:
+        raise InvalidInput("--ba: bundle adjustment refines the COLMAP model: give --colmap DIR")
+    if cameras is not None and (intrinsics is not None or family != "da3"):
+        raise InvalidInput(f"--cameras: poses condition DA3 models only (not {model}), and replace --intrinsics"
+                           if family != "da3" else "--cameras: already holds the intrinsics; drop --intrinsics")
+    if colmap is not None:
+        from lite3r_recon.colmap import check_destination
+
+        check_destination(Path(colmap), overwrite)
+    preview_path = out.with_suffix(".png") if preview else None
+    if preview_path is not None:
+        ensure_writable(preview_path, overwrite)
+    from lite3r_recon.video import expand_videos
+
+    files, videos = expand_videos(files, out.parent / f"{out.stem}_frames", fps, max_views, overwrite=overwrite)
+    for video, n in videos.items():
+        con.print(f"{video}: {n} frames at {fps:g} fps into {out.parent / (out.stem + '_frames')}")
+
     times: dict[str, float] = {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
                   console=con, transient=True, disable=quiet) as progress:
         task = progress.add_task(f"loading {len(files)} images", total=5)
         t = time.perf_counter()
-        images, _, pixels = load_images(files, mode=mode, size=size, with_mask=True)
+        # identity intrinsics in -> the map from original to network pixels out (resize, crop, padding)
+        images, pixel_map, pixels = load_images(files, mode=mode, size=size, with_mask=True,
+                                                intrinsics=torch.eye(3).expand(len(files), 3, 3))
+        from PIL import Image
+
+        sizes = [Image.open(f).size for f in files]  # (width, height) of the originals: COLMAP, known cameras
+        known = None
+        if intrinsics is not None or cameras is not None:
+            from lite3r_recon.cameras_io import load_known_cameras
+
+            known = load_known_cameras(cameras or intrinsics, [str(f) for f in files], sizes,
+                                       poses=cameras is not None,
+                                       flag="--cameras" if cameras is not None else "--intrinsics")
         times["load_s"] = time.perf_counter() - t
         if net is None and weights is None:
             con.print(f"[yellow]no --weights: {model} has random weights (a smoke test, not a reconstruction)[/]")
@@ -105,7 +153,22 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         times["build_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description=f"{model} forward on {len(files)} views")
         t = time.perf_counter()
-        cams = predict(net, images.to(next(net.parameters()).device))
+        dev_net = next(net.parameters()).device
+        extra: dict[str, Any] = {}
+        if n_tracks:
+            from lite3r_recon.colmap import grid_queries
+
+            extra["query_points"] = grid_queries(pixels[0], n_tracks).to(dev_net)
+        if known is not None and known["extrinsics"] is not None:  # DA3 conditioned through cam_enc
+            extra.update(extrinsics=known["extrinsics"].float()[None].to(dev_net),
+                         intrinsics=(pixel_map.double() @ known["intrinsics"]).float()[None].to(dev_net))
+        cams = predict(net, images.to(dev_net), **extra)
+        if known is not None:
+            from lite3r_recon.cameras_io import apply_known_cameras
+
+            scale = apply_known_cameras(cams, known, pixel_map)
+            con.print(f"{'--cameras' if cameras is not None else '--intrinsics'}: the given cameras replace the "
+                      f"predicted ones" + (f" (depth scaled by {scale:.4g})" if known["extrinsics"] is not None else ""))
         times["forward_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description="unprojecting depth")
         t = time.perf_counter()
@@ -114,6 +177,21 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         progress.update(task, advance=1, description=f"writing {out}")
         t = time.perf_counter()
         write_cloud(out, points, colours, overwrite=overwrite)
+        colmap_summary = None
+        if colmap is not None:
+            from lite3r_recon.colmap import scene_from_prediction, write_colmap
+
+            keep = pixels & (cams["depth_conf"] >= thr) & torch.isfinite(cams["depth"]) & (cams["depth"] > 0)
+            track = ({"query": extra["query_points"].cpu(), **{k: cams[k] for k in ("track", "vis", "conf")}}
+                     if n_tracks else None)
+            scene = scene_from_prediction([str(f) for f in files], sizes, pixel_map, images, cams, keep, tracks=track)
+            colmap_summary = write_colmap(colmap, scene, binary=not colmap_text, bundle_adjust=ba,
+                                          refine_focal_length=known is None, overwrite=overwrite)
+        if preview_path is not None:
+            from lite3r_recon.preview import write_preview
+
+            write_preview(preview_path, images, cams["depth"], cams["depth_conf"], points, colours, cams["extrinsics"],
+                          pixels=pixels, title=f"{model}: {len(files)} views", overwrite=overwrite)
         times["write_s"] = time.perf_counter() - t
         progress.update(task, advance=1)
     times["total_s"] = time.perf_counter() - t0
@@ -126,7 +204,9 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                "views": len(files), "points_total": sum(s["points_total"] for s in stats),
                "points_kept": int(points.shape[0]), "device": str(dev), "time": times,
                "convention": "extrinsics: world-to-camera [R|t], OpenCV axes (x right, y down, z forward); "
-                             "intrinsics in pixels of the processed image_hw", "cameras": views}
+                             "intrinsics in pixels of the processed image_hw", "cameras": views,
+               "colmap": colmap_summary, "preview": str(preview_path) if preview_path else None,
+               "videos": videos, "known_cameras": str(cameras or intrinsics) if known is not None else None}
     if json_path is not None:
         atomic_write_json(json_path, summary, overwrite=overwrite)
     if not quiet:
@@ -137,7 +217,13 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         con.print(rich_table([{"views": len(files), "points kept": summary["points_kept"],
                                "of": summary["points_total"], "conf threshold": thr,
                                "time (s)": times["total_s"], "forward (s)": times["forward_s"]}]))
-        con.print(f"wrote {out}" + (f" and {json_path}" if json_path is not None else ""))
+        con.print(f"wrote {out}" + (f" and {json_path}" if json_path is not None else "")
+                  + (f", {preview_path}" if preview_path is not None else ""))
+        if colmap_summary is not None:
+            ba_note = (f", reprojection error {colmap_summary['reprojection_error_px']:.3g} -> "
+                       f"{colmap_summary['reprojection_error_px_after_ba']:.3g} px after bundle adjustment" if ba else "")
+            con.print(f"wrote COLMAP model {colmap} ({colmap_summary['format']}): {colmap_summary['images']} images, "
+                      f"{colmap_summary['points3D']} points{ba_note}")
     return summary
 
 

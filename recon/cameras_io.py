@@ -63,32 +63,37 @@ def _extrinsics(cam: dict, what: str) -> np.ndarray | None:
     return E
 
 
-def _from_json(path: Path) -> list[dict]:
+def _from_json(path: Path, flag: str) -> list[dict]:
     try:
         data = json.loads(path.read_text())
     except UnicodeDecodeError:
-        raise InvalidInput(f"{path}: not a text (JSON) file") from None
+        raise InvalidInput(f"{flag} {path}: not a text (JSON) file") from None
     except json.JSONDecodeError as e:
-        raise InvalidInput(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise InvalidInput(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     cams = data.get("cameras", data) if isinstance(data, dict) else data
     if isinstance(cams, dict):
         cams = [cams]
     if not isinstance(cams, list) or not cams or not all(isinstance(c, dict) for c in cams):
-        raise InvalidInput(f"{path}: expected a camera object, a list of them, or {{\"cameras\": [...]}}")
+        raise InvalidInput(f"{flag} {path}: expected a camera object, a list of them, or {{\"cameras\": [...]}}")
     out = []
     for i, cam in enumerate(cams):
-        what = f"{path} camera {i}"
+        what = f"{flag} {path} camera {i}"
         size = (cam.get("width"), cam.get("height"))
         out.append({"name": cam.get("image"), "K": _intrinsics(cam, what), "E": _extrinsics(cam, what),
                     "size": tuple(int(v) for v in size) if None not in size else None, "what": what})
     return out
 
 
-def _from_colmap(path: Path) -> list[dict]:
+def _from_colmap(path: Path, flag: str) -> list[dict]:
     from lite3r_recon.colmap import read_colmap
+    from lite3r_recon.errors import Lite3rError
 
-    model = read_colmap(path)
-    return [{"name": n, "K": K.double().numpy(), "E": E.double().numpy(), "size": s, "what": f"{path} image {n}"}
+    try:
+        model = read_colmap(path)
+    except Lite3rError as e:
+        raise type(e)(f"{flag} {e}") from None
+    return [{"name": n, "K": K.double().numpy(), "E": E.double().numpy(), "size": s,
+             "what": f"{flag} {path} image {n}"}
             for n, s, K, E in zip(model["names"], model["sizes"], model["intrinsics"], model["extrinsics"])]
 
 
@@ -100,7 +105,7 @@ def load_known_cameras(path: str | os.PathLike, names: list[str], sizes: list[tu
     path = Path(path)
     if not path.exists():
         raise MissingInput(f"{flag} {path}: no such JSON file or COLMAP model folder")
-    cams = _from_colmap(path) if path.is_dir() else _from_json(path)
+    cams = _from_colmap(path, flag) if path.is_dir() else _from_json(path, flag)
     named = [c for c in cams if c["name"] is not None]
     if named and len(named) != len(cams):
         raise InvalidInput(f"{flag} {path}: give every camera an \"image\" name, or none")
@@ -129,6 +134,22 @@ def load_known_cameras(path: str | os.PathLike, names: list[str], sizes: list[tu
     return {"intrinsics": K, "extrinsics": E if poses else None}
 
 
+def apply_known_cameras(cams: dict[str, Tensor], known: dict[str, Tensor | None], pixel_map: Tensor) -> float:
+    """In place: a prediction's `cams` (extrinsics [S,3,4], intrinsics [S,3,3] in network pixels, depth [S,H,W])
+    take the known intrinsics (original pixels, through `pixel_map` [S,3,3]: original -> network pixels) and, when
+    given, the known extrinsics, the depth scaled into their units (`similarity_scale` of the camera centres).
+    Returns that scale (1.0 without known poses)."""
+    cams["intrinsics"] = (pixel_map.double() @ known["intrinsics"].double()).to(cams["intrinsics"].dtype)
+    if known.get("extrinsics") is None:
+        return 1.0
+    E = known["extrinsics"].double()
+    centres = lambda e: -torch.einsum("sji,sj->si", e[:, :, :3], e[:, :, 3])  # noqa: E731
+    scale = similarity_scale(centres(cams["extrinsics"].double()), centres(E))
+    cams["depth"] = cams["depth"] * scale
+    cams["extrinsics"] = E.to(cams["extrinsics"].dtype)
+    return scale
+
+
 def similarity_scale(pred_centres: Tensor, known_centres: Tensor) -> float:
     """Scale of the least-squares similarity taking predicted camera centres [S, 3] onto known ones (1.0 when
     either set has no spread): multiplies predicted depth into the known cameras' units."""
@@ -145,4 +166,4 @@ def similarity_scale(pred_centres: Tensor, known_centres: Tensor) -> float:
     return scale if math.isfinite(scale) and scale > 0 else 1.0
 
 
-__all__ = ["load_known_cameras", "similarity_scale"]
+__all__ = ["apply_known_cameras", "load_known_cameras", "similarity_scale"]

@@ -87,6 +87,12 @@ class ColmapScene:
         for ok, msg in checks:
             if not ok:
                 raise InvalidInput(f"COLMAP scene: {msg}")
+        K, E = self.intrinsics.double(), self.extrinsics.double()
+        bad = ~(torch.isfinite(K).all((1, 2)) & (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0) & torch.isfinite(E).all((1, 2)))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise InvalidInput(f"COLMAP scene: view {i} ({self.names[i]}) has no usable camera (fx {float(K[i, 0, 0]):.4g}, "
+                               f"fy {float(K[i, 1, 1]):.4g}; a model with random weights? give --intrinsics)")
 
 
 def grid_queries(pixels: Tensor, n: int) -> Tensor:
@@ -105,7 +111,7 @@ def grid_queries(pixels: Tensor, n: int) -> Tensor:
 
 def scene_from_prediction(names: list[str], sizes: list[tuple[int, int]], pixel_map: Tensor, images: Tensor,
                           cams: dict[str, Tensor], keep: Tensor, *, max_points: int = 100_000,
-                          tracks: dict[str, Tensor] | None = None, min_visibility: float = 0.5) -> ColmapScene:
+                          tracks: dict[str, Tensor] | None = None, min_visibility: float = 0.2) -> ColmapScene:
     """A ColmapScene of one prediction, geometry taken back to the original images through `pixel_map` [S,3,3]
     (original -> network pixels, see `model_to_original`).
 
@@ -113,7 +119,8 @@ def scene_from_prediction(names: list[str], sizes: list[tuple[int, int]], pixel_
     Without `tracks`: the pixels of `keep` [S,H,W] (at most `max_points`, evenly spread), each a point seen once,
     where it was predicted. With `tracks` {"query" [Q,2], "track" [S,Q,2], "vis" [S,Q], "conf" [S,Q]} (network
     pixels, frame 0's queries): one point per query whose frame-0 pixel is in `keep`, at frame 0's unprojected depth,
-    observed in every view where vis * conf >= `min_visibility` and the track is inside the image."""
+    observed in every view where its visibility is >= `min_visibility` (the official demo's 0.2) and the track is
+    inside the image."""
     from lite3r_recon.pointcloud import unproject
 
     S, H, W = cams["depth"].shape
@@ -132,7 +139,7 @@ def scene_from_prediction(names: list[str], sizes: list[tuple[int, int]], pixel_
         good = keep[0, q[:, 1], q[:, 0]]
         q = q[good]
         xy = tracks["track"][:, good].double()  # [S, Q, 2]
-        score = (tracks["vis"] * tracks["conf"])[:, good]
+        score = tracks["vis"][:, good]
         inside = (xy[..., 0] >= -0.5) & (xy[..., 0] <= W - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= H - 0.5)
         seen = (score >= min_visibility) & inside
         seen[0] = True  # the query itself
@@ -190,7 +197,8 @@ def colmap_text(scene: ColmapScene) -> dict[str, str]:
             "points3D.txt": "\n".join(lines) + "\n"}
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def check_destination(out: Path, overwrite: bool) -> None:
+    """A one-line error unless `out` can take a COLMAP model (absent, or a folder without one, or `overwrite`)."""
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"--colmap {out}: exists and is not a folder")
     if out.is_dir() and not overwrite:
@@ -209,14 +217,17 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
     import pycolmap
 
     out = Path(out)
-    _check_destination(out, overwrite)
+    check_destination(out, overwrite)
     if not out.parent.is_dir():
         raise MissingInput(f"--colmap {out}: the folder {out.parent} does not exist")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         for name, text in colmap_text(scene).items():
             (tmp / name).write_text(text)
-        rec = pycolmap.Reconstruction(str(tmp))
+        try:
+            rec = pycolmap.Reconstruction(str(tmp))
+        except ValueError as e:  # pycolmap's checks (e.g. camera parameters) as one line
+            raise InvalidInput(f"--colmap {out}: pycolmap refused the model ({str(e).splitlines()[0]})") from None
         rec.update_point_3d_errors()  # the text holds 0: measure them
         summary: dict[str, Any] = {"images": rec.num_images(), "points3D": rec.num_points3D(),
                                    "observations": int(scene.obs_point.shape[0]),
@@ -241,7 +252,7 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
             f.unlink()
         rec.write_binary(str(tmp)) if binary else rec.write_text(str(tmp))
         out.mkdir(exist_ok=True)
-        _check_destination(out, overwrite)  # again: another writer may have filled it meanwhile
+        check_destination(out, overwrite)  # again: another writer may have filled it meanwhile
         for f in sorted(tmp.iterdir()):
             os.replace(f, out / f.name)
     finally:
@@ -296,4 +307,4 @@ def _pinhole(cam, path: Path) -> np.ndarray:
     return np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])
 
 
-__all__ = ["ColmapScene", "colmap_text", "grid_queries", "model_to_original", "points_to_original", "read_colmap", "scene_from_prediction", "write_colmap"]
+__all__ = ["ColmapScene", "check_destination", "colmap_text", "grid_queries", "model_to_original", "points_to_original", "read_colmap", "scene_from_prediction", "write_colmap"]

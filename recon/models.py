@@ -66,12 +66,13 @@ def compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def infer(model: nn.Module, images: torch.Tensor) -> dict:
+def infer(model: nn.Module, images: torch.Tensor, **inputs) -> dict:
     """The forward every command runs: inference mode, bf16 autocast on CUDA as the official demos run it (with
-    bf16 weights it only keeps LayerNorm, softmax and reductions in fp32 and casts the fp32 images)."""
+    bf16 weights it only keeps LayerNorm, softmax and reductions in fp32 and casts the fp32 images). `inputs`: the
+    model's other arguments (VGGT query_points, DA3 extrinsics / intrinsics)."""
     with torch.inference_mode(), torch.autocast(images.device.type, dtype=torch.bfloat16,
                                                 enabled=compute_dtype(images.device) == torch.bfloat16):
-        return model(images)
+        return model(images, **inputs)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -82,6 +82,24 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, fps: flo
     return files
 
 
+def expand_videos(files: list[Path], frames_dir: str | os.PathLike, fps: float, max_views: int | None = None, *,
+                  overwrite: bool = False) -> tuple[list[Path], dict[str, int]]:
+    """`files` with every video replaced by its frames (sampled into `frames_dir`), then at most `max_views` files
+    evenly kept. Returns (files, {video: frames taken})."""
+    out: list[Path] = []
+    taken: dict[str, int] = {}
+    for f in files:
+        if is_video(f):
+            frames = extract_frames(f, frames_dir, fps, max_views, overwrite=overwrite)
+            taken[str(f)] = len(frames)
+            out += frames
+        else:
+            out.append(Path(f))
+    if max_views is not None and max_views < 1:
+        raise InvalidInput(f"--max-views {max_views}: expected at least 1")
+    return [out[i] for i in keep_evenly(len(out), max_views)], taken
+
+
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, *, overwrite: bool = False) -> Path:
     """Frames [T, H, W, 3] uint8 (H, W even) -> an MPEG-4 video (FFmpeg's own mpeg4 encoder), written atomically."""
     import av
@@ -106,4 +124,4 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, 
     return path
 
 
-__all__ = ["VIDEO_SUFFIXES", "extract_frames", "is_video", "keep_evenly", "sample_frames", "write_video"]
+__all__ = ["VIDEO_SUFFIXES", "expand_videos", "extract_frames", "is_video", "keep_evenly", "sample_frames", "write_video"]

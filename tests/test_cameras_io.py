@@ -114,3 +114,42 @@ def test_preview_png(tmp_path):
     axes = top_view_axes(s["extrinsics"])
     np.testing.assert_allclose(axes @ axes.T, np.eye(3), atol=1e-9)
     np.testing.assert_allclose(axes[2], [0, 0, 1], atol=0.05)  # the synthetic world has z up
+
+
+def test_reconstruct_with_known_cameras(tmp_path):
+    """--cameras conditions DA3 (cam_enc gets the cameras in network pixels) and the export holds the given poses
+    and intrinsics; --intrinsics replaces VGGT's; --cameras is refused for VGGT (no pose conditioning)."""
+    from PIL import Image
+
+    from lite3r_cli import reconstruct as R
+    from lite3r_recon import models
+    from lite3r_recon.synthetic import render_sample
+
+    s = render_sample(6, views=3, size=(60, 80))
+    for i, im in enumerate(s["images"]):
+        Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / f"v{i}.png")
+    cams = [{"image": f"v{i}.png", "intrinsics": s["intrinsics"][i].tolist(), "extrinsics_w2c": s["extrinsics"][i].tolist()}
+            for i in range(3)]
+    (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams}))
+    net = models.load_model("da3-tiny")
+    seen = {}
+    net.register_forward_pre_hook(lambda m, a, kw: seen.update(kw), with_kwargs=True)
+    out = R.reconstruct(sorted(tmp_path.glob("v*.png")), model="da3-tiny", size=70, out=tmp_path / "d.ply", quiet=True,
+                        cameras=tmp_path / "cams.json", net=net, preview=False)
+    assert seen["extrinsics"].shape == (1, 3, 3, 4) and seen["intrinsics"].shape == (1, 3, 3, 3)
+    scale = 70 / 80  # 80x60 -> 70x56 (height rounded to a multiple of 14): fx scales by 70/80
+    torch.testing.assert_close(seen["intrinsics"][0, :, 0, 0], s["intrinsics"][:, 0, 0] * scale, rtol=1e-5, atol=0)
+    for i, view in enumerate(out["cameras"]):
+        np.testing.assert_allclose(view["extrinsics_w2c"], s["extrinsics"][i].numpy(), atol=1e-5)
+        np.testing.assert_allclose(np.asarray(view["intrinsics"])[0, 0], float(s["intrinsics"][i, 0, 0]) * scale,
+                                   rtol=1e-5)
+    assert out["known_cameras"] == str(tmp_path / "cams.json")
+    v = R.reconstruct(sorted(tmp_path.glob("v*.png")), model="vggt-tiny", size=70, out=tmp_path / "v.ply", quiet=True,
+                      intrinsics=tmp_path / "cams.json", preview=False, device="cpu")
+    K_net = np.asarray(v["cameras"][2]["intrinsics"])  # the given one, resized with the image: 80x60 -> 70x56
+    K0 = s["intrinsics"][2].double().numpy()
+    np.testing.assert_allclose(K_net[[0, 1, 0, 1], [0, 1, 2, 2]], [K0[0, 0] * 70 / 80, K0[1, 1] * 56 / 60,
+                               (K0[0, 2] + 0.5) * 70 / 80 - 0.5, (K0[1, 2] + 0.5) * 56 / 60 - 0.5], rtol=1e-5)
+    with pytest.raises(InvalidInput, match="--cameras: poses condition DA3 models only"):
+        R.reconstruct(sorted(tmp_path.glob("v*.png")), model="vggt-tiny", size=70, out=tmp_path / "x.ply",
+                      quiet=True, cameras=tmp_path / "cams.json")

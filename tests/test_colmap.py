@@ -159,14 +159,98 @@ def test_scene_from_prediction_tracks(tmp_path):
     X = unproject(cams["depth"], cams["extrinsics"], cams["intrinsics"])[0][q[:, 1].long(), q[:, 0].long()]
     track = torch.stack([_project(s["extrinsics"][i], s["intrinsics"][i], X) for i in range(3)]).float()
     vis = torch.ones(3, len(q))
-    vis[2, :5] = 0.1  # not seen in view 2
+    vis[2, :5] = 0.1  # not seen in view 2 (below 0.2)
     scene = scene_from_prediction(["a.png", "b.png", "c.png"], sizes, A, s["images"], cams, s["mask"],
                                   tracks={"query": q, "track": track, "vis": vis, "conf": torch.ones(3, len(q))})
     inside = ((track[..., 0] >= -0.5) & (track[..., 0] <= 41.5) & (track[..., 1] >= -0.5) & (track[..., 1] <= 27.5))
-    seen = inside & (vis > 0.5)
+    seen = inside & (vis >= 0.2)
     multi = seen.sum(0) >= 2  # queries seen only in frame 0 are not tracks
     assert 0 < len(scene.points) == int(multi.sum()) < len(q)
     assert len(scene.obs_point) == int(seen[:, multi].sum())
     summary = write_colmap(tmp_path / "tracks", scene, bundle_adjust=True)
     assert summary["reprojection_error_px"] < 1e-3 and summary["reprojection_error_px_after_ba"] < 1e-3
     assert grid_queries(torch.zeros(5, 5, dtype=torch.bool), 10).shape == (0, 2)
+
+
+# ------------------------------------------------------------------------------------------------ through the CLI
+def _lite3r(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LITE3R_BACKEND="torch")
+    return subprocess.run([sys.executable, "-m", "lite3r_cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def synthetic_scene(tmp_path_factory):
+    """A synthetic scene on disk (BlendedMVS layout, 160x120 images) and its exact intrinsics as --intrinsics JSON."""
+    import json
+
+    from lite3r_recon import formats
+    from lite3r_recon.synthetic import write_scene
+
+    root = write_scene(tmp_path_factory.mktemp("scene") / "scene", seed=1, views=3, size=(120, 160))
+    cams = sorted((root / "cams").glob("*_cam.txt"))
+    known = [{"image": c.name.replace("_cam.txt", ".jpg"), "intrinsics": formats.read_cam(c).intrinsic.tolist()}
+             for c in cams]
+    (root / "known.json").write_text(json.dumps({"cameras": known}))
+    return root, np.stack([np.asarray(k["intrinsics"]) for k in known])
+
+
+def test_cli_colmap_export_of_a_synthetic_scene(tmp_path, synthetic_scene):
+    """`lite3r reconstruct --colmap`: pycolmap reads the model; one image per view with the camera centres of the
+    cameras JSON, the given intrinsics of the original 160x120 images (COLMAP's +0.5), the kept points (coloured);
+    then --ba on tracks of the tracking head lowers the reprojection error; a preview PNG beside the cloud."""
+    import json
+
+    root, K = synthetic_scene
+    sparse, js = tmp_path / "sparse", tmp_path / "cams.json"
+    r = _lite3r("reconstruct", root / "blended_images", "--model", "vggt-tiny", "--size", 112, "--device", "cpu",
+                "--intrinsics", root / "known.json", "--colmap", sparse, "--json", js, "--out", tmp_path / "s.ply")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "s.png").is_file()
+    meta = json.loads(js.read_text())
+    rec = pycolmap.Reconstruction(str(sparse))
+    assert rec.num_images() == 3 and rec.num_cameras() == 3
+    assert rec.num_points3D() == min(meta["points_kept"], 100_000) == meta["colmap"]["points3D"]
+    by_name = {im.name: im for im in rec.images.values()}
+    for i, view in enumerate(meta["cameras"]):
+        image = by_name[f"{i:08d}.jpg"]
+        np.testing.assert_allclose(image.projection_center(), view["center"], atol=1e-4)
+        cam = rec.cameras[image.camera_id]
+        assert (cam.width, cam.height) == (160, 120)
+        np.testing.assert_allclose(cam.params, [K[i, 0, 0], K[i, 1, 1], K[i, 0, 2] + 0.5, K[i, 1, 2] + 0.5], rtol=1e-5)
+    assert meta["colmap"]["reprojection_error_px"] < 1e-2  # every point on its own pixel of the original image
+    colours = np.stack([p.color for p in rec.points3D.values()])
+    assert colours.std() > 0
+
+    ba = _lite3r("reconstruct", root / "blended_images", "--model", "vggt-tiny", "--size", 140, "--device", "cpu",
+                 "--intrinsics", root / "known.json", "--colmap", tmp_path / "ba", "--colmap-text", "--ba",
+                 "--tracks", 64, "--json", tmp_path / "ba.json", "--out", tmp_path / "ba.ply", "--no-preview")
+    assert ba.returncode == 0, ba.stderr[-2000:]
+    info = json.loads((tmp_path / "ba.json").read_text())["colmap"]
+    assert info["format"] == "text" and (tmp_path / "ba" / "points3D.txt").is_file()
+    assert 0 < info["points3D"] <= 64 and info["reprojection_error_px_after_ba"] < info["reprojection_error_px"]
+    assert not (tmp_path / "ba.png").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--intrinsics", "{bad}"], r"--intrinsics .*bad.json: not valid JSON"),
+    (["--cameras", "{root}/known.json"], "--cameras: poses condition DA3 models only"),
+    (["--ba"], "--ba: bundle adjustment refines the COLMAP model: give --colmap DIR"),
+    (["--tracks", "-1"], "--tracks -1"),
+])
+def test_cli_bad_camera_and_colmap_options(tmp_path, synthetic_scene, args, match):
+    import re
+
+    root, _ = synthetic_scene
+    (tmp_path / "bad.json").write_text("{\"cameras\": [")
+    args = [a.format(bad=tmp_path / "bad.json", root=root) for a in args]
+    r = _lite3r("reconstruct", root / "blended_images", "--model", "vggt-tiny", "--size", 70, "--device", "cpu",
+                "--out", tmp_path / "o.ply", *args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.search(match, lines[0]), r.stderr[-2000:]
+    assert not (tmp_path / "o.ply").exists()

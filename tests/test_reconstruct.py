@@ -177,7 +177,7 @@ def test_written_ply_and_json_hold_the_unprojected_points(tmp_path):
     np.testing.assert_allclose(meta["cameras"][0]["intrinsics"], c["intrinsics"][0].numpy(), rtol=1e-6)
     # GLB holds the same points
     glb = tmp_path / "scene.glb"
-    R.reconstruct(paths, model="da3-tiny", size=70, conf_percentile=25, out=glb, quiet=True, net=net)
+    R.reconstruct(paths, model="da3-tiny", size=70, conf_percentile=25, out=glb, quiet=True, net=net, preview=False)
     geoms = list(trimesh.load(glb).geometry.values())
     assert sum(len(g.vertices) for g in geoms) == s["points_kept"]
 
@@ -196,7 +196,7 @@ def test_refuses_to_overwrite_without_the_flag(tmp_path):
     assert js.read_text() == "mine too" and not (tmp_path / "other.ply").exists()
     R.reconstruct(paths, model="da3-tiny", size=70, out=out, json_path=js, overwrite=True, quiet=True, net=FakeDA3())
     assert len(trimesh.load(out).vertices) > 0 and json.loads(js.read_text())["views"] == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams.json", "imgs", "scene.ply"]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cams.json", "imgs", "scene.ply", "scene.png"]  # no temp
 
 
 @pytest.mark.parametrize("case, error, match", [
