@@ -1,4 +1,5 @@
-"""kernels/sla/ (lite3r_kernels.sla) against lite3r's PyTorch references: block map, forward (o_s, o_l) and all three gradients.
+"""kernels/sla/ (lite3r_kernels.sla) against lite3r's PyTorch references: block map, forward (o_s, o_l) and all
+three gradients.
 
 On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so shapes stay small.
 Attention kernels and the reference get the SAME lut (a block map computed twice may flip near-ties); the block map
