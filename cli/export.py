@@ -8,7 +8,7 @@ import os
 
 
 def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike = "model.lite3r.safetensors",
-           model: str = "vggt-tiny", weights: str | os.PathLike | None = None, topk: float = 0.05,
+           model: str = "vggt-tiny", weights=None, topk: float = 0.05,
            scope: str = "global", fp8: bool = True, overwrite: bool = False) -> dict:
     """Write the artifact; returns its config (backbone, SLA modules and the SLAConfig, FP8 linear count)."""
     import lite3r
@@ -21,7 +21,7 @@ def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike =
     models.check_backbone(model)
     config = lite3r.SLAConfig(topk=topk, scopes=("global",) if scope == "global" else None)
     ensure_writable(out, overwrite)  # before the (long) build
-    teacher = models.dense_model(model, weights)
+    teacher = models.dense_model(model, weights)  # a file, an in-memory state dict, or the default weights
     built = (models.load_student(student, teacher) if student is not None
              else models.make_student(teacher, config, fp8=fp8, inplace=True))
     import torch

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -33,16 +34,21 @@ STUDENT_FORMAT = "lite3r-train/1"
 
 
 # ------------------------------------------------------------------------------------------------------- dense
-def dense_model(name: str, weights: str | os.PathLike | None = None, *, seed: int = 0,
+def dense_model(name: str, weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None, *, seed: int = 0,
                 device: str | torch.device | None = None) -> nn.Module:
-    """Backbone `name`, eval and frozen: the checkpoint `weights` (built on the meta device, loaded strictly, the
-    file's tensors straight to `device`; only what the backbone declares optional may be absent from our model),
-    or random weights drawn from `seed` without touching the global RNG (the same on every call)."""
+    """Backbone `name`, eval and frozen: the checkpoint `weights` (a file or an in-memory state dict; built on the
+    meta device, loaded strictly, the tensors straight to `device`; only what the backbone declares optional may
+    be absent from the file), or the backbone's default weights (shipped for the tiny ones, else random ones drawn
+    from `seed` without touching the global RNG: the same on every call)."""
     from lite3r_backbones import build_backbone, load_checkpoint
 
     device = torch.device(device or "cpu")
-    if weights:
-        if not Path(weights).is_file():
+    if weights is not None and not isinstance(weights, Mapping) and str(weights) == "random":
+        weights, default = None, "random"
+    else:
+        default = None
+    if weights is not None:
+        if not isinstance(weights, Mapping) and not Path(weights).is_file():
             raise MissingInput(f"--weights {weights}: no such checkpoint file")
         model = build_backbone(name, device="meta")
         load_checkpoint(model, weights, strict=True, device=device,
@@ -50,7 +56,7 @@ def dense_model(name: str, weights: str | os.PathLike | None = None, *, seed: in
     else:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = build_backbone(name, device=device)
+            model = build_backbone(name, device=device, weights=default)
     return model.eval().requires_grad_(False)
 
 

@@ -1,6 +1,7 @@
 """Deployment: FP8Linear vs the fake-quant linear it came from, the deployed tiny student vs the QAT student, and the
 artifact round trip (bit-identical tensors, identical outputs). CPU, seconds."""
 import copy
+import json
 
 import pytest
 import torch
@@ -190,3 +191,36 @@ def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
     for key in ("depth", "extrinsics"):
         budget = 2 * _spread_err(base[key].cpu(), want[key].cpu()) + 1e-3
         assert _spread_err(got[key].cpu(), want[key].cpu()) < budget, key
+
+
+def test_export_from_the_official_vggt_1b_state_dict(shared_reference, tmp_path):
+    """`lite3r export` of the official-format VGGT-1B checkpoint (the recipe state dict, tracking head included):
+    loaded strictly with no skipped prefix, deployed (FP8 linears, SLA on global attention) and written as one
+    artifact whose header holds the backbone, the SLA modules and the SLAConfig."""
+    import importlib.util
+
+    from safetensors import safe_open
+
+    from lite3r_cli import export as export_cmd
+
+    spec = importlib.util.spec_from_file_location("weights_recipe", shared_reference / "weights_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    sd = recipe.recipe_state_dict(str(shared_reference / "vggt_1b_state_dict_manifest.json"))
+    n_track = sum(k.startswith("track_head.") for k in sd)
+    assert n_track == 394  # what the official file carries and `export` must not refuse
+    out = tmp_path / "vggt-1b.lite3r.safetensors"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = export_cmd.export(out=out, model="vggt-1b", weights=sd, topk=0.05)
+    finally:
+        torch.set_num_threads(threads)
+    del sd
+    assert config["backbone"] == "vggt-1b" and len(config["sla"]) == 24  # the 24 global attention layers
+    assert config["sla_config"]["topk"] == 0.05 and config["sla_config"]["scopes"] == ["global"]
+    assert models.read_artifact_config(out) == json.loads(json.dumps(config))  # the header, as JSON
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+        assert sum(k.startswith("track_head.") for k in keys) >= n_track  # the head is deployed, not dropped
+        assert f.get_slice("aggregator.global_blocks.0.attn.qkv.weight").get_dtype() in ("F8_E4M3", "float8_e4m3fn")
