@@ -198,3 +198,20 @@ def test_import_lite3r_pulls_only_torch_jaxtyping_beartype(tmp_path):
     foreign = {m: owners.get(m) for m in new - {"lite3r"} - stdlib
                if not {d.lower().replace("_", "-") for d in owners.get(m, [])} & allowed}
     assert not foreign, f"import lite3r pulled {foreign} (module -> distribution), beyond torch/jaxtyping/beartype"
+
+
+def test_beside_the_real_pypi_kernels_package(tmp_path):
+    """PyPI's `kernels` (the Hub kernels loader transformers uses; a dev dependency so this runs in CI) installed in
+    the same environment: both import, outside the repo, and lite3r still dispatches to its own lite3r_kernels."""
+    from importlib import metadata
+
+    try:
+        metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+        pytest.skip("PyPI's kernels is not installed (pip install -e '.[dev]' installs it)")
+    code = ("import kernels, lite3r, lite3r_kernels\n"
+            "assert hasattr(kernels, 'get_kernel'), kernels.__file__\n"
+            "assert lite3r._kernels() is lite3r_kernels\n"
+            "print('both', kernels.__name__, lite3r._kernels().__name__)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "both kernels lite3r_kernels" in proc.stdout, proc.stderr
