@@ -100,6 +100,22 @@ CONFIGS: dict[str, DA3Config] = {
         cam_enc_depth=1,
         cam_enc_heads=2,
     ),
+    # The GPU study's teacher (lite3r pretrain da3 --size small): ~28 M parameters.
+    "da3-small": DA3Config(
+        name="da3-small",
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        out_layers=(3, 7, 9, 11),
+        alt_start=4,
+        qknorm_start=4,
+        rope_start=4,
+        head_features=64,
+        head_out_channels=(64, 128, 256, 256),
+        head_features_2=32,
+        cam_enc_depth=1,
+        cam_enc_heads=6,
+    ),
 }
 
 
