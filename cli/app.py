@@ -364,6 +364,51 @@ def pretrain(
                    seed=seed, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
 
 
+class StudyDataset(str, Enum):
+    synthetic = "synthetic"
+    blendedmvs = "blendedmvs"
+    dtu64 = "dtu64"
+
+
+@app.command()
+def study(
+    model: Annotated[str, typer.Argument(help="backbone: vggt-tiny (the shipped teacher), vggt-small, vggt-1b, "
+                                              "da3-tiny, ...")] = "vggt-tiny",
+    weights: Annotated[Optional[Path], typer.Option(help="dense teacher checkpoint (default: the shipped tiny "
+                                                         "teacher)")] = None,
+    dataset: Annotated[StudyDataset, typer.Option(help="held-out synthetic scenes, or a benchmark in --data")]
+    = StudyDataset.synthetic,
+    data: Annotated[Optional[Path], typer.Option(help="dataset root for blendedmvs / dtu64")] = None,
+    scenes: Annotated[Optional[int], typer.Option(help="scenes evaluated (default 8)")] = None,
+    views: Annotated[Optional[int], typer.Option(help="views per scene (default 4)")] = None,
+    size: Annotated[Optional[str], typer.Option(help="H,W or one size, multiples of 14 (default 126,168 tiny, 252 "
+                                                     "small, 518 otherwise)")] = None,
+    topk: Annotated[Optional[str], typer.Option(help="kept fractions, comma separated (default 0.3,0.1,0.05; the "
+                                                     "last is the trained rows')")] = None,
+    block: Annotated[Optional[int], typer.Option(help="SLA block size in tokens (default 64)")] = None,
+    student: Annotated[Optional[Path], typer.Option(help="a trained student (lite3r train's folder or "
+                                                         "student.safetensors) for the QAT row")] = None,
+    train_steps: Annotated[Optional[int], typer.Option(help="steps of each short lite3r train run (default 60)")] = None,
+    train_batch: Annotated[Optional[int], typer.Option(help="scenes per step of those runs (default 2)")] = None,
+    ablations: Annotated[bool, typer.Option(help="also the ablation rows (distill only, task only, sparse only, "
+                                                 "linear only)")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="folder for study.json, study.png and the training runs "
+                                                     "(default runs/study-MODEL)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing study in --out")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar or table")] = False,
+) -> None:
+    """The quality table of SLA on a teacher: dense; SLA at each topk untrained, + FP8; after QAT + partial
+    distillation; ablations. AUC@30/@5, RRA/RTA@5, AbsRel, delta1, Chamfer, F-score as a table, JSON and PNG."""
+    from lite3r_cli import study as _study
+
+    _study.main(model, out=str(out) if out else None, device=device, overwrite=overwrite, quiet=quiet,
+                weights=str(weights) if weights else None, dataset=dataset.value, data=str(data) if data else None,
+                scenes=scenes, views=views, size=size, topks=topk, block=block,
+                student=str(student) if student else None, train_steps=train_steps, train_batch=train_batch,
+                ablations=ablations)
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The project's own error types (recon/errors.py, and the core's lite3r.Lite3rError when it is loaded)."""
     from lite3r_recon.errors import Lite3rError

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lite3r_recon.errors import InvalidInput, MismatchedKeys
 from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_optimizer, loss_plot, lr_at,
                                optimizer_tensors, progress, rng_state, scene_seed, set_rng_state)
 from lite3r_recon.train_config import LossWeights
@@ -63,24 +64,24 @@ class PretrainConfig:
 
     def __post_init__(self):
         if self.family not in ("vggt", "da3"):
-            raise ValueError(f"pretrain: the family must be vggt or da3, got {self.family!r}")
+            raise InvalidInput(f"pretrain: the family must be vggt or da3, got {self.family!r}")
         if self.size not in SIZES:
-            raise ValueError(f"--size must be tiny or small, got {self.size!r}")
+            raise InvalidInput(f"--size must be tiny or small, got {self.size!r}")
         res = tuple(self.res) if self.res else DEFAULT_RES[self.size]
         if len(res) != 2 or any(int(r) <= 0 or int(r) % 14 for r in res):
-            raise ValueError(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
+            raise InvalidInput(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
         object.__setattr__(self, "res", (int(res[0]), int(res[1])))
         for name in ("steps", "batch", "ckpt_every", "eval_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.views < 2:
-            raise ValueError(f"--views must be at least 2 (the camera loss is relative to view 0), got {self.views}")
+            raise InvalidInput(f"--views must be at least 2 (the camera loss is relative to view 0), got {self.views}")
         if self.warmup < 0 or self.eval_scenes < 0:
-            raise ValueError("--warmup and --eval-scenes must be non-negative")
+            raise InvalidInput("--warmup and --eval-scenes must be non-negative")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be positive, got {self.lr}")
+            raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if min(self.w_camera, self.w_depth, self.w_point, self.weight_decay) < 0:
-            raise ValueError("the task loss weights and --weight-decay must be non-negative")
+            raise InvalidInput("the task loss weights and --weight-decay must be non-negative")
 
     @property
     def backbone(self) -> str:
@@ -185,7 +186,7 @@ class Pretrainer:
         else:  # an overflow on one batch skips that update (the same on a replay: data and state decide it)
             self.skipped += 1
             if self.skipped >= MAX_SKIPPED:
-                raise FloatingPointError(f"pretrain: {self.skipped} steps in a row had a non-finite loss or "
+                raise InvalidInput(f"pretrain: {self.skipped} steps in a row had a non-finite loss or "
                                          f"gradient (step {step}); lower --lr")
         out = {"loss": loss.item(), "grad_norm": float(gnorm), "lr": lr_at(step, self.cfg), "skipped": float(not ok)}
         out.update({k: terms[k].item() for k in ("camera", "depth", "point") if k in terms})
@@ -202,7 +203,7 @@ class Pretrainer:
         with torch.no_grad():
             for n, p in self.params.items():
                 if f"param.{n}" not in tensors:
-                    raise KeyError(f"checkpoint has no tensor for {n}: it was made by another configuration")
+                    raise MismatchedKeys(f"checkpoint has no tensor for {n}: it was made by another configuration")
                 p.copy_(tensors[f"param.{n}"])
         load_optimizer(self.opt, tensors, info["param_groups"])
         set_rng_state(tensors, info["rng"])
@@ -214,7 +215,7 @@ class Pretrainer:
         for k, v in self.model.state_dict().items():
             v = v.detach().float().cpu()
             if v.abs().max() > 6e4:
-                raise OverflowError(f"pretrain: {k} exceeds fp16's range ({float(v.abs().max()):.3g})")
+                raise InvalidInput(f"pretrain: {k} exceeds fp16's range ({float(v.abs().max()):.3g})")
             out[k] = v.half().contiguous()
         return out
 
@@ -231,7 +232,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
         device = f"cuda:{torch.cuda.current_device()}"
     d = init_dist(device)
     if d.world > 1:
-        raise ValueError("lite3r pretrain runs in one process (a tiny or small teacher fits one GPU)")
+        raise InvalidInput("lite3r pretrain runs in one process (a tiny or small teacher fits one GPU)")
     if d.device.type == "cuda":  # the fp32 heads' matmuls on TF32 tensor cores (convolutions already are)
         torch.backends.cuda.matmul.allow_tf32 = True
     run = RunDir(out, files=FILES)
@@ -347,7 +348,7 @@ def _resume_config(saved: PretrainConfig, asked: PretrainConfig, explicit: set[s
     explicit = set(names) if explicit is None else set(explicit)
     diff = [n for n in names if n in explicit and n not in RESUMABLE and getattr(saved, n) != getattr(asked, n)]
     if diff:
-        raise ValueError(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
+        raise InvalidInput(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
                          f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change")
     return dataclasses.replace(saved, **{r: getattr(asked, r) for r in RESUMABLE if r in explicit})
 

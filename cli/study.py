@@ -1,0 +1,335 @@
+"""`lite3r study`: the paper's quality table for one teacher on held-out data.
+
+Rows, all on the same scenes (held-out synthetic scenes by default, or --dataset blendedmvs / dtu64 --data PATH):
+
+    dense                  the teacher (the shipped tiny teacher, or --weights)
+    sla K                  SLA on global attention at kept fraction K, untrained (proj_l = 0: the sparse branch alone)
+    sla K + fp8            the same + FP8 fake quant on the linears
+    qat                    SLA at the last K + FP8 after QAT + partial distillation (a short `lite3r train` run with
+                           task + attention-distillation loss, or the trained --student)
+    distill only           the same training, task-loss weights 0 (attention distillation alone)
+    task only              the same training, lambda_kd 0 (task loss alone)
+    sparse only            = "sla K + fp8": only proj_l trains and proj_l is the linear branch's, so without a linear
+                           branch there is nothing to train
+    linear only            every SLA attention -> its linear branch alone, proj_l = I (training-free: lite3r train has
+                           no linear-only mode)
+
+Metrics per row: AUC@30 / @5, RRA / RTA @5, AbsRel, delta1, Chamfer, F-score (lite3r eval's protocol), plus the number
+of global-attention tokens and key blocks the topk fractions act on. Files in --out: study.json, study.png (quality
+against the kept fraction), and the training runs (qat/, distill-only/, task-only/).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import lite3r
+from lite3r_recon.errors import InvalidInput, MissingInput
+
+METRICS = ("auc30", "auc5", "rra5", "rta5", "abs_rel", "delta1", "chamfer", "fscore")
+HEADERS = {"auc30": "AUC@30", "auc5": "AUC@5", "rra5": "RRA@5", "rta5": "RTA@5", "abs_rel": "AbsRel",
+           "delta1": "d1", "chamfer": "Chamfer", "fscore": "F"}
+TRAINED = {  # row -> TrainConfig changes of its training run
+    "qat": {},
+    "distill only": {"w_camera": 0.0, "w_depth": 0.0, "w_point": 0.0},
+    "task only": {"lambda_kd": 0.0},
+}
+DEFAULT_SIZE = {"tiny": (126, 168), "small": (252, 252)}
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    model: str = "vggt-tiny"  # backbone name
+    weights: str | None = None  # dense checkpoint; None: the shipped teacher (tiny) or random weights
+    dataset: str = "synthetic"  # synthetic (held-out scenes) | blendedmvs | dtu64
+    data: str | None = None
+    scenes: int = 8
+    views: int = 4
+    size: tuple[int, int] | None = None  # default: 126x168 tiny, 252x252 small, 518x518 otherwise
+    topks: tuple[float, ...] = (0.3, 0.1, 0.05)
+    block: int = 64
+    student: str | None = None  # a trained student for the "qat" row (no training run then)
+    train_steps: int = 60
+    train_batch: int = 2
+    lr: float = 3e-3
+    ablations: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        from lite3r_backbones import list_backbones
+
+        if self.model not in list_backbones():
+            raise InvalidInput(f"study: unknown backbone {self.model!r}; available: {', '.join(list_backbones())}")
+        if self.dataset not in ("synthetic", "blendedmvs", "dtu64"):
+            raise InvalidInput(f"--dataset must be synthetic, blendedmvs or dtu64, got {self.dataset!r}")
+        if self.dataset != "synthetic" and not self.data:
+            raise InvalidInput(f"--dataset {self.dataset} needs --data PATH")
+        if self.data and not Path(self.data).exists():
+            raise MissingInput(f"--data {self.data}: no such folder")
+        if self.weights and not Path(self.weights).is_file():
+            raise MissingInput(f"--weights {self.weights}: no such file")
+        if self.student and not Path(self.student).exists():
+            raise MissingInput(f"--student {self.student}: no such file or run folder")
+        if not self.topks or not all(0 < k <= 1 for k in self.topks):
+            raise InvalidInput(f"--topk values are kept fractions in (0, 1], got {self.topks}")
+        if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
+            raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
+        size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))
+        size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+        if any(s <= 0 or s % 14 for s in size):
+            raise InvalidInput(f"--size must be multiples of the patch size 14, got {size}")
+        object.__setattr__(self, "size", size)
+        object.__setattr__(self, "topks", tuple(float(k) for k in self.topks))
+
+    def to_json(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+# ------------------------------------------------------------------------------------------------ the variants
+class LinearOnlyAttention(lite3r.SLAAttention):
+    """SLAAttention without its sparse branch: proj_l(linear attention over all keys)."""
+
+    def forward(self, x: Tensor, pos: Tensor | None = None, **extra) -> Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        if self.rope is not None and pos is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        o = self.proj_l(lite3r.linear_attention_reference(q, k, v, feature_map=self.feature_map).to(q.dtype))
+        o = self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return self.proj_drop(o) if self.proj_drop is not None else o
+
+
+def linear_only(student: nn.Module) -> int:
+    """In place: every SLAAttention of `student` computes its linear branch alone, through proj_l = I."""
+    n = 0
+    for m in student.modules():
+        if isinstance(m, lite3r.SLAAttention):
+            m.__class__ = LinearOnlyAttention
+            with torch.no_grad():
+                m.proj_l.weight.copy_(torch.eye(m.head_dim))
+                m.proj_l.bias.zero_()
+            n += 1
+    return n
+
+
+def _student(teacher: nn.Module, cfg: StudyConfig, topk: float, fp8: bool) -> nn.Module:
+    from lite3r_recon import models
+
+    return models.make_student(teacher, lite3r.SLAConfig(topk=topk, block_q=cfg.block, block_k=cfg.block),
+                               fp8=fp8).eval()
+
+
+def attention_tokens(model: nn.Module, images: Tensor) -> int:
+    """Tokens per sequence in the model's global (cross-view) attention on `images` [S,3,H,W]."""
+    seen: list[int] = []
+    targets = [m for n, m in model.named_modules() if hasattr(m, "qkv") and getattr(m, "scope", "global") == "global"]
+    if not targets:
+        return 0
+    h = targets[0].register_forward_pre_hook(lambda mod, args: seen.append(int(args[0].shape[1])) if args else None)
+    try:
+        with torch.no_grad():
+            model(images[None].to(next(model.parameters()).device))
+    finally:
+        h.remove()
+    return seen[0] if seen else 0
+
+
+def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, overwrite: bool) -> Path:
+    """The short `lite3r train` run of a trained row (SLA at the last topk + FP8); returns its folder."""
+    from lite3r_cli.train import train
+    from lite3r_recon.train_config import TrainConfig
+
+    tc = TrainConfig(model=cfg.model, teacher=cfg.weights, steps=cfg.train_steps, batch=cfg.train_batch,
+                     views=cfg.views, res=cfg.size, topk=cfg.topks[-1], block=cfg.block, fp8=True,
+                     target="gt", lr=cfg.lr, eval_scenes=0, seed=cfg.seed, ckpt_every=max(1, cfg.train_steps),
+                     **TRAINED[row])
+    run = out / row.replace(" ", "-")
+    train(tc, run, overwrite=True, device=device, quiet=quiet)
+    return run
+
+
+def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None, overwrite: bool = False,
+          quiet: bool = False) -> dict:
+    """What `lite3r study` does; returns {"config", "rows": [{"row", "topk", "fp8", "trained", metrics...}],
+    "tokens", "key_blocks", ...} (also written to study.json)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from lite3r_cli.pretrain import heldout_data, heldout_metrics
+    from lite3r_recon import datasets, models
+    from lite3r_recon.io import atomic_write_bytes, atomic_write_json, console as make_console, ensure_writable
+
+    out = Path(out)
+    for f in ("study.json", "study.png"):
+        ensure_writable(out / f, overwrite)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    con = make_console(quiet)
+    teacher = models.dense_model(cfg.model, cfg.weights, seed=cfg.seed).to(device)
+    if cfg.dataset == "synthetic" and not cfg.data:
+        data = heldout_data(cfg.scenes, cfg.views, cfg.size)
+    else:
+        data = datasets.open_dataset(cfg.dataset, cfg.data, size=cfg.size)
+    n = min(cfg.scenes, len(data))
+    tokens = attention_tokens(teacher, data.sample(0, views=cfg.views, rng=None, normalize=True)["images"])
+    blocks = math.ceil(tokens / cfg.block)
+    con.print(f"[bold]lite3r study[/] {cfg.model} on {n} {cfg.dataset} scenes x {cfg.views} views at "
+              f"{cfg.size[0]}x{cfg.size[1]}: {tokens} tokens in global attention = {blocks} key blocks of {cfg.block}; "
+              + ", ".join(f"topk {k} keeps {min(blocks, max(1, math.ceil(k * blocks)))}" for k in cfg.topks))
+
+    plan: list[tuple[str, dict, object]] = [("dense", {"topk": 1.0, "fp8": False, "trained": False}, None)]
+    for k in cfg.topks:
+        plan.append((f"sla {k:g}", {"topk": k, "fp8": False, "trained": False}, ("sla", k, False)))
+    for k in cfg.topks:
+        plan.append((f"sla {k:g} + fp8", {"topk": k, "fp8": True, "trained": False}, ("sla", k, True)))
+    k_last = cfg.topks[-1]
+    trained_rows = ["qat"] + (["distill only", "task only"] if cfg.ablations else [])
+    for r in trained_rows:
+        plan.append((r, {"topk": k_last, "fp8": True, "trained": True}, ("train", r)))
+    if cfg.ablations:
+        plan.append(("sparse only", {"topk": k_last, "fp8": True, "trained": False,
+                                     "note": f"= sla {k_last:g} + fp8 (nothing to train without a linear branch)"},
+                     ("alias", f"sla {k_last:g} + fp8")))
+        plan.append(("linear only", {"topk": 0.0, "fp8": True, "trained": False, "note": "proj_l = I, untrained"},
+                     ("linear",)))
+
+    rows: list[dict] = []
+    by_name: dict[str, dict] = {}
+    runs: dict[str, str] = {}
+    with Progress(TextColumn("[bold blue]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[row]}"),
+                  console=con, disable=quiet, transient=True) as bar:
+        task = bar.add_task("study", total=len(plan), row="")
+        for name, meta, how in plan:
+            bar.update(task, row=name)
+            if how is None:
+                model = teacher
+            elif how[0] == "sla":
+                model = _student(teacher, cfg, how[1], how[2]).to(device)
+            elif how[0] == "train":
+                if name == "qat" and cfg.student:
+                    path = Path(cfg.student)
+                else:
+                    path = train_run(cfg, name, out, device=device, quiet=True, overwrite=overwrite)
+                runs[name] = str(path)
+                model = models.load_student(path, teacher, device=device).eval()
+            elif how[0] == "alias":
+                row = {"row": name, **meta, **{k: v for k, v in by_name[how[1]].items() if k in METRICS}}
+                rows.append(row)
+                by_name[name] = row
+                bar.advance(task)
+                continue
+            else:  # linear only
+                model = _student(teacher, cfg, k_last, True)
+                linear_only(model)
+                model = model.to(device)
+            m = heldout_metrics(model, data, device=device, scenes=n, views=cfg.views)
+            row = {"row": name, **meta, **{k: m[k] for k in METRICS if k in m}}
+            rows.append(row)
+            by_name[name] = row
+            bar.advance(task)
+            if model is not teacher:
+                del model
+
+    dense = by_name["dense"]
+    untrained, trained = by_name[f"sla {k_last:g} + fp8"], by_name["qat"]
+    summary = {"dense_abs_rel": dense.get("abs_rel"), "untrained_abs_rel": untrained.get("abs_rel"),
+               "trained_abs_rel": trained.get("abs_rel")}
+    if all(isinstance(v, float) for v in summary.values()):
+        lost = untrained["abs_rel"] - dense["abs_rel"]
+        summary["abs_rel_recovered"] = (untrained["abs_rel"] - trained["abs_rel"]) / lost if lost > 0 else None
+        summary["trained_abs_rel_rel_gap"] = trained["abs_rel"] / dense["abs_rel"] - 1
+    if "auc30" in dense:
+        summary["trained_auc30_gap_points"] = 100 * (dense["auc30"] - trained["auc30"])
+    result = {"config": cfg.to_json(), "tokens": tokens, "key_blocks": blocks,
+              "kept_blocks": {f"{k:g}": min(blocks, max(1, math.ceil(k * blocks))) for k in cfg.topks},
+              "scenes": n, "device": str(device), "rows": rows, "summary": summary, "runs": runs}
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "study.json", result, overwrite=True)
+    atomic_write_bytes(out / "study.png", _plot(rows, cfg, tokens, blocks), overwrite=True)
+    con.print(_table(rows, cfg, n))
+    con.print(f"wrote {out}/study.json and study.png")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ presentation
+def _table(rows: list[dict], cfg: StudyConfig, n: int):
+    from rich.table import Table
+
+    table = Table(title=f"{cfg.model}: quality vs SLA sparsity on {n} {cfg.dataset} scenes ({cfg.views} views, "
+                        f"{cfg.size[0]}x{cfg.size[1]})")
+    table.add_column("variant", no_wrap=True)
+    table.add_column("topk", justify="right")
+    table.add_column("trained")
+    for k in METRICS:
+        table.add_column(HEADERS[k], justify="right")
+    for r in rows:
+        table.add_row(r["row"], f"{r['topk']:g}", "yes" if r["trained"] else "",
+                      *[f"{r[k]:.3f}" if isinstance(r.get(k), float) else "-" for k in METRICS])
+    return table
+
+
+def _plot(rows: list[dict], cfg: StudyConfig, tokens: int, blocks: int) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {r["row"]: r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "abs_rel", "AbsRel (lower is better)"), (axes[1], "auc30", "AUC@30 (higher)")):
+        if key not in by["dense"]:
+            ax.set_visible(False)
+            continue
+        for fp8, style in ((False, "o-"), (True, "s--")):
+            xs = [k for k in cfg.topks]
+            ys = [by[f"sla {k:g}" + (" + fp8" if fp8 else "")].get(key, math.nan) for k in xs]
+            ax.plot(xs, ys, style, label="SLA untrained" + (" + FP8" if fp8 else ""))
+        ax.axhline(by["dense"][key], color="k", lw=1, label="dense teacher")
+        for name, marker in (("qat", "*"), ("distill only", "^"), ("task only", "v"), ("linear only", "x")):
+            if name in by and key in by[name]:
+                x = cfg.topks[-1] if name != "linear only" else cfg.topks[-1] * 0.8
+                ax.plot([x], [by[name][key]], marker, ms=11 if marker == "*" else 8, ls="none",
+                        label=name + (" (trained)" if by[name]["trained"] else ""))
+        ax.set_xscale("log")
+        ax.set_xlabel("kept fraction of key blocks (topk)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"lite3r study {cfg.model}: {tokens} global-attention tokens = {blocks} key blocks of {cfg.block}")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def main(model: str, *, out: str | None = None, device: str | None = None, overwrite: bool = False,
+         quiet: bool = False, **fields) -> dict:
+    """The CLI's entry: `fields` are StudyConfig fields the user gave (None: not given)."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    if "topks" in given and isinstance(given["topks"], str):
+        try:
+            given["topks"] = tuple(float(t) for t in given["topks"].split(",") if t.strip())
+        except ValueError:
+            raise InvalidInput(f"--topk takes comma-separated kept fractions like 0.3,0.1,0.05; got "
+                             f"{given['topks']!r}") from None
+    if "size" in given and isinstance(given["size"], str):
+        from lite3r_recon.train_config import parse_res
+
+        given["size"] = parse_res(given["size"])
+    cfg = StudyConfig(model=model, **given)
+    return study(cfg, out or f"runs/study-{model}", device=device, overwrite=overwrite, quiet=quiet)
+
+
+if __name__ == "__main__":
+    main("vggt-tiny", scenes=2, train_steps=4, overwrite=True)

@@ -1,0 +1,54 @@
+"""lite3r study on the shipped tiny teacher: every row of the table on the same held-out scenes, JSON + PNG."""
+import json
+
+import pytest
+import torch
+
+import lite3r
+from lite3r_backbones import build_backbone
+from lite3r_cli.study import LinearOnlyAttention, StudyConfig, linear_only, study
+from lite3r_recon import models
+
+
+def test_study_writes_table_json_and_plot(tmp_path):
+    cfg = StudyConfig(scenes=1, views=2, size=(42, 56), topks=(0.5, 0.25), block=16, train_steps=1)
+    r = study(cfg, tmp_path / "s", device="cpu", quiet=True)
+    names = [row["row"] for row in r["rows"]]
+    assert names == ["dense", "sla 0.5", "sla 0.25", "sla 0.5 + fp8", "sla 0.25 + fp8", "qat", "distill only",
+                     "task only", "sparse only", "linear only"]
+    saved = json.loads((tmp_path / "s" / "study.json").read_text())
+    assert saved["rows"] == r["rows"] and saved["tokens"] == 2 * (3 * 4 + 5)  # 2 views x (patches + 5 special)
+    assert saved["key_blocks"] == 3 and saved["kept_blocks"] == {"0.5": 2, "0.25": 1}
+    assert (tmp_path / "s" / "study.png").read_bytes()[:4] == b"\x89PNG"
+    by = {row["row"]: row for row in r["rows"]}
+    for row in r["rows"]:
+        assert {"auc30", "auc5", "rra5", "rta5", "abs_rel", "delta1", "chamfer", "fscore"} <= set(row), row["row"]
+    assert by["sparse only"]["abs_rel"] == by["sla 0.25 + fp8"]["abs_rel"]
+    assert by["linear only"]["abs_rel"] != by["dense"]["abs_rel"]
+    for row in ("qat", "distill only", "task only"):
+        assert (tmp_path / "s" / row.replace(" ", "-") / "student.safetensors").is_file()
+    with pytest.raises(FileExistsError):
+        study(cfg, tmp_path / "s", device="cpu", quiet=True)
+
+
+def test_linear_only_is_the_linear_branch():
+    teacher = build_backbone("vggt-tiny").eval()
+    student = models.make_student(teacher, lite3r.SLAConfig(topk=0.5, block_q=16, block_k=16), fp8=False)
+    assert linear_only(student) == 6  # the global attention layers of vggt-tiny
+    m = next(m for m in student.modules() if isinstance(m, LinearOnlyAttention))
+    x = torch.randn(1, 20, m.num_heads * m.head_dim)
+    q, k, v = m.qkv(x).reshape(1, 20, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    o = lite3r.linear_attention_reference(m.q_norm(q), m.k_norm(k), v)  # proj_l = I: the linear branch as it is
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.proj(o.transpose(1, 2).reshape(1, 20, -1)))
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown backbone"):
+        StudyConfig(model="vggt-huge")
+    with pytest.raises(ValueError, match="needs --data"):
+        StudyConfig(dataset="blendedmvs")
+    with pytest.raises(FileNotFoundError, match="--weights"):
+        StudyConfig(weights=str(tmp_path / "none.safetensors"))
+    with pytest.raises(ValueError, match="kept fractions"):
+        StudyConfig(topks=(0.0,))
