@@ -176,15 +176,16 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         times["unproject_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description=f"writing {out}")
         t = time.perf_counter()
-        write_cloud(out, points, colours, overwrite=overwrite)
-        colmap_summary = None
-        if colmap is not None:
+        colmap_summary = scene = None
+        if colmap is not None:  # built (and checked) before anything is written
             from lite3r_recon.colmap import scene_from_prediction, write_colmap
 
             keep = pixels & (cams["depth_conf"] >= thr) & torch.isfinite(cams["depth"]) & (cams["depth"] > 0)
             track = ({"query": extra["query_points"].cpu(), **{k: cams[k] for k in ("track", "vis", "conf")}}
                      if n_tracks else None)
             scene = scene_from_prediction([str(f) for f in files], sizes, pixel_map, images, cams, keep, tracks=track)
+        write_cloud(out, points, colours, overwrite=overwrite)
+        if scene is not None:
             colmap_summary = write_colmap(colmap, scene, binary=not colmap_text, bundle_adjust=ba,
                                           refine_focal_length=known is None, overwrite=overwrite)
         if preview_path is not None:

@@ -92,7 +92,7 @@ class ColmapScene:
         if bad.any():
             i = int(bad.nonzero()[0])
             raise InvalidInput(f"COLMAP scene: view {i} ({self.names[i]}) has no usable camera (fx {float(K[i, 0, 0]):.4g}, "
-                               f"fy {float(K[i, 1, 1]):.4g}; a model with random weights? give --intrinsics)")
+                               f"fy {float(K[i, 1, 1]):.4g}: a degenerate prediction; give --intrinsics)")
 
 
 def grid_queries(pixels: Tensor, n: int) -> Tensor:
