@@ -119,7 +119,16 @@ def motion_embedding(flow: Tensor, dim: int) -> Tensor:
 
 
 class CorrPyramid:
-    """Feature maps [B, S, C, h, w] averaged down by 2 per level; samples (2r+1)^2 correlation windows."""
+    """Feature maps [B, S, C, h, w] averaged down by 2 per level; samples (2r+1)^2 correlation windows.
+
+    The official tracker builds each level's whole correlation volume [B, S, N, h*w] and samples it bilinearly
+    (``sample_volume``). Bilinear sampling is linear and zero padding is zero either way, so sampling the feature
+    maps at the window points and taking dot products there (``sample_windows``) gives the same numbers to rounding
+    with memory B*S*N*(2r+1)^2*C instead of B*S*N*h*w: at 518 x 518, 128 views and 1024 queries the level-0 volume
+    alone is 35 GB. On a CPU the volume is faster while small, so ``sample`` takes it per level up to
+    ``VOLUME_LIMIT`` elements and the windows beyond."""
+
+    VOLUME_LIMIT = 2**27  # elements (512 MB in fp32)
 
     def __init__(self, fmaps: Tensor, levels: int, radius: int) -> None:
         B, S, C, h, w = fmaps.shape
@@ -131,16 +140,39 @@ class CorrPyramid:
         # window index (a, b) looks at (x + d[a], y + d[b]): the official layout, which corr_mlp's weights expect
         self.offsets = torch.stack(torch.meshgrid(d, d, indexing="ij"), dim=-1).reshape(-1, 2)  # [(2r+1)^2, 2]
 
-    def sample(self, feats: Tensor, coords: Tensor) -> Tensor:
+    def _windows(self, coords: Tensor, level: int) -> Tensor:
+        B, S, N, _ = coords.shape
+        return coords.reshape(B * S, N, 1, 2) / 2**level + self.offsets.to(coords.dtype)  # [B*S, N, K, 2]
+
+    def sample(self, feats: Tensor, coords: Tensor, *, volume_limit: int | None = None) -> Tensor:
         """feats [B, S, N, C], coords [B, S, N, 2] (level-0 pixels) -> [B, S, N, levels * (2r+1)^2]."""
+        limit = self.VOLUME_LIMIT if volume_limit is None else volume_limit
+        B, S, N, _ = feats.shape
+        return torch.cat([self._level_volume(feats, coords, i) if B * S * N * m.shape[-2] * m.shape[-1] <= limit
+                          else self._level_windows(feats, coords, i) for i, m in enumerate(self.maps)], dim=-1)
+
+    def sample_volume(self, feats: Tensor, coords: Tensor) -> Tensor:
+        """`sample` as the official tracker computes it: the whole correlation volume per level, then sampled."""
+        return torch.cat([self._level_volume(feats, coords, i) for i in range(len(self.maps))], dim=-1)
+
+    def sample_windows(self, feats: Tensor, coords: Tensor) -> Tensor:
+        """`sample` without correlation volumes: features sampled at the window points, then dot products."""
+        return torch.cat([self._level_windows(feats, coords, i) for i in range(len(self.maps))], dim=-1)
+
+    def _level_volume(self, feats: Tensor, coords: Tensor, i: int) -> Tensor:
         B, S, N, C = feats.shape
-        out = []
-        for i, maps in enumerate(self.maps):
-            h, w = maps.shape[-2:]
-            corr = torch.matmul(feats, maps.reshape(B, S, C, h * w)) / math.sqrt(C)  # [B, S, N, h*w]
-            xy = coords.reshape(B * S * N, 1, 2) / 2**i + self.offsets.to(coords.dtype)
-            out.append(sample_points(corr.reshape(B * S * N, 1, h, w), xy, "zeros").reshape(B, S, N, -1))
-        return torch.cat(out, dim=-1)
+        maps = self.maps[i]
+        h, w = maps.shape[-2:]
+        corr = torch.matmul(feats, maps.reshape(B, S, C, h * w)) / math.sqrt(C)  # [B, S, N, h*w]
+        xy = self._windows(coords, i).reshape(B * S * N, -1, 2)
+        return sample_points(corr.reshape(B * S * N, 1, h, w), xy, "zeros").reshape(B, S, N, -1)
+
+    def _level_windows(self, feats: Tensor, coords: Tensor, i: int) -> Tensor:
+        B, S, N, C = feats.shape
+        maps = self.maps[i].flatten(0, 1).contiguous(memory_format=torch.channels_last)  # faster sampling of C
+        at = sample_points(maps, self._windows(coords, i), "zeros")  # [B*S, C, N, K]
+        corr = torch.einsum("znc,zcnk->znk", feats.reshape(B * S, N, C).to(at.dtype), at) / math.sqrt(C)
+        return corr.reshape(B, S, N, -1)
 
 
 # ----------------------------------------------------------------------------------------------- update transformer

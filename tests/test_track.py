@@ -205,3 +205,21 @@ def test_student_keeps_tracking(monkeypatch, tiny, fp8):
     if not fp8:
         torch.testing.assert_close(b["track"], a["track"], rtol=1e-4, atol=1e-3)
         torch.testing.assert_close(b["vis"], a["vis"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, levels, radius", [((1, 3, 16, 37, 50), 4, 3), ((2, 2, 8, 20, 9), 2, 4)])
+def test_correlation_windows_equal_the_volume(shape, levels, radius):
+    """Sampling features at the window points = sampling the official correlation volume (bilinear is linear, zero
+    padding is zero), also for windows reaching past the borders; `sample` switches by volume size."""
+    from lite3r_backbones.track_head import CorrPyramid
+
+    g = torch.Generator().manual_seed(0)
+    B, S, C, h, w = shape
+    pyramid = CorrPyramid(torch.randn(*shape, generator=g), levels, radius)
+    feats = torch.randn(B, S, 11, C, generator=g)
+    coords = torch.rand(B, S, 11, 2, generator=g) * torch.tensor([w + 10.0, h + 10.0]) - 5  # some outside
+    ref = pyramid.sample_volume(feats, coords)
+    assert ref.shape == (B, S, 11, levels * (2 * radius + 1) ** 2) and ref.abs().max() > 0
+    torch.testing.assert_close(pyramid.sample_windows(feats, coords), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pyramid.sample(feats, coords, volume_limit=0), pyramid.sample_windows(feats, coords))
+    torch.testing.assert_close(pyramid.sample(feats, coords), ref, rtol=0, atol=0)  # small: the official order
