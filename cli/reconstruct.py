@@ -197,15 +197,21 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         progress.update(task, advance=1)
     times["total_s"] = time.perf_counter() - t0
     centers = camera_centers(cams["extrinsics"])
+    from lite3r_recon.colmap import model_to_original
+
+    K_orig = model_to_original(pixel_map, cams["intrinsics"]).float()
     views = [{"image": str(f), **stats[i], "extrinsics_w2c": cams["extrinsics"][i], "intrinsics": cams["intrinsics"][i],
-              "center": centers[i]} for i, f in enumerate(files)]
+              "center": centers[i], "image_size": list(sizes[i]), "intrinsics_original": K_orig[i]}
+             for i, f in enumerate(files)]
     summary = {"model": model, "student": str(student) if student else None,
                "weights": str(weights) if weights else None, "image_hw": list(images.shape[-2:]), "mode": mode,
                "size": size, "conf_percentile": conf_percentile, "conf_threshold": thr, "out": str(out),
                "views": len(files), "points_total": sum(s["points_total"] for s in stats),
                "points_kept": int(points.shape[0]), "device": str(dev), "time": times,
                "convention": "extrinsics: world-to-camera [R|t], OpenCV axes (x right, y down, z forward); "
-                             "intrinsics in pixels of the processed image_hw", "cameras": views,
+                             "intrinsics in pixels of the processed image_hw, intrinsics_original in pixels of the "
+                             "original image (image_size: width, height); pixel centres at integers",
+               "cameras": views,
                "colmap": colmap_summary, "preview": str(preview_path) if preview_path else None,
                "videos": videos, "known_cameras": str(cameras or intrinsics) if known is not None else None}
     if json_path is not None:

@@ -9,7 +9,8 @@ against the image)):
 
     {"fx": 500, "fy": 500, "cx": 319.5, "cy": 239.5}          # one camera shared by every view
     {"cameras": [{"image": "a.jpg", "intrinsics": ..., "extrinsics_w2c": ...}, ...]}   # or a bare list
-Without "image" names, cameras are taken in input order and their number must match the views.
+Without "image" names, cameras are taken in input order and their number must match the views. A
+`lite3r reconstruct --json` file works too (its intrinsics_original, extrinsics_w2c and image names).
 """
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def _from_json(path: Path, flag: str) -> list[dict]:
         raise InvalidInput(f"{flag} {path}: not a text (JSON) file") from None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{flag} {path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if isinstance(data, dict) and "image_hw" in data and "convention" in data:  # a `reconstruct --json` file
+        try:
+            data = {"cameras": [{"image": c["image"], "intrinsics": c["intrinsics_original"],
+                                 "extrinsics_w2c": c["extrinsics_w2c"], "width": c["image_size"][0],
+                                 "height": c["image_size"][1]} for c in data["cameras"]]}
+        except (KeyError, TypeError, IndexError):
+            raise InvalidInput(f"{flag} {path}: a reconstruct --json file without intrinsics_original (written by "
+                               f"an older lite3r); use its --colmap model instead") from None
     cams = data.get("cameras", data) if isinstance(data, dict) else data
     if isinstance(cams, dict):
         cams = [cams]

@@ -153,3 +153,30 @@ def test_reconstruct_with_known_cameras(tmp_path):
     with pytest.raises(InvalidInput, match="--cameras: poses condition DA3 models only"):
         R.reconstruct(sorted(tmp_path.glob("v*.png")), model="vggt-tiny", size=70, out=tmp_path / "x.ply",
                       quiet=True, cameras=tmp_path / "cams.json")
+
+
+def test_reconstruct_json_round_trip(tmp_path):
+    """The cameras JSON that reconstruct writes is a known-cameras file: its intrinsics in original pixels map back
+    to the same network intrinsics; an old file without them is a one-line error."""
+    from PIL import Image
+
+    from lite3r_cli import reconstruct as R
+
+    for i in range(2):
+        Image.fromarray(np.full((60, 80, 3), 40 + 100 * i, np.uint8)).save(tmp_path / f"v{i}.png")
+    shared = tmp_path / "k.json"
+    shared.write_text(json.dumps({"fx": 70, "fy": 72, "cx": 39.5, "cy": 29.5}))
+    files = sorted(tmp_path.glob("v*.png"))
+    first = R.reconstruct(files, model="vggt-tiny", size=70, out=tmp_path / "a.ply", json_path=tmp_path / "a.json",
+                          quiet=True, intrinsics=shared, preview=False, device="cpu")
+    np.testing.assert_allclose(first["cameras"][0]["intrinsics_original"].numpy(), [[70, 0, 39.5], [0, 72, 29.5], [0, 0, 1]],
+                               rtol=1e-5, atol=1e-4)
+    again = load_known_cameras(tmp_path / "a.json", [str(f) for f in files], [(80, 60)] * 2, poses=True)
+    torch.testing.assert_close(again["intrinsics"][1], torch.tensor([[70, 0, 39.5], [0, 72, 29.5], [0, 0, 1]],
+                                                                   dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    meta = json.loads((tmp_path / "a.json").read_text())
+    for c in meta["cameras"]:
+        del c["intrinsics_original"]
+    (tmp_path / "old.json").write_text(json.dumps(meta))
+    with pytest.raises(InvalidInput, match="without intrinsics_original"):
+        load_known_cameras(tmp_path / "old.json", [str(f) for f in files], [(80, 60)] * 2)
