@@ -32,6 +32,13 @@ def keep_evenly(n: int, max_views: int | None) -> list[int]:
     return sorted({round(i * (n - 1) / (max_views - 1)) for i in range(max_views)})
 
 
+def upright(frame: np.ndarray, rotation: float) -> np.ndarray:
+    """A decoded frame [H, W, 3] turned as its display matrix says (`rotation`: degrees counterclockwise, as PyAV
+    reports it; phones store portrait video as landscape frames with +-90)."""
+    k = round(rotation / 90.0) % 4
+    return np.ascontiguousarray(np.rot90(frame, k)) if k else frame
+
+
 def sample_frames(path: str | os.PathLike, fps: float, max_views: int | None = None) -> list[np.ndarray]:
     """RGB frames [H, W, 3] uint8 of the video at `path`, one per 1/fps seconds, at most `max_views`."""
     import av
@@ -53,7 +60,7 @@ def sample_frames(path: str | os.PathLike, fps: float, max_views: int | None = N
             for frame in container.decode(stream):
                 t = float(frame.time) if frame.time is not None else len(frames) / fps
                 if t + 1e-6 >= next_t:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(upright(frame.to_ndarray(format="rgb24"), getattr(frame, "rotation", 0) or 0))
                     next_t = (math.floor(t * fps + 1e-6) + 1) / fps
     except av.error.FFmpegError as e:
         raise InvalidInput(f"{path}: cannot read video ({type(e).__name__}: {e}); the file may be truncated or "
@@ -124,4 +131,4 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, 
     return path
 
 
-__all__ = ["VIDEO_SUFFIXES", "expand_videos", "extract_frames", "is_video", "keep_evenly", "sample_frames", "write_video"]
+__all__ = ["VIDEO_SUFFIXES", "expand_videos", "extract_frames", "is_video", "keep_evenly", "sample_frames", "upright", "write_video"]

@@ -103,3 +103,14 @@ def test_cli_reconstructs_a_video(tmp_path):
                   "--out", tmp_path / "j.ply")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "junk.mp4: cannot read video" in bad.stderr and not (tmp_path / "j.ply").exists()
+
+
+def test_upright_turns_counterclockwise():
+    from lite3r_recon.video import upright
+
+    f = np.zeros((2, 3, 3), np.uint8)
+    f[0, 2] = 255  # top right
+    assert upright(f, 0) is f
+    assert upright(f, 90).shape == (3, 2, 3) and upright(f, 90)[0, 0, 0] == 255  # top right -> top left
+    assert upright(f, -90)[2, 1, 0] == 255  # top right -> bottom right
+    assert upright(f, 180)[1, 0, 0] == 255
