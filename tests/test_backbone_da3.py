@@ -19,7 +19,7 @@ from lite3r_backbones.da3 import (
 
 def _tiny(**overrides):
     torch.manual_seed(0)
-    return build_backbone("da3-tiny", **overrides).eval()
+    return build_backbone("da3-tiny", weights="random", **overrides).eval()  # the architecture, not the teacher
 
 
 def _images(S=3, H=126, W=168, seed=1):
