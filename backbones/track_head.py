@@ -292,7 +292,8 @@ class Tracker(nn.Module):
         B, N, _ = query_points.shape
         S, C, h, w = fmaps.shape[1:]
         if min(h, w) < 2 ** (self.corr_levels - 1):
-            raise InvalidInput(f"tracking needs images of at least {min_track_size(self.corr_levels, self.stride)} px a "
+            side = min_track_size(self.corr_levels, self.stride)
+            raise InvalidInput(f"tracking needs images of at least {side} px a "
                              f"side (a {self.corr_levels}-level correlation pyramid on 1/{self.stride} feature maps), "
                              f"got feature maps of {h}x{w}")
         fmaps = self.fmap_norm(fmaps.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)

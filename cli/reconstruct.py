@@ -167,8 +167,9 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
             from lite3r_recon.cameras_io import apply_known_cameras
 
             scale = apply_known_cameras(cams, known, pixel_map)
+            note = f" (depth scaled by {scale:.4g})" if known["extrinsics"] is not None else ""
             con.print(f"{'--cameras' if cameras is not None else '--intrinsics'}: the given cameras replace the "
-                      f"predicted ones" + (f" (depth scaled by {scale:.4g})" if known["extrinsics"] is not None else ""))
+                      f"predicted ones{note}")
         times["forward_s"] = time.perf_counter() - t
         progress.update(task, advance=1, description="unprojecting depth")
         t = time.perf_counter()
@@ -227,8 +228,8 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         con.print(f"wrote {out}" + (f" and {json_path}" if json_path is not None else "")
                   + (f", {preview_path}" if preview_path is not None else ""))
         if colmap_summary is not None:
-            ba_note = (f", reprojection error {colmap_summary['reprojection_error_px']:.3g} -> "
-                       f"{colmap_summary['reprojection_error_px_after_ba']:.3g} px after bundle adjustment" if ba else "")
+            errors = colmap_summary["reprojection_error_px"], colmap_summary.get("reprojection_error_px_after_ba")
+            ba_note = f", reprojection error {errors[0]:.3g} -> {errors[1]:.3g} px after adjustment" if ba else ""
             con.print(f"wrote COLMAP model {colmap} ({colmap_summary['format']}): {colmap_summary['images']} images, "
                       f"{colmap_summary['points3D']} points{ba_note}")
     return summary

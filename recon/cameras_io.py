@@ -151,9 +151,10 @@ def apply_known_cameras(cams: dict[str, Tensor], known: dict[str, Tensor | None]
     cams["intrinsics"] = (pixel_map.double() @ known["intrinsics"].double()).to(cams["intrinsics"].dtype)
     if known.get("extrinsics") is None:
         return 1.0
+    from lite3r_recon.pointcloud import camera_centers
+
     E = known["extrinsics"].double()
-    centres = lambda e: -torch.einsum("sji,sj->si", e[:, :, :3], e[:, :, 3])  # noqa: E731
-    scale = similarity_scale(centres(cams["extrinsics"].double()), centres(E))
+    scale = similarity_scale(camera_centers(cams["extrinsics"]), camera_centers(E))
     cams["depth"] = cams["depth"] * scale
     cams["extrinsics"] = E.to(cams["extrinsics"].dtype)
     return scale

@@ -74,9 +74,12 @@ class ColmapScene:
         S, N, M = len(self.names), self.points.shape[0], self.obs_point.shape[0]
         checks = [
             (len(self.sizes) == S, f"sizes: {len(self.sizes)} for {S} images"),
-            (tuple(self.extrinsics.shape) == (S, 3, 4), f"extrinsics {tuple(self.extrinsics.shape)}, expected ({S}, 3, 4)"),
-            (tuple(self.intrinsics.shape) == (S, 3, 3), f"intrinsics {tuple(self.intrinsics.shape)}, expected ({S}, 3, 3)"),
-            (self.points.ndim == 2 and self.points.shape[1] == 3, f"points {tuple(self.points.shape)}, expected [N, 3]"),
+            (tuple(self.extrinsics.shape) == (S, 3, 4),
+             f"extrinsics {tuple(self.extrinsics.shape)}, expected ({S}, 3, 4)"),
+            (tuple(self.intrinsics.shape) == (S, 3, 3),
+             f"intrinsics {tuple(self.intrinsics.shape)}, expected ({S}, 3, 3)"),
+            (self.points.ndim == 2 and self.points.shape[1] == 3,
+             f"points {tuple(self.points.shape)}, expected [N, 3]"),
             (tuple(self.colours.shape) == (N, 3), f"colours {tuple(self.colours.shape)}, expected ({N}, 3)"),
             (self.obs_view.shape == (M,) and tuple(self.obs_xy.shape) == (M, 2),
              f"observations: {M} points, {tuple(self.obs_view.shape)} views, {tuple(self.obs_xy.shape)} pixels"),
@@ -91,8 +94,9 @@ class ColmapScene:
         bad = ~(torch.isfinite(K).all((1, 2)) & (K[:, 0, 0] > 0) & (K[:, 1, 1] > 0) & torch.isfinite(E).all((1, 2)))
         if bad.any():
             i = int(bad.nonzero()[0])
-            raise InvalidInput(f"COLMAP scene: view {i} ({self.names[i]}) has no usable camera (fx {float(K[i, 0, 0]):.4g}, "
-                               f"fy {float(K[i, 1, 1]):.4g}: a degenerate prediction; give --intrinsics)")
+            raise InvalidInput(f"COLMAP scene: view {i} ({self.names[i]}) has no usable camera (fx "
+                               f"{float(K[i, 0, 0]):.4g}, fy {float(K[i, 1, 1]):.4g}: a degenerate prediction; "
+                               f"give --intrinsics)")
 
 
 def grid_queries(pixels: Tensor, n: int) -> Tensor:
@@ -183,7 +187,8 @@ def colmap_text(scene: ColmapScene) -> dict[str, str]:
                                 name]))
         mine = np.flatnonzero(obs_view == i)
         index_in_view[mine] = np.arange(len(mine))
-        images.append(" ".join(f"{x!r} {y!r} {p + 1}" for (x, y), p in zip(obs_xy[mine].tolist(), obs_point[mine].tolist())))
+        pairs = zip(obs_xy[mine].tolist(), obs_point[mine].tolist())
+        images.append(" ".join(f"{x!r} {y!r} {p + 1}" for (x, y), p in pairs))
     order = np.argsort(obs_point, kind="stable")
     starts = np.searchsorted(obs_point[order], np.arange(len(scene.points) + 1))
     pts = scene.points.double().numpy()
@@ -192,7 +197,8 @@ def colmap_text(scene: ColmapScene) -> dict[str, str]:
     for p in range(len(pts)):
         track = order[starts[p]:starts[p + 1]]
         lines.append(" ".join([str(p + 1), *map(repr, pts[p].tolist()), *map(str, col[p].tolist()), "0"]
-                              + [f"{v + 1} {j}" for v, j in zip(obs_view[track].tolist(), index_in_view[track].tolist())]))
+                              + [f"{v + 1} {j}" for v, j in zip(obs_view[track].tolist(),
+                                                                index_in_view[track].tolist())]))
     return {"cameras.txt": "\n".join(cams) + "\n", "images.txt": "\n".join(images) + "\n",
             "points3D.txt": "\n".join(lines) + "\n"}
 
@@ -276,7 +282,8 @@ def read_colmap(path: str | os.PathLike) -> dict[str, Any]:
     try:
         rec = pycolmap.Reconstruction(str(path))
     except Exception as e:  # pycolmap raises its own types for corrupt files
-        raise InvalidInput(f"{path}: cannot read the COLMAP model ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise InvalidInput(f"{path}: cannot read the COLMAP model ({type(e).__name__}: {first})") from None
     names, sizes, ext, K = [], [], [], []
     for image in sorted(rec.images.values(), key=lambda im: im.name):
         cam = rec.cameras[image.camera_id]
@@ -307,4 +314,5 @@ def _pinhole(cam, path: Path) -> np.ndarray:
     return np.array([[fx, 0, cx - 0.5], [0, fy, cy - 0.5], [0, 0, 1]])
 
 
-__all__ = ["ColmapScene", "check_destination", "colmap_text", "grid_queries", "model_to_original", "points_to_original", "read_colmap", "scene_from_prediction", "write_colmap"]
+__all__ = ["ColmapScene", "check_destination", "colmap_text", "grid_queries", "model_to_original",
+           "points_to_original", "read_colmap", "scene_from_prediction", "write_colmap"]

@@ -6,7 +6,8 @@ the cameras, in one PNG (matplotlib, Agg).
 The top view looks down the scene's up direction: people hold cameras upright, so the cameras' x axes are
 horizontal and up is the normal of the plane they span (signed like minus the cameras' mean y axis, OpenCV y
 pointing down; that mean alone when the x axes do not span a plane), so it works for any world frame (VGGT's
-first camera, DA3's, or known poses). At most `max_views` views are shown (evenly picked); at most `max_points` points drawn.
+first camera, DA3's, or known poses). At most `max_views` views are shown (evenly picked), at most `max_points`
+points drawn.
 """
 from __future__ import annotations
 

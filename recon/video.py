@@ -131,4 +131,5 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 10.0, 
     return path
 
 
-__all__ = ["VIDEO_SUFFIXES", "expand_videos", "extract_frames", "is_video", "keep_evenly", "sample_frames", "upright", "write_video"]
+__all__ = ["VIDEO_SUFFIXES", "expand_videos", "extract_frames", "is_video", "keep_evenly", "sample_frames", "upright",
+           "write_video"]

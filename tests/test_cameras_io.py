@@ -28,8 +28,9 @@ def test_json_forms(tmp_path):
     assert cams["intrinsics"].shape == (3, 3, 3) and cams["extrinsics"] is None
     assert float(cams["intrinsics"][2, 1, 1]) == 101.0
     named = tmp_path / "named.json"  # out of order, matched by name; a path prefix is ignored
-    named.write_text(json.dumps({"cameras": [{"image": f"x/{n}", "intrinsics": _K(100 + i), "extrinsics_w2c": _E(i),
-                                              "width": 160, "height": 120} for i, n in reversed(list(enumerate(NAMES)))]}))
+    named.write_text(json.dumps({"cameras": [
+        {"image": f"x/{n}", "intrinsics": _K(100 + i), "extrinsics_w2c": _E(i), "width": 160, "height": 120}
+        for i, n in reversed(list(enumerate(NAMES)))]}))
     cams = load_known_cameras(named, NAMES, SIZES, poses=True, flag="--cameras")
     assert [float(k[0, 0]) for k in cams["intrinsics"]] == [100, 101, 102]
     assert [float(e[0, 3]) for e in cams["extrinsics"]] == [0, 1, 2]
@@ -44,8 +45,8 @@ def test_colmap_model(tmp_path):
     E = torch.tensor([_E(i) for i in range(3)], dtype=torch.float32)
     K = torch.tensor([_K(100 + i) for i in range(3)], dtype=torch.float32)
     empty = torch.zeros(0, dtype=torch.long)
-    write_colmap(tmp_path / "m", ColmapScene(NAMES, SIZES, E, K, torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.uint8),
-                                             empty, empty, torch.zeros(0, 2)))
+    no_points = torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.uint8)
+    write_colmap(tmp_path / "m", ColmapScene(NAMES, SIZES, E, K, *no_points, empty, empty, torch.zeros(0, 2)))
     cams = load_known_cameras(tmp_path / "m", list(reversed(NAMES)), SIZES, poses=True, flag="--cameras")
     torch.testing.assert_close(cams["intrinsics"].float(), K.flip(0), atol=1e-4, rtol=0)
     torch.testing.assert_close(cams["extrinsics"].float(), E.flip(0), atol=1e-5, rtol=0)
@@ -128,8 +129,8 @@ def test_reconstruct_with_known_cameras(tmp_path):
     s = render_sample(6, views=3, size=(60, 80))
     for i, im in enumerate(s["images"]):
         Image.fromarray((im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(tmp_path / f"v{i}.png")
-    cams = [{"image": f"v{i}.png", "intrinsics": s["intrinsics"][i].tolist(), "extrinsics_w2c": s["extrinsics"][i].tolist()}
-            for i in range(3)]
+    cams = [{"image": f"v{i}.png", "intrinsics": s["intrinsics"][i].tolist(),
+             "extrinsics_w2c": s["extrinsics"][i].tolist()} for i in range(3)]
     (tmp_path / "cams.json").write_text(json.dumps({"cameras": cams}))
     net = models.load_model("da3-tiny")
     seen = {}
@@ -169,8 +170,8 @@ def test_reconstruct_json_round_trip(tmp_path):
     files = sorted(tmp_path.glob("v*.png"))
     first = R.reconstruct(files, model="vggt-tiny", size=70, out=tmp_path / "a.ply", json_path=tmp_path / "a.json",
                           quiet=True, intrinsics=shared, preview=False, device="cpu")
-    np.testing.assert_allclose(first["cameras"][0]["intrinsics_original"].numpy(), [[70, 0, 39.5], [0, 72, 29.5], [0, 0, 1]],
-                               rtol=1e-5, atol=1e-4)
+    given = [[70, 0, 39.5], [0, 72, 29.5], [0, 0, 1]]
+    np.testing.assert_allclose(first["cameras"][0]["intrinsics_original"].numpy(), given, rtol=1e-5, atol=1e-4)
     again = load_known_cameras(tmp_path / "a.json", [str(f) for f in files], [(80, 60)] * 2, poses=True)
     torch.testing.assert_close(again["intrinsics"][1], torch.tensor([[70, 0, 39.5], [0, 72, 29.5], [0, 0, 1]],
                                                                    dtype=torch.float64), rtol=1e-5, atol=1e-4)

@@ -29,7 +29,8 @@ def _scene(views: int = 3, n: int = 40, noise: float = 0.0) -> tuple[ColmapScene
     ext[1:, :, 3] += noise * torch.randn(views - 1, 3, generator=g, dtype=torch.float64)
     scene = ColmapScene(
         names=[f"view_{i:02d}.png" for i in range(views)], sizes=[(98, 70)] * views, extrinsics=ext.float(),
-        intrinsics=s["intrinsics"], points=X.float(), colours=torch.randint(0, 256, (n, 3), generator=g).to(torch.uint8),
+        intrinsics=s["intrinsics"], points=X.float(),
+        colours=torch.randint(0, 256, (n, 3), generator=g).to(torch.uint8),
         obs_point=torch.arange(n).repeat(views), obs_view=torch.arange(views).repeat_interleave(n),
         obs_xy=xy.reshape(-1, 2).float())
     return scene, s
@@ -126,7 +127,8 @@ def test_read_errors(tmp_path):
 def _prediction(S: int = 3, H: int = 28, W: int = 42):
     """A prediction of a synthetic scene at network size, and the pixel map of a 2x resize + 5 px crop offset."""
     s = render_sample(5, views=S, size=(H, W))
-    cams = {"extrinsics": s["extrinsics"], "intrinsics": s["intrinsics"], "depth": torch.where(s["mask"], s["depth"], 1.0)}
+    cams = {"extrinsics": s["extrinsics"], "intrinsics": s["intrinsics"],
+            "depth": torch.where(s["mask"], s["depth"], 1.0)}
     A = torch.tensor([[0.5, 0, -0.25], [0, 0.5, -0.25 - 5], [0, 0, 1]], dtype=torch.float64).expand(S, 3, 3)
     sizes = [(2 * W, 2 * H + 10)] * S
     return s, cams, A, sizes

@@ -88,7 +88,8 @@ def test_cli_reconstructs_a_video(tmp_path):
     from lite3r_recon.synthetic import render_sample
 
     views = render_sample(4, views=6, size=(64, 96))["images"]
-    clip = write_video(tmp_path / "orbit.mp4", (views.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8), fps=2)
+    frames = (views.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    clip = write_video(tmp_path / "orbit.mp4", frames, fps=2)
     r = _lite3r("reconstruct", clip, "--fps", 2, "--max-views", 4, "--model", "vggt-tiny", "--size", 70,
                 "--device", "cpu", "--out", tmp_path / "v.ply", "--json", tmp_path / "v.json")
     assert r.returncode == 0, r.stderr[-2000:]
