@@ -15,6 +15,7 @@ Env: LITE3R_BACKEND = auto | triton | torch (kernel dispatch), LITE3R_TYPECHECK 
 import dataclasses
 import functools
 import importlib
+import inspect
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +31,7 @@ __all__ = [
     "linear_attention_reference", "sla_attention", "fp8_quantize", "fp8_fake_quant", "distill_loss",
     "SLAAttention", "FP8FakeQuantLinear", "FP8Linear", "is_attention", "swap_attention", "SwapReport",
     "AttentionRecorder", "to_fp8_inference", "deploy", "Lite3rError", "SLAConfig", "swap_modules", "convert_to_sla",
-    "convert_to_fp8_qat", "freeze_all_but_proj_l",
+    "convert_to_fp8_qat", "freeze_all_but_proj_l", "survey_attention", "AttentionEntry",
 ]
 
 class Lite3rError(ValueError):
@@ -123,6 +124,27 @@ def _num_kept(topk: float, n_blocks: int) -> int:
     return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
 
 
+def _kept_fraction(kept_blocks: int, n_blocks: int) -> float:
+    """The kept fraction whose K = ceil(fraction * Mk) (_num_kept, and the kernels) is exactly min(kept_blocks, Mk):
+    (kept - 0.5) / Mk lies strictly inside ((kept - 1) / Mk, kept / Mk]; kept / Mk itself can round up to kept + 1."""
+    return 1.0 if kept_blocks >= n_blocks else (kept_blocks - 0.5) / n_blocks
+
+
+def _check_kept_blocks(value, name: str = "kept_blocks") -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise Lite3rError(f"{name} is a count of key blocks per query block, a positive int or None; got {value!r}")
+    return value
+
+
+def num_kept_blocks(n_tokens: int, *, topk: float, kept_blocks: int | None = None, block_k: int = 64) -> int:
+    """K, the key blocks each query block keeps over n_tokens keys, as sla_attention and the kernels compute it:
+    min(kept_blocks, Mk) when kept_blocks is set, else max(1, ceil(topk * Mk)) (Mk = ceil(n_tokens / block_k))."""
+    n_k = -(-n_tokens // block_k)
+    if _check_kept_blocks(kept_blocks) is not None:
+        return _num_kept(_kept_fraction(kept_blocks, n_k), n_k)
+    return _num_kept(float(topk), n_k)
+
+
 def _block_mean(x: Tensor, block: int) -> Tensor:
     """[B,H,N,D] -> [B,H,ceil(N/block),D]: mean over each block's real tokens (the last block may be partial)."""
     N = x.shape[2]
@@ -148,16 +170,32 @@ def sla_block_map(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], *, t
     return _block_map(q, k, float(topk), block_q, block_k)
 
 
+_SCORE_BUDGET = 128 << 20  # bytes of fp32 block scores _block_map holds at once ([Mq, Mk] per head is (N/64)^2)
+
+
+def _score_tile(bh: int, n_q: int, n_k: int) -> tuple[int, int]:
+    """(heads, query-block rows) scored at once: the most within _SCORE_BUDGET, whole heads first (>= 1 row)."""
+    rows = max(1, _SCORE_BUDGET // (4 * n_k))
+    return (min(bh, rows // n_q), n_q) if rows >= n_q else (1, rows)
+
+
 def _block_map(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
     if block_q < 1 or block_k < 1:
         raise Lite3rError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
+    B, H = q.shape[:2]
     n_k = -(-k.shape[2] // block_k)
     kept = _num_kept(topk, n_k)
     qf, kf = q.detach().float(), k.detach().float()
-    pooled_q = _block_mean(qf, block_q)  # [B, H, Mq, D]
-    pooled_k = _block_mean(kf - kf.mean(dim=2, keepdim=True), block_k)  # [B, H, Mk, D]
-    scores = pooled_q @ pooled_k.transpose(-1, -2)  # [B, H, Mq, Mk]
-    return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+    pooled_q = _block_mean(qf, block_q).flatten(0, 1)  # [B*H, Mq, D]
+    pooled_k = _block_mean(kf - kf.mean(dim=2, keepdim=True), block_k).flatten(0, 1).transpose(-1, -2)  # [B*H, D, Mk]
+    n_q = pooled_q.shape[1]
+    heads, rows = _score_tile(B * H, n_q, n_k)
+    lut = torch.empty((B * H, n_q, kept), device=q.device, dtype=torch.int32)
+    for h0 in range(0, B * H, heads):  # one tile of scores [heads, rows, Mk] at a time, never [Mq, Mk] past the budget
+        for r0 in range(0, n_q, rows):
+            scores = pooled_q[h0:h0 + heads, r0:r0 + rows] @ pooled_k[h0:h0 + heads]
+            lut[h0:h0 + heads, r0:r0 + rows] = scores.topk(kept, dim=-1, sorted=False).indices
+    return lut.view(B, H, n_q, kept)
 
 
 def _sparse_reference(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, block_q: int, block_k: int) -> Tensor:
@@ -232,15 +270,19 @@ def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
 @typed
 def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
                   topk: float | int, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                  proj_l: nn.Module | None = None) -> Float[Tensor, "b h n d"]:
+                  proj_l: nn.Module | None = None, kept_blocks: int | None = None) -> Float[Tensor, "b h n d"]:
     """Sparse-Linear Attention: o = o_s + proj_l(o_l) (o = o_s when proj_l is None), scale D**-0.5.
 
     q, k, v: [B, H, N, D] after q/k norm and RoPE. topk: kept fraction of key blocks per query block (1.0 = dense
-    softmax attention). proj_l: Linear(D, D) over the last dim, shared by heads. Runs the fused kernels when
-    LITE3R_BACKEND allows and they support the device, the PyTorch reference otherwise.
+    softmax attention). kept_blocks: when set, a count instead: K = min(kept_blocks, Mk) key blocks per query
+    block (topk is then ignored), so the sparse cost grows as N, not N^2. proj_l: Linear(D, D) over the last dim,
+    shared by heads. Runs the fused kernels when LITE3R_BACKEND allows and they support the device, the PyTorch
+    reference otherwise.
     """
     if feature_map not in FEATURE_MAPS:
         raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    if _check_kept_blocks(kept_blocks) is not None:  # the fraction that gives exactly K blocks
+        topk = _kept_fraction(kept_blocks, -(-k.shape[2] // block_k))
     q, k, v = _common_dtype(q, k, v)
     kern = _backend(q, "sla_branches")
     if kern is not None:
@@ -331,77 +373,267 @@ def distill_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Te
     return (w * losses).sum() / w.sum()
 
 
-# ----------------------------------------------------------------------------------------------------- modules
-class SLAAttention(nn.Module):
-    """Drop-in SLA replacement of an attention module with qkv / proj / num_heads (/ q_norm / k_norm / rope).
+# ------------------------------------------------------------------------------------------ attention layouts
+# An attention module is read by structure (duck typing: no timm / transformers import): an int head count, the input
+# projections (one fused qkv linear, or three), an output projection, and optional parts SLA applies exactly as the
+# families that have them do (timm Attention / AttentionRope / EVA / BEiT, transformers ViT / DINOv2 attention, the
+# DA3 and VGGT attention). Any other parameter, buffer or submodule could change the result, so it is refused.
+_HEADS = ("num_heads", "num_attention_heads")
+_IN_PROJ = (("qkv",), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+_OUT_PROJ = ("proj", "o_proj")
+_OPTIONAL_PARTS = ("q_norm", "k_norm", "norm", "gate", "rope", "attn_drop", "proj_drop", "q_bias", "k_bias", "v_bias")
+_REL_POS = ("relative_position_bias_table", "relative_position_index", "rel_pos_h", "rel_pos_w", "rel_pos",
+            "relative_position_bias", "attn_bias", "logit_scale", "cpb_mlp")
+_MASK_ARGS = ("attn_mask", "attention_mask", "attn_bias", "mask", "shared_rel_pos_bias", "position_bias")
+_ARGS = ("pos", "rope", "is_causal") + _MASK_ARGS  # forward arguments SLAAttention understands (None / False: no-op)
 
-    Keeps the original submodules (same objects, same state-dict keys) and adds `proj_l = Linear(D, D)`, zero-init,
-    so at init the output is block-sparse attention (dense attention at topk=1). forward(x [B,N,C], pos=None).
-    What SLA cannot honour is refused with a one-line error, never skipped: a softmax scale other than
-    head_dim**-0.5 (at construction), a real attn_mask / attn_bias, and attention dropout p > 0 in training."""
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    inputs: tuple[str, ...]  # ("qkv",) or the three q / k / v projection names
+    output: str | None  # the output projection's name; None: it lives outside the module (not swappable)
+    heads: int
+
+
+def _is_linear(m) -> bool:
+    return isinstance(m, (nn.Linear, FP8Linear))
+
+
+def _layout(module: nn.Module) -> _Layout | None:
+    heads = next((h for n in _HEADS for h in [getattr(module, n, None)]
+                  if isinstance(h, int) and not isinstance(h, bool)), None)
+    inputs = next((names for names in _IN_PROJ if all(_is_linear(getattr(module, n, None)) for n in names)), None)
+    if heads is None or inputs is None:
+        return None
+    return _Layout(inputs, next((n for n in _OUT_PROJ if _is_linear(getattr(module, n, None))), None), heads)
+
+
+def _class_name(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _forward_params(module: nn.Module) -> list[inspect.Parameter]:
+    try:
+        return list(inspect.signature(type(module).forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):
+        return []
+
+
+def _head_dims(module: nn.Module, layout: _Layout) -> tuple[int, int] | str:
+    """(head_dim, kv_heads) of an attention module, or why they cannot be read."""
+    H = layout.heads
+    if len(layout.inputs) == 1:
+        out = getattr(module, layout.inputs[0]).out_features
+        if out % (3 * H):
+            return f"its fused qkv has {out} outputs, not 3 x num_heads ({H}) x head_dim"
+        return out // (3 * H), H
+    q, k, v = (getattr(module, n).out_features for n in layout.inputs)
+    if q % H:
+        return f"its query projection has {q} outputs, not a multiple of num_heads {H}"
+    D = q // H
+    if k != v or k % D or H % (k // D):
+        return f"its key / value projections ({k}, {v} outputs) do not give whole groups of {D}-dim heads"
+    return D, k // D
+
+
+def _refusal(module: nn.Module, layout: _Layout, shared_bias: str | None = None) -> str | None:
+    """Why SLA would not reproduce `module` exactly, or None."""
+    name = type(module).__name__
+    if layout.output is None:
+        return "its output projection lives outside the module (a transformers < 5 *SelfAttention layout)"
+    known = set(layout.inputs) | {layout.output} | set(_OPTIONAL_PARTS)
+    parts = {**module._parameters, **module._buffers, **module._modules}
+    for part, value in parts.items():
+        if value is None or part in known:
+            continue
+        if part in _REL_POS:
+            return f"it adds a relative position bias ({part}) to the attention scores, which SLA does not"
+        return f"it has {part} ({type(value).__name__}), which SLA would not apply"
+    dims = _head_dims(module, layout)
+    if isinstance(dims, str):
+        return dims
+    D, _ = dims
+    for attr in ("scale", "scaling"):  # timm / DINOv2 keep the softmax scale in `scale`, transformers in `scaling`
+        scale = getattr(module, attr, None)
+        if isinstance(scale, (int, float)) and not math.isclose(scale, D ** -0.5, rel_tol=1e-6):
+            return (f"{name}.{attr} is {scale}, but SLA's softmax uses head_dim**-0.5 = {D ** -0.5:.6g}")
+    if getattr(module, "is_causal", False) is True:
+        return "it is causal (is_causal=True); SLA attends to every key"
+    attn_dim = dims[0] * layout.heads
+    for part in ("q_bias", "v_bias", "k_bias"):
+        bias = getattr(module, part, None)
+        if bias is not None and (len(layout.inputs) != 1 or tuple(bias.shape) != (attn_dim,)):
+            return f"its {part} of shape {tuple(bias.shape)} is not a [{attn_dim}] bias of a fused qkv"
+    gate = getattr(module, "gate", None)
+    if gate is not None and not (_is_linear(gate) and gate.out_features == attn_dim):
+        return f"its gate ({type(gate).__name__}) is not a linear to the {attn_dim} attention channels"
+    rope = getattr(module, "rope", None)
+    if rope is not None and not callable(rope):
+        return f"its rope ({type(rope).__name__}) is not callable as rope(t, pos)"
+    for p in _forward_params(module)[1:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in _ARGS:
+            continue
+        if p.default is inspect.Parameter.empty:
+            return f"its forward takes {p.name}, which SLA does not know how to apply"
+    if shared_bias and any(p.name == "shared_rel_pos_bias" for p in _forward_params(module)):
+        return f"the model's shared relative position bias ({shared_bias}) is added to its attention scores"
+    return None
+
+
+def _dropout_p(module: nn.Module) -> float:
+    drop = getattr(module, "attn_drop", getattr(module, "attention_dropout", None))
+    drop = drop.p if isinstance(drop, nn.Dropout) else drop  # timm: nn.Dropout; others: the float they pass SDPA
+    return float(drop) if isinstance(drop, (int, float)) and not isinstance(drop, bool) else 0.0
+
+
+def _rotate(x: Tensor, half: bool) -> Tensor:
+    if half:  # [x0 x1 x2 x3] -> [-x2 -x3 x0 x1]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([-x2, x1], dim=-1)
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)  # [x0 x1 ..] -> [-x1 x0 ..]
+
+
+def _apply_rope_table(t: Tensor, rope: Tensor, prefix: int, half: bool) -> Tensor:
+    """timm's rotary convention: `rope` = cat(sin, cos) over the last dim, for the tokens after `prefix`."""
+    sin, cos = rope.chunk(2, -1)
+    x = t[:, :, prefix:]
+    rotated = (x * cos + _rotate(x, half) * sin).to(x.dtype)
+    return torch.cat([t[:, :, :prefix], rotated], dim=2)
+
+
+class SLAAttention(nn.Module):
+    """Drop-in SLA replacement of an attention module, read by structure: an int `num_heads` (or
+    `num_attention_heads`), a fused `qkv` linear or three `q_proj/k_proj/v_proj` (or `query/key/value`) linears, and
+    a `proj` (or `o_proj`) linear; optionally q_norm / k_norm, q_bias / v_bias of a fused qkv (BEiT, EVA), a `rope`
+    callable rope(t, pos) (VGGT, DA3) or a timm rope table passed as forward(x, rope=...), grouped key / value heads,
+    an output `norm` (timm scale_norm), a sigmoid `gate` and proj_drop.
+
+    Keeps the original submodules and parameters (same objects, same state-dict keys) and adds
+    `proj_l = Linear(D, D)`, zero-init, so at init the output is block-sparse attention (dense attention at topk=1).
+    forward takes the replaced module's arguments. What SLA cannot honour is refused with a one-line Lite3rError,
+    never skipped: at construction anything `survey_attention` refuses (a relative position bias, a softmax scale
+    other than head_dim**-0.5, a part it does not know), at call time a real mask / bias or is_causal=True, and
+    attention dropout p > 0 in training."""
 
     def __init__(self, attn: nn.Module, *, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
-                 feature_map: str = "softmax"):
+                 feature_map: str = "softmax", kept_blocks: int | None = None):
         super().__init__()
-        if not is_attention(attn):
-            raise TypeError(f"{type(attn).__name__} is not an attention module (needs qkv/proj Linear + num_heads)")
+        layout = _layout(attn)
+        if layout is None:
+            raise TypeError(f"{type(attn).__name__} is not an attention module (needs a qkv (or q/k/v) linear, a "
+                            "proj linear and an int num_heads)")
+        reason = _refusal(attn, layout)
+        if reason:
+            raise Lite3rError(f"{type(attn).__name__}: {reason}; leave this module dense (swap_attention(filter=...))")
         if feature_map not in FEATURE_MAPS:
             raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
         _num_kept(float(topk), 1)  # validates the range
-        self.num_heads = attn.num_heads
-        self.qkv = attn.qkv
-        dim = self.qkv.in_features
-        if dim % self.num_heads:
-            raise Lite3rError(f"qkv in_features {dim} not divisible by num_heads {self.num_heads}")
-        self.head_dim = dim // self.num_heads
-        scale = getattr(attn, "scale", None)  # timm / DINOv2 keep the softmax scale here
-        if isinstance(scale, (int, float)) and not math.isclose(scale, self.head_dim ** -0.5, rel_tol=1e-6):
-            raise Lite3rError(f"{type(attn).__name__}.scale is {scale}, but SLA's softmax uses head_dim**-0.5 = "
-                             f"{self.head_dim ** -0.5:.6g}; leave this module dense (swap_attention(filter=...))")
-        drop = getattr(attn, "attn_drop", None)  # timm: nn.Dropout; others: the dropout_p they pass to SDPA
-        drop = drop.p if isinstance(drop, nn.Dropout) else drop
-        self.attn_drop_p = float(drop) if isinstance(drop, (int, float)) else 0.0
+        self.num_heads = layout.heads
+        self.head_dim, self.num_kv_heads = _head_dims(attn, layout)
+        self._inputs, self._output = layout.inputs, layout.output
+        for part in layout.inputs + (layout.output,):
+            setattr(self, part, getattr(attn, part))
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
+        self.norm = getattr(attn, "norm", None)  # timm scale_norm: on the attention output, before proj
+        self.gate = getattr(attn, "gate", None)  # timm gated attention: proj(norm(o) * sigmoid(gate(x)))
         self.rope = getattr(attn, "rope", None)  # a module (registered) or a plain callable rope(t, pos)
-        self.proj = attn.proj
         self.proj_drop = getattr(attn, "proj_drop", None)
+        for part in ("q_bias", "k_bias", "v_bias"):  # same objects; a buffer stays (non-)persistent as it was
+            value = getattr(attn, part, None)
+            if isinstance(value, nn.Parameter) or value is None:
+                setattr(self, part, value)
+            else:
+                self.register_buffer(part, value, persistent=part not in attn._non_persistent_buffers_set)
+        self.num_prefix_tokens = int(getattr(attn, "num_prefix_tokens", 0) or 0)  # timm rope tables skip these
+        self.rotate_half = bool(getattr(attn, "rotate_half", False))
+        self.attn_drop_p = _dropout_p(attn)
         self.scope = getattr(attn, "scope", "global")
+        params = _forward_params(attn)
+        self._arg_names = tuple(p.name for p in params[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        ret = inspect.signature(type(attn).forward).return_annotation if params else None
+        self._returns_tuple = "tuple" in str(ret).lower()  # transformers: (output, attention weights)
         self.topk, self.block_q, self.block_k, self.feature_map = float(topk), block_q, block_k, feature_map
-        w = self.qkv.weight  # proj_l follows the model's dtype (not fp8, when swapping a deployed model)
-        self.proj_l = nn.Linear(self.head_dim, self.head_dim, device=w.device,
+        self.kept_blocks = _check_kept_blocks(kept_blocks)  # a count of key blocks per query block (None: topk)
+        w = getattr(self, layout.inputs[0]).weight  # proj_l follows the model's dtype (not fp8, when swapping a
+        self.proj_l = nn.Linear(self.head_dim, self.head_dim, device=w.device,  # deployed model)
                                 dtype=w.dtype if w.dtype.itemsize > 1 else None)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
 
-    def forward(self, x: Tensor, pos: Tensor | None = None, **extra) -> Tensor:
-        # callers pass attn_mask=None / is_causal=False (timm) or attn_bias=None (DINOv2); a real mask cannot be
-        # honoured
-        given = [name for name, value in extra.items() if value is not None and not (name == "is_causal" and
-                                                                                      value is False)]
+    def _arguments(self, args: tuple, kwargs: dict) -> dict:
+        if len(args) > len(self._arg_names):
+            raise TypeError(f"SLAAttention.forward got {len(args) + 1} positional arguments, the replaced module "
+                            f"takes {len(self._arg_names) + 1}")
+        call = dict(zip(self._arg_names, args))
+        for name, value in kwargs.items():
+            if name in call:
+                raise TypeError(f"SLAAttention.forward got multiple values for {name}")
+            call[name] = value
+        return call
+
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, N, _ = x.shape
+        if len(self._inputs) == 1:
+            qkv = getattr(self, self._inputs[0])(x)
+            if self.q_bias is not None or self.v_bias is not None:  # BEiT / EVA: the bias lives beside the linear
+                zeros = torch.zeros(self.num_heads * self.head_dim, dtype=qkv.dtype, device=qkv.device)
+                qkv = qkv + torch.cat([zeros if b is None else b.to(qkv.dtype)
+                                       for b in (self.q_bias, self.k_bias, self.v_bias)])
+            q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return q, k, v
+        return tuple(getattr(self, n)(x).reshape(B, N, -1, self.head_dim).transpose(1, 2) for n in self._inputs)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        call = self._arguments(args, kwargs)
+        pos, rope = call.pop("pos", None), call.pop("rope", None)
+        if call.pop("is_causal", False) is not False:
+            raise Lite3rError("SLAAttention got is_causal=True: causal attention is not supported by SLA; leave this "
+                              "module dense (swap_attention(filter=...))")
+        # callers pass attn_mask=None (timm), attn_bias=None (DINOv2), attention_mask=None (transformers); a real
+        # mask or bias cannot be honoured
+        given = [name for name, value in call.items() if value is not None and value is not False]
         if given:
             raise Lite3rError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
-                             "SLA; leave this module dense (swap_attention(filter=...))")
+                              "SLA; leave this module dense (swap_attention(filter=...))")
         if self.training and self.attn_drop_p > 0:  # eval (dropout off) is exact; training would silently differ
             raise Lite3rError(f"SLAAttention cannot apply the replaced module's attention dropout (p="
-                             f"{self.attn_drop_p}) in training; set it to 0 or leave this module dense")
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # [B, H, N, D]
+                              f"{self.attn_drop_p}) in training; set it to 0 or leave this module dense")
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self._project(x)  # [B, H, N, D]; k, v: [B, H_kv, N, D]
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.k_norm is not None:
             k = self.k_norm(k)
-        if self.rope is not None and pos is not None:
+        if isinstance(rope, Tensor):  # timm: a sin/cos table for the non-prefix tokens
+            q = _apply_rope_table(q, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+            k = _apply_rope_table(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
+        elif rope is not None:
+            raise Lite3rError(f"SLAAttention got rope={type(rope).__name__}: expected a timm sin/cos table (Tensor)")
+        elif self.rope is not None and pos is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
+        if self.num_kv_heads != self.num_heads:  # grouped keys / values: head h reads kv head h // group
+            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
+            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         o = sla_attention(q, k, v, topk=self.topk, block_q=self.block_q, block_k=self.block_k,
-                          feature_map=self.feature_map, proj_l=self.proj_l)  # [B, H, N, D]
-        o = self.proj(o.transpose(1, 2).reshape(B, N, C))
-        return self.proj_drop(o) if self.proj_drop is not None else o
+                          feature_map=self.feature_map, proj_l=self.proj_l,
+                          kept_blocks=self.kept_blocks)  # [B, H, N, D]
+        o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        if self.norm is not None:
+            o = self.norm(o)
+        if gate is not None:
+            o = o * gate
+        o = getattr(self, self._output)(o)
+        if self.proj_drop is not None:
+            o = self.proj_drop(o)
+        return (o, None) if self._returns_tuple else o
 
     def extra_repr(self) -> str:
-        return (f"num_heads={self.num_heads}, topk={self.topk}, block_q={self.block_q}, block_k={self.block_k}, "
-                f"feature_map={self.feature_map!r}, scope={self.scope!r}")
+        return (f"num_heads={self.num_heads}, topk={self.topk}, kept_blocks={self.kept_blocks}, "
+                f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
+                f"scope={self.scope!r}")
 
 
 class FP8FakeQuantLinear(nn.Linear):
@@ -415,7 +647,14 @@ class FP8FakeQuantLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(fp8_fake_quant(x, axis=-1), fp8_fake_quant(self.weight, axis=-1), self.bias)
+        return _add_bias(F.linear(fp8_fake_quant(x, axis=-1), fp8_fake_quant(self.weight, axis=-1)), self.bias)
+
+
+def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
+    # The one bias placement of the FP8 linears: after the GEMM, in its output dtype, where the deployed W8A8 GEMM
+    # (torch._scaled_mm) leaves it; the fake-quant student adds it there too, so deploy computes what QAT trained
+    # (inside F.linear it would be rounded once less, and that ulp flips FP8 roundings and block choices downstream).
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 _SCALED_MM: dict = {}  # device type -> whether torch._scaled_mm runs rowwise-scaled e4m3 there (probed once)
@@ -444,7 +683,9 @@ class FP8Linear(nn.Module):
     """Deployment linear: weight float8_e4m3fn [out, in] + weight_scale fp32 [out] (per output row), bias as is.
 
     W8A8 through torch._scaled_mm with a dynamic per-token activation scale where supported (sm90+, or CPU builds
-    that have it) and both dims are multiples of 16; otherwise weight-only: F.linear(x, dequantised weight)."""
+    that have it) and both dims are multiples of 16; otherwise F.linear(fake-quantised x, dequantised weight): the
+    FP8FakeQuantLinear's computation, bit for bit. The bias is added after the GEMM on both paths, as the student
+    adds it (on CPU, W8A8 equals the student exactly too)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
@@ -454,7 +695,7 @@ class FP8Linear(nn.Module):
                                                    dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.use_scaled_mm = True  # set False to force the weight-only path
+        self.use_scaled_mm = True  # set False to force the F.linear path
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -492,16 +733,15 @@ class FP8Linear(nn.Module):
         return _scaled_mm_ok(x.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self._w8a8(x):
-            return F.linear(x, self.dequantized_weight(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        if not self._w8a8(x):  # the student's computation, on the stored fp8 weight (fake-quant activations too)
+            return _add_bias(F.linear(fp8_fake_quant(x, axis=-1), self.dequantized_weight(x.dtype)), self.bias)
         shape = x.shape
         x_fp8, x_scale = fp8_quantize(x.reshape(-1, self.in_features), axis=-1)  # [M, in], [M, 1]
         # rowwise-scaled _scaled_mm on CUDA only emits bf16; the fp32 accumulator is scaled before that rounding
         out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
         out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
                                out_dtype=out_dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        out = _add_bias(out, self.bias)
         # like nn.Linear: the autocast dtype under autocast (LayerNorm hands us fp32 there), else the input's
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
@@ -513,11 +753,11 @@ class FP8Linear(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------ surgery
 def is_attention(module: nn.Module) -> bool:
-    """Structural: a qkv linear, a proj linear and an int num_heads (timm / DINOv2 / VGGT / DA3 attention, SLA)."""
-    linear = (nn.Linear, FP8Linear)
-    heads = getattr(module, "num_heads", None)
-    return (isinstance(getattr(module, "qkv", None), linear) and isinstance(getattr(module, "proj", None), linear)
-            and isinstance(heads, int) and not isinstance(heads, bool))
+    """Structural: an int num_heads (or num_attention_heads), a fused qkv linear or q_proj/k_proj/v_proj (or
+    query/key/value) linears, and a proj (or o_proj) linear: timm, transformers >= 5, DINOv2, VGGT, DA3, SLA.
+    Whether SLA reproduces it exactly is survey_attention's question."""
+    layout = _layout(module)
+    return layout is not None and layout.output is not None
 
 
 def swap_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool],
@@ -543,7 +783,9 @@ class SLAConfig:
     topk: kept fraction of key blocks per query block, in (0, 1]; or per scope, {"global": 0.05, "frame": 0.3}
       (scopes not named keep `default_topk`); or a callable (module, fqn) -> fraction.
     scopes: the attention scopes made SLA (a module's `scope` attribute; absent means "global"); None: all.
-    block_q / block_k: block sizes in tokens; feature_map: the linear branch's phi (softmax, elu, relu)."""
+    block_q / block_k: block sizes in tokens; feature_map: the linear branch's phi (softmax, elu, relu).
+    kept_blocks: a count of key blocks per query block instead of the fraction (every SLA module; topk is then
+      ignored): K = min(kept_blocks, Mk), a sparse cost linear in N."""
 
     topk: float | dict | Callable[[nn.Module, str], float] = 0.05
     block_q: int = 64
@@ -551,8 +793,10 @@ class SLAConfig:
     feature_map: str = "softmax"
     scopes: tuple[str, ...] | None = ("global",)
     default_topk: float = 1.0  # for scopes a per-scope topk does not name
+    kept_blocks: int | None = None
 
     def __post_init__(self):
+        _check_kept_blocks(self.kept_blocks, "SLAConfig.kept_blocks")
         if isinstance(self.topk, dict):
             object.__setattr__(self, "topk", dict(self.topk))  # a private copy: the config stays as built
             for scope, value in self.topk.items():
@@ -621,6 +865,15 @@ class SwapReport:
     linear_swapped: int
     trainable_params: int
     total_params: int
+    attention: tuple = ()  # AttentionEntry per attention module found (survey_attention), after the swap
+
+    def by_class(self) -> dict[str, dict[str, int]]:
+        """{attention class: {status: count}} over `attention` (statuses: swapped, sla, dense, refused)."""
+        out: dict[str, dict[str, int]] = {}
+        for e in self.attention:
+            counts = out.setdefault(e.cls, {})
+            counts[e.status] = counts.get(e.status, 0) + 1
+        return out
 
     def __str__(self) -> str:
         rows = [("attention -> SLA", f"{self.attention_swapped:,}"), ("linear -> FP8 fake quant",
@@ -628,7 +881,12 @@ class SwapReport:
                 ("total params", f"{self.total_params:,}"),
                 ("trainable fraction", f"{self.trainable_params / max(self.total_params, 1):.4%}")]
         width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{name:<{width}}  {value:>14}" for name, value in rows)
+        lines = [f"{name:<{width}}  {value:>14}" for name, value in rows]
+        for cls, counts in self.by_class().items():
+            reasons = sorted({e.reason for e in self.attention if e.cls == cls and e.status == "dense"})
+            done = ", ".join(f"{n} {status}" for status, n in counts.items())
+            lines.append(f"{cls}: {done}" + (f" (dense: {'; '.join(reasons)})" if reasons else ""))
+        return "\n".join(lines)
 
 
 def _no_root(kind: str):
@@ -637,27 +895,98 @@ def _no_root(kind: str):
     return refuse
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionEntry:
+    """One attention module as a swap sees it. status: "swap" (SLA reproduces it; "swapped" once done), "sla"
+    (already SLA), "dense" (not selected, or a kind SLA does not take; `reason` says which) or "refused" (selected,
+    but SLA would not reproduce it exactly; `reason` says why)."""
+
+    fqn: str
+    cls: str
+    status: str
+    reason: str = ""
+
+
+def _shared_rel_pos(model: nn.Module) -> str | None:
+    """The fqn of a relative position bias table held outside the attention modules (BEiT's shared one), if any."""
+    for fqn, m in model.named_modules():
+        if isinstance(getattr(m, "relative_position_bias_table", None), Tensor) and _layout(m) is None:
+            return fqn or type(m).__name__
+    return None
+
+
+def survey_attention(model: nn.Module, config: "SLAConfig | None" = None, *,
+                     filter: Callable[[nn.Module, str], bool] | None = None) -> list[AttentionEntry]:
+    """Every attention module of `model` (module order) and what convert_to_sla(model, config, filter=filter) would
+    do with it; changes nothing. `config` None: every scope."""
+    config = SLAConfig(scopes=None) if config is None else config
+    shared = _shared_rel_pos(model)
+    entries = []
+    for fqn, m in model.named_modules():
+        cls = _class_name(m)
+        layout = None if isinstance(m, SLAAttention) else _layout(m)
+        if isinstance(m, SLAAttention):
+            entries.append(AttentionEntry(fqn, cls, "sla"))
+        elif isinstance(m, nn.MultiheadAttention):
+            entries.append(AttentionEntry(fqn, cls, "dense", "nn.MultiheadAttention (packed in_proj, masks, "
+                                          "cross-attention) is not a layout SLA swaps"))
+        elif layout is None:
+            continue
+        elif layout.output is None:
+            entries.append(AttentionEntry(fqn, cls, "dense", _refusal(m, layout)))
+        elif not config.selects(m, fqn):
+            entries.append(AttentionEntry(fqn, cls, "dense", f"scope {getattr(m, 'scope', 'global')!r} is not in "
+                                          f"SLAConfig.scopes {config.scopes}"))
+        elif filter is not None and not filter(m, fqn):
+            entries.append(AttentionEntry(fqn, cls, "dense", "filter"))
+        else:
+            reason = _refusal(m, layout, shared)
+            entries.append(AttentionEntry(fqn, cls, "refused" if reason else "swap", reason or ""))
+    return entries
+
+
+def _check_survey(model: nn.Module, entries: list[AttentionEntry]) -> None:
+    """One line, at once: a refused module (the first, and how many more), or a model where nothing would be SLA."""
+    name = type(model).__name__
+    refused = [e for e in entries if e.status == "refused"]
+    if refused:
+        e, more = refused[0], (f" (and {len(refused) - 1} more: {', '.join(r.fqn for r in refused[1:4])}"
+                               f"{', ...' if len(refused) > 4 else ''})" if len(refused) > 1 else "")
+        raise Lite3rError(f"SLA refuses {e.fqn or name} ({e.cls}): {e.reason}{more}; leave it dense with "
+                          "swap_attention(filter=...) (lite3r.survey_attention(model) lists every attention module)")
+    if not entries:
+        raise Lite3rError(f"no attention module found in {name}: SLA swaps modules with an int num_heads (or "
+                          "num_attention_heads), a qkv (or q_proj/k_proj/v_proj, query/key/value) linear and a proj "
+                          "(or o_proj) linear; nothing was swapped")
+    if not any(e.status in ("swap", "sla") for e in entries):
+        e = entries[0]
+        raise Lite3rError(f"nothing to swap in {name}: {len(entries)} attention module(s), all left dense "
+                          f"({e.fqn} ({e.cls}): {e.reason})")
+
+
+def _convert_to_sla(model: nn.Module, config: "SLAConfig", filter) -> list[AttentionEntry]:
+    entries = survey_attention(model, config, filter=filter)
+    _check_survey(model, entries)
+    todo = {e.fqn for e in entries if e.status == "swap"}
+    if "" in todo:
+        _no_root("an attention module")(model, "")
+
+    def to_sla(m: nn.Module, fqn: str) -> nn.Module:
+        new = SLAAttention(m, topk=config.topk_for(m, fqn), block_q=config.block_q, block_k=config.block_k,
+                           feature_map=config.feature_map, kept_blocks=config.kept_blocks)
+        return new.train(m.training)  # the replaced module's mode: an eval model stays in eval
+
+    swap_modules(model, lambda m, fqn: fqn in todo and not isinstance(m, SLAAttention), to_sla)
+    return [dataclasses.replace(e, status="swapped") if e.status == "swap" else e for e in entries]
+
+
 def convert_to_sla(model: nn.Module, config: SLAConfig = SLAConfig(), *,
                    filter: Callable[[nn.Module, str], bool] | None = None) -> int:
     """In place: every attention module that `config` selects (its scopes) and `filter(module, fqn)` accepts
-    (default all) -> SLAAttention with the config's topk for it. Returns how many were swapped."""
-    picked: list[str] = []
-
-    def pick(m: nn.Module, fqn: str) -> bool:
-        ok = is_attention(m) and not isinstance(m, SLAAttention) and config.selects(m, fqn) and (
-            filter is None or filter(m, fqn))
-        if ok and not fqn:
-            _no_root("an attention module")(m, fqn)
-        return ok
-
-    def to_sla(m: nn.Module, fqn: str) -> nn.Module:
-        picked.append(fqn)
-        new = SLAAttention(m, topk=config.topk_for(m, fqn), block_q=config.block_q, block_k=config.block_k,
-                           feature_map=config.feature_map)
-        return new.train(m.training)  # the replaced module's mode: an eval model stays in eval
-
-    swap_modules(model, pick, to_sla)
-    return len(picked)
+    (default all) -> SLAAttention with the config's topk for it. Returns how many were swapped. Raises Lite3rError
+    (one line) when a selected module would not be reproduced exactly (survey_attention says which and why), when
+    the model has no attention module, or when none would be SLA."""
+    return sum(e.status == "swapped" for e in _convert_to_sla(model, config, filter))
 
 
 def convert_to_fp8_qat(model: nn.Module, *, filter: Callable[[nn.Module, str], bool] | None = None) -> int:
@@ -696,13 +1025,16 @@ def swap_attention(model: nn.Module, config: SLAConfig | None = None, *,
     """The one-call student, in place: attention -> SLAAttention (`config`, or one built from topk / block_q /
     block_k / feature_map covering every scope; `filter(module, fqn)` narrows it), with `fp8` the linears
     `fp8_filter` picks -> FP8FakeQuantLinear (convert_to_fp8_qat), then everything frozen but proj_l. `topk` may
-    be a fraction, a per-scope dict or a callable (module, fqn) -> fraction."""
+    be a fraction, a per-scope dict or a callable (module, fqn) -> fraction. The report says, per attention class,
+    how many were swapped, already SLA or left dense (and why); a module SLA would not reproduce exactly, or a model
+    with nothing to swap, raises Lite3rError at once (convert_to_sla)."""
     if config is None:
         config = SLAConfig(topk=topk, block_q=block_q, block_k=block_k, feature_map=feature_map, scopes=None)
-    n_attn = convert_to_sla(model, config, filter=filter)
+    entries = _convert_to_sla(model, config, filter)
     n_lin = convert_to_fp8_qat(model, filter=fp8_filter) if fp8 else 0
     report = freeze_all_but_proj_l(model)
-    return dataclasses.replace(report, attention_swapped=n_attn, linear_swapped=n_lin)
+    return dataclasses.replace(report, attention_swapped=sum(e.status == "swapped" for e in entries),
+                               linear_swapped=n_lin, attention=tuple(entries))
 
 
 class AttentionRecorder:
@@ -710,7 +1042,8 @@ class AttentionRecorder:
 
     select: None (all) | list of indices into the attention modules in module order | callable(module, fqn) -> bool
     | "global" (modules whose `scope` is "global" or absent). `.outputs` / `.names`: the recorded outputs and their
-    fqns in module order (a module called twice appears twice, in call order). Outputs stay after exit."""
+    fqns in module order (a module called twice appears twice, in call order); a module returning a tuple
+    (transformers: output, attention weights) is recorded by its first element. Outputs stay after exit."""
 
     def __init__(self, model: nn.Module, *, select=None):
         found = [(fqn, m) for fqn, m in model.named_modules() if is_attention(m) or isinstance(m, SLAAttention)]
@@ -735,7 +1068,8 @@ class AttentionRecorder:
         self._records = {fqn: [] for fqn, _ in self.modules}
         for fqn, m in self.modules:
             self._handles.append(m.register_forward_hook(
-                lambda mod, args, out, fqn=fqn: self._records[fqn].append(out)))
+                lambda mod, args, out, fqn=fqn: self._records[fqn].append(out[0] if isinstance(out, tuple)
+                                                                          else out)))
         return self
 
     def __exit__(self, *exc) -> None:
