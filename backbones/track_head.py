@@ -97,9 +97,9 @@ def sample_points(maps: Tensor, xy: Tensor, padding_mode: str = "border") -> Ten
     """Bilinear samples of maps [N, C, h, w] at pixel coordinates xy [N, ..., 2] (x, y; pixel centres at integers,
     align_corners) -> [N, C, ...]."""
     h, w = maps.shape[-2:]
-    scale = xy.new_tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)])
-    grid = (xy.to(maps.dtype) * scale - 1).reshape(xy.shape[0], -1, 1, 2)
-    out = F.grid_sample(maps, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=xy.device)
+    grid = (xy.float() * scale - 1).reshape(xy.shape[0], -1, 1, 2)  # fp32: bf16 would be ~1 px off at 259 px
+    out = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     return out.reshape(*out.shape[:2], *xy.shape[1:-1])
 
 
@@ -297,7 +297,7 @@ class Tracker(nn.Module):
                              f"side (a {self.corr_levels}-level correlation pyramid on 1/{self.stride} feature maps), "
                              f"got feature maps of {h}x{w}")
         fmaps = self.fmap_norm(fmaps.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
-        query = query_points.to(fmaps.dtype) / self.stride
+        query = query_points.float() / self.stride  # coordinates stay fp32 under bf16 heads
         feats = sample_points(fmaps[:, 0], query).transpose(1, 2)  # [B, N, C]
         grid = grid_embedding(self.transformer_dim, h, w, fmaps.device).to(fmaps.dtype).expand(B, -1, -1, -1)
         pos = sample_points(grid, query).transpose(1, 2).reshape(B * N, 1, -1)  # [B*N, 1, D]
@@ -316,13 +316,14 @@ class Tracker(nn.Module):
         x = torch.cat((motion.to(corr.dtype), corr, feats_bn), dim=-1) + ctx.embed
         delta = self.updateformer(x.reshape(B, N, S, -1)).reshape(B * N, S, C + 2)
         feats_bn = feats_bn + self.ffeat_updater(self.ffeat_norm(delta[..., 2:].reshape(-1, C))).reshape(B * N, S, C)
-        moved = coords + delta[..., :2].reshape(B, N, S, 2).transpose(1, 2)
+        moved = coords + delta[..., :2].float().reshape(B, N, S, 2).transpose(1, 2)
         coords = torch.cat((ctx.query[:, None], moved[:, 1:]), dim=1)  # frame 0 stays at the query
         return coords, feats_bn.reshape(B, N, S, C).transpose(1, 2)
 
     def scores(self, feats: Tensor) -> tuple[Tensor, Tensor]:
         """Final track features [B, S, N, C] -> (visibility, confidence) [B, S, N] in (0, 1)."""
-        return torch.sigmoid(self.vis_predictor(feats)[..., 0]), torch.sigmoid(self.conf_predictor(feats)[..., 0])
+        return (torch.sigmoid(self.vis_predictor(feats)[..., 0].float()),
+                torch.sigmoid(self.conf_predictor(feats)[..., 0].float()))
 
 
 class TrackHead(nn.Module):

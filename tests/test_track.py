@@ -147,6 +147,19 @@ def test_tiny_model_tracks(tiny):
     assert float((two["track"][1] - out["track"][0]).abs().max()) < 0.05
 
 
+def test_bf16_heads_keep_fp32_coordinates(tiny):
+    """With head_dtype="bfloat16" the tracker's math runs in bf16, but coordinates, sampling grids and scores stay
+    fp32 (a bf16 pixel coordinate near 500 px is only good to 2-4 px)."""
+    bf = build_backbone("vggt-tiny", head_dtype="bfloat16").eval()
+    bf.load_state_dict(tiny.state_dict())
+    query = torch.tensor([[5.25, 7.5], [60.75, 50.125]])
+    with torch.inference_mode():
+        out = bf(torch.rand(1, 2, 3, 56, 70), query_points=query)
+    assert out["track"].dtype == out["vis"].dtype == out["conf"].dtype == torch.float32
+    torch.testing.assert_close(out["track"][0, 0], query, rtol=0, atol=0)
+    assert torch.isfinite(out["track"]).all()
+
+
 def test_track_errors(tiny):
     images = torch.rand(1, 2, 3, 56, 70)
     with pytest.raises(ValueError, match=r"query_points \[B,Q,2\]"):
