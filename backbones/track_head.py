@@ -293,9 +293,8 @@ class Tracker(nn.Module):
         S, C, h, w = fmaps.shape[1:]
         if min(h, w) < 2 ** (self.corr_levels - 1):
             side = min_track_size(self.corr_levels, self.stride)
-            raise InvalidInput(f"tracking needs images of at least {side} px a "
-                             f"side (a {self.corr_levels}-level correlation pyramid on 1/{self.stride} feature maps), "
-                             f"got feature maps of {h}x{w}")
+            raise InvalidInput(f"tracking needs images of at least {side} px a side (a {self.corr_levels}-level "
+                               f"correlation pyramid on 1/{self.stride} feature maps), got feature maps of {h}x{w}")
         fmaps = self.fmap_norm(fmaps.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
         query = query_points.float() / self.stride  # coordinates stay fp32 under bf16 heads
         feats = sample_points(fmaps[:, 0], query).transpose(1, 2)  # [B, N, C]
