@@ -55,6 +55,8 @@ WeightsOpt = Annotated[Optional[Path], typer.Option(help="dense checkpoint (.saf
 StudentOpt = Annotated[Optional[Path], typer.Option(help="lite3r student: the run folder of `lite3r train` or its "
                                                          "student.safetensors (absent: the dense model)")]
 TopkOpt = Annotated[float, typer.Option(help="SLA kept fraction of key blocks per query block, in (0, 1]")]
+KeptBlocksOpt = Annotated[Optional[int], typer.Option(help="SLA kept key blocks per query block, a count instead of "
+                                                           "--topk (sparse cost linear in the views)")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")]
 OverwriteOpt = Annotated[bool, typer.Option(help="replace existing output files (never done without it)")]
@@ -88,6 +90,7 @@ def bench(
     res: Annotated[Optional[int], typer.Option(help="square image size in pixels, a multiple of 14 (default: 518 on "
                                                     "CUDA, 140 for the tiny config on CPU)")] = _BENCH["res"],
     topk: TopkOpt = _BENCH["topk"],
+    kept_blocks: KeptBlocksOpt = _BENCH["kept_blocks"],
     weights: WeightsOpt = _BENCH["weights"],
     student: Annotated[Optional[Path], typer.Option(help="trained student (run folder or student.safetensors) for "
                                                          "path (d)")] = _BENCH["student"],
@@ -119,6 +122,7 @@ def bench(
     special = target in {t.value for t in BenchTarget}
     cfg = _bench.BenchConfig(
         model=_BENCH["model"] if special else target, views=_bench.parse_views(views), res=res, topk=topk,
+        kept_blocks=kept_blocks,
         repeats=repeats, warmup=warmup, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
         weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
@@ -137,6 +141,7 @@ def export(
     weights: WeightsOpt = _EXPORT["weights"],
     topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks (fresh student only)")] =
         _EXPORT["topk"],
+    kept_blocks: KeptBlocksOpt = _EXPORT["kept_blocks"],
     scope: Annotated[str, typer.Option(help="attention made SLA, global or all (fresh student only)")] =
         _EXPORT["scope"],
     fp8: Annotated[bool, typer.Option(help="FP8 E4M3 linear weights with per-row scales (fresh student only)")] =
@@ -147,7 +152,7 @@ def export(
     SLAConfig it was built with) and the backbone config in one safetensors file;
     lite3r_recon.models.load_artifact rebuilds it without teacher or QAT model."""
     config = _export.export(student, out=out, model=_full(model, weights), weights=weights, topk=topk, scope=scope,
-                            fp8=fp8, overwrite=overwrite)
+                            fp8=fp8, overwrite=overwrite, kept_blocks=kept_blocks)
     typer.echo(f"wrote {out}: {config['backbone']}, {len(config['sla'])} SLA modules, "
                f"{config['fp8_linears']} FP8 linears")
 
@@ -187,6 +192,7 @@ def train(
                                               "module indices like 0,5,11")] = _TRAIN["distill"],
     sla: Annotated[str, typer.Option(help="attention made SLA: global (cross-view) or all")] = _TRAIN["sla"],
     topk: TopkOpt = _TRAIN["topk"],
+    kept_blocks: KeptBlocksOpt = _TRAIN["kept_blocks"],
     block: Annotated[int, typer.Option(help="SLA block size in tokens")] = _TRAIN["block"],
     feature_map: Annotated[str, typer.Option(help="SLA linear-branch feature map: softmax, elu, relu")] =
         _TRAIN["feature_map"],
@@ -216,6 +222,7 @@ def train(
               "res": parse_res(res) if res else None, "optimizer": optimizer, "lr": lr, "warmup": warmup,
               "weight_decay": weight_decay, "grad_clip": grad_clip, "lambda_kd": lambda_kd, "kd_norm": kd_norm,
               "target": target, "distill": distill, "sla": sla, "topk": topk, "block": block,
+              "kept_blocks": kept_blocks,
               "feature_map": feature_map, "fp8": fp8, "grad_ckpt": grad_ckpt, "w_camera": w_camera,
               "w_depth": w_depth, "w_point": w_point, "seed": seed, "ckpt_every": ckpt_every,
               "eval_scenes": eval_scenes, "model": model}

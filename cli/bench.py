@@ -43,6 +43,7 @@ class BenchConfig:
     views: tuple[int, ...] = (32,)
     res: int | None = None  # None: 518 on CUDA, 140 on CPU (the tiny config's smoke test)
     topk: float = 0.05
+    kept_blocks: int | None = None  # SLA kept key blocks per query block, a count instead of topk (fresh students)
     repeats: int | None = None  # None: 3 on CUDA, 1 on CPU
     warmup: int | None = None  # None: 2 on CUDA (compile, then autotune / CUDA-graph capture), 1 on CPU
     variants: tuple[str, ...] = ("a", "b", "c", "d")
@@ -64,6 +65,10 @@ class BenchConfig:
             raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
         if not 0 < self.topk <= 1:
             raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
+        if self.kept_blocks is not None and (isinstance(self.kept_blocks, bool) or not isinstance(self.kept_blocks, int)
+                                             or self.kept_blocks < 1):
+            raise InvalidInput(f"--kept-blocks is a count of key blocks per query block, at least 1; got "
+                               f"{self.kept_blocks!r}")
         if (self.repeats is not None and self.repeats < 1) or (self.warmup is not None and self.warmup < 1):
             raise InvalidInput("--repeats and --warmup must be at least 1")
 
@@ -98,9 +103,33 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
     if variant == "d" and cfg.student:  # the trained student, with the SLA / FP8 settings it was trained with
         model = models.load_student(cfg.student, model)
     elif variant in ("c", "d"):
-        model = models.make_student(model, SLAConfig(topk=cfg.topk), fp8=variant == "d", inplace=True)
+        model = models.make_student(model, SLAConfig(topk=cfg.topk, kept_blocks=cfg.kept_blocks), fp8=variant == "d",
+                                    inplace=True)
     return models.deploy_model(model, device=device, dtype=models.compute_dtype(device), compile_mode=compile_mode,
                                compile_sla=cfg.compile_sla)
+
+
+def watch_sparsity(model: nn.Module) -> Callable[[], dict]:
+    """Before the first forward: a pre-hook on the model's first SLA module records its token count N; the returned
+    function gives what that module then selected, computed as the kernels do: {"key_blocks": Mk, "kept_blocks": K
+    per query block, "kept_frac": K / Mk} (all None for a model without SLA, or before a forward)."""
+    import lite3r
+
+    first = next((m for m in model.modules() if isinstance(m, lite3r.SLAAttention)), None)
+    seen: dict = {}
+    if first is not None:  # a plain int store: traced into the compiled block, no graph break
+        first.register_forward_pre_hook(lambda m, args, kwargs: seen.__setitem__(
+            "tokens", (args or tuple(kwargs.values()))[0].shape[-2]), with_kwargs=True)
+
+    def used() -> dict:
+        if "tokens" not in seen:
+            return {"key_blocks": None, "kept_blocks": None, "kept_frac": None}
+        n_k = -(-seen["tokens"] // first.block_k)
+        kept = lite3r.num_kept_blocks(seen["tokens"], topk=first.topk, kept_blocks=first.kept_blocks,
+                                      block_k=first.block_k)
+        return {"key_blocks": n_k, "kept_blocks": kept, "kept_frac": kept / n_k}
+
+    return used
 
 
 def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tensor]:
@@ -129,6 +158,7 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
         t_build = time.perf_counter()
         model = build_variant(variant, name, cfg, device)
         t_build = time.perf_counter() - t_build
+        sparsity = watch_sparsity(model)
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -145,7 +175,8 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
             prof = profile_breakdown(model, images)
         del model
         row = {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": statistics.median(times),
-               "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib}
+               "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib,
+               **sparsity()}
         if ref is None:
             ref = (variant, cams)
         row["err_ref"] = ref[0]
@@ -208,19 +239,23 @@ def results_table(result: dict):
     from rich.table import Table
 
     cfg = result["config"]
-    title = f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, topk={cfg['topk']}"
+    kept = f"kept_blocks={cfg['kept_blocks']}" if cfg.get("kept_blocks") else f"topk={cfg['topk']}"
+    title = f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
     env = result["env"]
     legend = "; ".join(f"({v}) {VARIANTS[v][1]}" for v in cfg["variants"])
     caption = (f"{env.get('gpu', env['device'])}, torch {env['torch']}. {legend}. x: speed-up, mem: peak-memory "
-               f"ratio; err: |out - ref| / |ref| vs ({result['results'][0]['err_ref']}) of depth and extrinsics.")
+               f"ratio; err: |out - ref| / |ref| vs ({result['results'][0]['err_ref']}) of depth and extrinsics; "
+               f"K / Mk: key blocks kept per query block of all, and that fraction, in the first SLA module.")
     if result.get("note"):
         caption += f"\n{result['note']}"
     table = Table(title=title, caption=caption)
-    for col in ("S", "path", "latency s", "warm s", "peak GiB", "x a", "x b", "mem a", "mem b", "depth err",
-                "pose err"):
+    for col in ("S", "path", "K / Mk", "kept", "latency s", "warm s", "peak GiB", "x a", "x b", "mem a", "mem b",
+                "depth err", "pose err"):
         table.add_column(col, justify="left" if col == "path" else "right", no_wrap=True)
     for r in result["results"]:
-        table.add_row(str(r["views"]), f"({r['variant']}) {VARIANTS[r['variant']][0]}", _fmt(r["latency_s"], ".4f"),
+        blocks = "-" if r.get("kept_blocks") is None else f"{r['kept_blocks']} / {r['key_blocks']}"
+        table.add_row(str(r["views"]), f"({r['variant']}) {VARIANTS[r['variant']][0]}", blocks,
+                      _fmt(r.get("kept_frac"), ".2%"), _fmt(r["latency_s"], ".4f"),
                       _fmt(r["warmup_s"], ".1f"), _fmt(r["peak_gib"], ".2f"), _fmt(r.get("speedup_vs_a"), ".2f"),
                       _fmt(r.get("speedup_vs_b"), ".2f"), _fmt(r.get("mem_ratio_vs_a"), ".2f"),
                       _fmt(r.get("mem_ratio_vs_b"), ".2f"), _fmt(r["depth_rel"], ".2e"),

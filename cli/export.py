@@ -1,7 +1,8 @@
 """`lite3r export`: teacher (a checkpoint, or the backbone's default weights) -> student (a trained
-`student.safetensors` with the SLA / FP8 settings it was trained with, or a fresh one from `topk`, `scope`, `fp8`) ->
-deployed on the CPU, uncompiled -> one artifact file (`lite3r_recon.models.save_artifact`). The official VGGT-1B
-checkpoint loads as it is (strictly). Torch is imported inside, so the CLI reads the defaults without loading it."""
+`student.safetensors` with the SLA / FP8 settings it was trained with, or a fresh one from `topk` or `kept_blocks`,
+`scope`, `fp8`) -> deployed on the CPU, uncompiled -> one artifact file (`lite3r_recon.models.save_artifact`). The
+official VGGT-1B checkpoint loads as it is (strictly). Torch is imported inside, so the CLI reads the defaults
+without loading it."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import os
 
 def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike = "model.lite3r.safetensors",
            model: str = "vggt-tiny", weights=None, topk: float = 0.05,
-           scope: str = "global", fp8: bool = True, overwrite: bool = False) -> dict:
+           scope: str = "global", fp8: bool = True, overwrite: bool = False, kept_blocks: int | None = None) -> dict:
     """Write the artifact; returns its config (backbone, SLA modules and the SLAConfig, FP8 linear count)."""
     import lite3r
     from lite3r_recon import models
@@ -19,7 +20,10 @@ def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike =
     if scope not in ("global", "all"):
         raise InvalidInput(f"--scope must be global or all, got {scope!r}")
     models.check_backbone(model)
-    config = lite3r.SLAConfig(topk=topk, scopes=("global",) if scope == "global" else None)
+    try:
+        config = lite3r.SLAConfig(topk=topk, scopes=("global",) if scope == "global" else None, kept_blocks=kept_blocks)
+    except lite3r.Lite3rError as err:  # a bad --topk / --kept-blocks: one line
+        raise InvalidInput(str(err)) from None
     ensure_writable(out, overwrite)  # before the (long) build
     teacher = models.dense_model(model, weights)  # a file, an in-memory state dict, or the default weights
     built = (models.load_student(student, teacher) if student is not None

@@ -246,8 +246,8 @@ def load_model(name: str, *, weights: str | os.PathLike | None = None, student: 
 
 # ---------------------------------------------------------------------------------------------------- artifact
 def _sla_settings(model: nn.Module) -> dict:
-    """The SLA modules of `model` and their settings: {fqn: {topk, block_q, block_k, feature_map}}."""
-    return {fqn: {k: getattr(m, k) for k in ("topk", "block_q", "block_k", "feature_map")}
+    """The SLA modules of `model` and their settings: {fqn: {topk, kept_blocks, block_q, block_k, feature_map}}."""
+    return {fqn: {k: getattr(m, k) for k in ("topk", "kept_blocks", "block_q", "block_k", "feature_map")}
             for fqn, m in model.named_modules() if isinstance(m, lite3r.SLAAttention)}
 
 
@@ -306,6 +306,7 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
         first = next(iter(sla.values()))
         lite3r.convert_to_sla(model, lite3r.SLAConfig(topk=lambda m, fqn: sla[fqn]["topk"], block_q=first["block_q"],
                                                       block_k=first["block_k"], feature_map=first["feature_map"],
+                                                      kept_blocks=first.get("kept_blocks"),  # older files: none
                                                       scopes=None), filter=lambda m, fqn: fqn in sla)
     for fqn in fp8_linears:  # empty FP8Linear shells: nothing is quantised, the file holds the fp8 weights
         linear = model.get_submodule(fqn)

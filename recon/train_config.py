@@ -72,6 +72,7 @@ class TrainConfig:
     distill: str = "global"  # global | all | comma-separated attention-module indices
     sla: str = "global"  # which attention becomes SLA: global (cross-view) | all
     topk: float = 0.05  # SLA kept fraction of key blocks
+    kept_blocks: int | None = None  # SLA kept key blocks per query block, a count instead of topk (cost linear in N)
     block: int = 64  # SLA block size (queries and keys)
     feature_map: str = "softmax"  # softmax | elu | relu
     fp8: bool = True  # FP8 fake quant on the linears
@@ -117,6 +118,10 @@ class TrainConfig:
             raise InvalidInput("--warmup and --eval-scenes must be non-negative")
         if not 0 < self.topk <= 1:
             raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
+        if self.kept_blocks is not None and (isinstance(self.kept_blocks, bool) or not isinstance(self.kept_blocks, int)
+                                             or self.kept_blocks < 1):
+            raise InvalidInput(f"--kept-blocks is a count of key blocks per query block, at least 1; got "
+                               f"{self.kept_blocks!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
@@ -144,11 +149,12 @@ class TrainConfig:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
     def sla_config(self):
-        """The student's lite3r.SLAConfig: --topk on the --sla scopes (global: cross-view only; all: every attention)."""
+        """The student's lite3r.SLAConfig: --topk (or --kept-blocks) on the --sla scopes (global: cross-view only; all:
+        every attention)."""
         import lite3r
 
         return lite3r.SLAConfig(topk=self.topk, block_q=self.block, block_k=self.block, feature_map=self.feature_map,
-                                scopes=("global",) if self.sla == "global" else None)
+                                scopes=("global",) if self.sla == "global" else None, kept_blocks=self.kept_blocks)
 
     @classmethod
     def from_json(cls, d: dict) -> "TrainConfig":

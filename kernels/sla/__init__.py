@@ -14,15 +14,16 @@ package raises AttributeError naming its module, so a flip here can never silent
 (timings, register counts, what was tried): docs/benchmarks.md, "Kernel tuning history".
 """
 from .attention import _sla_fwd_kernel, sla_branches, transpose_lut
-from .block_map import (_normal_quantile, _select_kernel, _select_launch, block_scores, num_kept, select_top,
-                        sla_block_map)
+from .block_map import (_normal_quantile, _select_kernel, _select_launch, block_scores, num_kept, score_tile,
+                        select_top, sla_block_map, tiled_block_map)
 from .common import FEATURE_MAPS, LINEAR_EPS, LOG2E
 from .linear import linear_state, linear_state_torch
 
 # name -> the module that reads it at call time (a copy here would not switch anything)
 _LIVES_IN = {"USE_TMA": "attention", "OVERLAP": "attention", "_tma_descriptors": "attention",
              "_FWD_MAX_OFFSET": "attention", "_LINEAR_CHUNK": "attention", "_LINEAR_STATE_CHUNK": "linear",
-             "_LINEAR_TILE": "linear", "_SELECT_MAX_TILE": "block_map"}
+             "_LINEAR_TILE": "linear", "_SELECT_MAX_TILE": "block_map",
+             "_SCORE_BUDGET": "block_map"}
 
 
 def __getattr__(name: str):
@@ -32,5 +33,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["sla_block_map", "sla_branches", "block_scores", "select_top", "num_kept", "transpose_lut", "linear_state",
-           "linear_state_torch", "LINEAR_EPS", "FEATURE_MAPS", "LOG2E"]
+__all__ = ["sla_block_map", "sla_branches", "block_scores", "select_top", "num_kept", "score_tile", "tiled_block_map",
+           "transpose_lut", "linear_state", "linear_state_torch", "LINEAR_EPS", "FEATURE_MAPS", "LOG2E"]

@@ -5,8 +5,9 @@
 `_pool_kernel` averages q and k per block (fp32; k's sum over all tokens too, for the centring);
 `_block_scores_kernel` writes the [Mq, Mk] block scores (tf32x3 MMAs: fp32-level error); `_select_kernel` takes
 each score row's top K exactly (bracketed search over order-preserving keys, guessed probes first; long rows write
-their indices chunk by chunk). The score matrix is (N / 64)^2 floats, nothing N x N. Reference: lite3r.sla_block_map
-(tests/test_kernels.py compares the two).
+their indices chunk by chunk). The scores are never held whole past _SCORE_BUDGET bytes: larger maps are scored and
+selected one tile of query-block rows (and heads) at a time, so memory is the LUT plus one tile at any N. Reference:
+lite3r.sla_block_map (tests/test_kernels.py compares the two).
 """
 import math
 import statistics
@@ -222,26 +223,75 @@ def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
 
 # (query blocks, key blocks, warps) per score program at D <= 64: the fastest measured (docs/benchmarks.md)
 _SCORE_TILES = (64, 128, 4)
+# bytes of fp32 scores held at once: maps up to this size are scored whole (one score + one select launch), larger
+# ones tile by tile (the whole map is (N / 64)^2 floats per head: ~29 GB per layer at 1024 VGGT views)
+_SCORE_BUDGET = 128 << 20
+
+
+def _score_ld(n_k: int) -> int:
+    # rows padded to a multiple of 16 floats: 64-byte aligned, so the score stores and the select kernel's row loads
+    # vectorise (Triton specialises a stride divisible by 16; 687 or 2748 key blocks are not)
+    return -(-n_k // 16) * 16
+
+
+def score_tile(bh: int, n_q: int, n_k: int) -> tuple[int, int]:
+    """(heads, query-block rows) of one score tile: the most that fit _SCORE_BUDGET (whole heads first, then rows of
+    one head; at least one row, the only case past the budget: a single row over it, Mk > 33M key blocks)."""
+    rows = max(1, _SCORE_BUDGET // (4 * _score_ld(n_k)))
+    return (min(bh, rows // n_q), n_q) if rows >= n_q else (1, rows)
+
+
+def _pooled(q: Tensor, k: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """fp32 (block means of q [B*H, Mq, D], of k [B*H, Mk, D], sum of k over N [B*H, D]) (two pooling launches)."""
+    B, H, N, D = q.shape
+    means_q = _block_means(_last_dim_contiguous(q), block_q)
+    ksum = torch.zeros((B * H, D), device=q.device, dtype=torch.float32)  # sum of k over N, for the centring
+    means_k = _block_means(_last_dim_contiguous(k), block_k, ksum)
+    return means_q, means_k, ksum
+
+
+def _score_launch(means_q: Tensor, means_k: Tensor, ksum: Tensor, N: int, out: Tensor) -> None:
+    """out (fp32, contiguous [G, R, ld]) = the scores of the R query blocks of means_q [G, R, D] against every key
+    block of means_k [G, Mk, D] (one score launch)."""
+    g, n_q, D = means_q.shape
+    n_k, ld = means_k.shape[1], out.shape[-1]
+    tile_d = _tile(D)
+    tile_m, tile_n, warps = _SCORE_TILES if tile_d <= 64 else (32, 64, 4)
+    wrap_triton(_block_scores_kernel)[(triton.cdiv(n_q, tile_m), triton.cdiv(n_k, tile_n), g)](
+        means_q, means_k, ksum, out, N, n_q, n_k, ld, D, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
+        PRECISION="ieee" if interpreting() else "tf32x3", num_warps=warps)
 
 
 def block_scores(q: Tensor, k: Tensor, block_q: int, block_k: int) -> Tensor:
     """fp32 [B, H, Mq, Mk] (a view of rows padded to 16 floats): mean-pooled q of each query block . mean-pooled
-    centred k of each key block (two pooling launches, one score launch)."""
+    centred k of each key block, all of it at once (sla_block_map tiles past _SCORE_BUDGET)."""
     B, H, N, D = q.shape
-    n_q, n_k = -(-N // block_q), -(-N // block_k)
-    means_q = _block_means(_last_dim_contiguous(q), block_q)  # [B*H, Mq, D]
-    ksum = torch.zeros((B * H, D), device=q.device, dtype=torch.float32)  # sum of k over N, for the centring
-    means_k = _block_means(_last_dim_contiguous(k), block_k, ksum)  # [B*H, Mk, D]
-    # rows padded to a multiple of 16 floats: 64-byte aligned, so the score stores and the select kernel's row loads
-    # vectorise (Triton specialises a stride divisible by 16; 687 or 2748 key blocks are not)
-    ld = -(-n_k // 16) * 16
-    scores = torch.empty((B, H, n_q, ld), device=q.device, dtype=torch.float32)
-    tile_d = _tile(D)
-    tile_m, tile_n, warps = _SCORE_TILES if tile_d <= 64 else (32, 64, 4)
-    wrap_triton(_block_scores_kernel)[(triton.cdiv(n_q, tile_m), triton.cdiv(n_k, tile_n), B * H)](
-        means_q, means_k, ksum, scores, N, n_q, n_k, ld, D, TILE_M=tile_m, TILE_N=tile_n, TILE_D=tile_d,
-        PRECISION="ieee" if interpreting() else "tf32x3", num_warps=warps)
+    means_q, means_k, ksum = _pooled(q, k, block_q, block_k)
+    n_q, n_k = means_q.shape[1], means_k.shape[1]
+    scores = torch.empty((B, H, n_q, _score_ld(n_k)), device=q.device, dtype=torch.float32)
+    _score_launch(means_q, means_k, ksum, N, scores.view(B * H, n_q, -1))
     return scores[..., :n_k]
+
+
+def tiled_block_map(q: Tensor, k: Tensor, kept: int, block_q: int, block_k: int) -> Tensor:
+    """int32 [B, H, Mq, kept]: block_scores + select_top one score_tile at a time, into one reused fp32 buffer of at
+    most _SCORE_BUDGET bytes (the same scores row for row: each row's dot products do not depend on the tile)."""
+    B, H, N, D = q.shape
+    means_q, means_k, ksum = _pooled(q, k, block_q, block_k)
+    bh, n_q, n_k = B * H, means_q.shape[1], means_k.shape[1]
+    ld = _score_ld(n_k)
+    heads, rows = score_tile(bh, n_q, n_k)
+    buf = torch.empty(heads * rows * ld, device=q.device, dtype=torch.float32)
+    lut = torch.empty((bh, n_q, kept), device=q.device, dtype=torch.int32)
+    for h0 in range(0, bh, heads):
+        g = min(heads, bh - h0)
+        for r0 in range(0, n_q, rows):
+            r = min(rows, n_q - r0)
+            scores = buf[:g * r * ld].view(g, r, ld)
+            _score_launch(means_q[h0:h0 + g, r0:r0 + r].contiguous(), means_k[h0:h0 + g], ksum[h0:h0 + g], N,
+                          scores)
+            lut[h0:h0 + g, r0:r0 + r] = select_top(scores[..., :n_k], kept)
+    return lut.view(B, H, n_q, kept)
 
 
 def select_top(scores: Tensor, kept: int) -> Tensor:
@@ -265,8 +315,12 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
 
 @triton_op("lite3r::sla_block_map", mutates_args={})
 def _sla_block_map_op(q: Tensor, k: Tensor, topk: float, block_q: int, block_k: int) -> Tensor:
-    scores = block_scores(q, k, block_q, block_k)  # [B, H, Mq, Mk]
-    return select_top(scores, num_kept(topk, scores.shape[-1]))
+    B, H, N, _ = q.shape
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    kept = num_kept(topk, n_k)
+    if score_tile(B * H, n_q, n_k) != (B * H, n_q):  # the whole score tensor would be over _SCORE_BUDGET
+        return tiled_block_map(q, k, kept, block_q, block_k)
+    return select_top(block_scores(q, k, block_q, block_k), kept)  # [B, H, Mq, Mk] scores, one select launch
 
 
 def sla_block_map(q: Tensor, k: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64) -> Tensor:

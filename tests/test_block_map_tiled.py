@@ -1,0 +1,142 @@
+"""The block map past its score budget (issue 17): scored and selected one tile of query-block rows (and heads) at a
+time, by the kernels (Triton interpreter on CPU) and by lite3r's PyTorch reference, with the same kept sets as the
+whole-tensor path and never a score tensor over the budget."""
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lite3r
+
+kernels = pytest.importorskip("lite3r_kernels")
+if not kernels.AVAILABLE:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from lite3r_kernels.sla import block_map  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FAST = settings(max_examples=int(os.environ.get("LITE3R_KERNEL_EXAMPLES", "6")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the bytes of the largest tensor any op creates while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+def exact_scores(q, k, block_q, block_k):
+    """fp64 [B, H, Mq, Mk] block scores by the definition."""
+    qd, kd = q.double().cpu(), k.double().cpu()
+    return lite3r._block_mean(qd, block_q) @ lite3r._block_mean(kd - kd.mean(dim=2, keepdim=True),
+                                                                 block_k).transpose(-1, -2)
+
+
+def check_selection(lut, want, scores, kept):
+    """lut keeps K distinct blocks whose exact scores are the top K up to fp32 rounding, and equals `want` (sorted)
+    on every row whose K-th and (K+1)-th exact scores are separated."""
+    n_k = scores.shape[-1]
+    srt, ref = lut.cpu().sort(dim=-1).values, want.cpu().sort(dim=-1).values
+    assert lut.shape == want.shape == (*scores.shape[:-1], kept) and lut.dtype == torch.int32
+    assert (srt[..., 1:] > srt[..., :-1]).all() and srt.min() >= 0 and srt.max() < n_k
+    top = scores.sort(dim=-1, descending=True).values
+    tol = 1e-5 * scores.abs().amax(-1, keepdim=True)
+    assert (scores.gather(-1, srt.long()) >= top[..., kept - 1:kept] - tol).all()
+    if kept < n_k:
+        separated = (top[..., kept - 1] - top[..., kept]) > tol[..., 0]
+        assert torch.equal(srt[separated], ref[separated])
+    else:
+        assert torch.equal(srt, ref)
+
+
+@FAST
+@given(N=st.integers(1500, 2100), D=st.sampled_from([8, 16]), H=st.integers(1, 2), block_q=st.integers(17, 64),
+       block_k=st.integers(4, 8), topk=st.floats(0.002, 0.2), tile_rows=st.integers(1, 150),
+       long_rows=st.booleans(), seed=st.integers(0, 2**16))
+def test_tiled_block_map_equals_whole( N, D, H, block_q, block_k, topk, tile_rows, long_rows, seed):
+    """Kernels, Mk of 190-525 key blocks (few query blocks: the interpreter runs one select program per row), tiles
+    of `tile_rows` query blocks (odd sizes; whole heads when a head fits): the same LUT, sorted, as
+    the whole-tensor path (the same scores row for row), and the reference's kept sets; rows over the select
+    kernel's tile (torch.topk per tile) with `long_rows`. The reference tiled the same way keeps the same sets."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, H, N, D, generator=gen).to(DEVICE) for _ in range(2))
+    n_q, n_k = -(-N // block_q), -(-N // block_k)
+    kept = kernels.sla.num_kept(topk, n_k)
+    whole = kernels.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    ref_whole = lite3r.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(block_map, "_SCORE_BUDGET", 4 * block_map._score_ld(n_k) * tile_rows)
+        mp.setattr(lite3r, "_SCORE_BUDGET", 4 * n_k * tile_rows)
+        if long_rows:
+            mp.setattr(block_map, "_SELECT_MAX_TILE", 64)
+        heads, rows = block_map.score_tile(H, n_q, n_k)
+        assert (heads, rows) != (H, n_q) or tile_rows >= H * n_q  # the size rule tiles whenever over budget
+        tiled = kernels.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+        ref_tiled = lite3r.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
+    scores = exact_scores(q, k, block_q, block_k)
+    if not long_rows:  # the select kernel on both paths: identical, ties included
+        assert torch.equal(tiled.sort(dim=-1).values, whole.sort(dim=-1).values)
+    for got in (tiled, whole, ref_tiled):
+        check_selection(got, ref_whole, scores, kept)
+
+
+def test_tiled_kernel_path_with_ties_matches_whole(monkeypatch):
+    """All-equal scores (q = 0): tiles pick the same K lowest indices as the whole-tensor select; over the budget
+    the op goes through the tiles, never the whole-tensor block_scores."""
+    q = torch.zeros(2, 1, 1203, 8, device=DEVICE)
+    k = torch.randn(2, 1, 1203, 8, device=DEVICE)
+    whole = kernels.sla_block_map(q, k, topk=0.05, block_q=23, block_k=6)
+    monkeypatch.setattr(block_map, "_SCORE_BUDGET", 4 * 208 * 37)  # ld 208 for 201 key blocks: 37 rows a tile
+    assert block_map.score_tile(2, 53, 201) == (1, 37)
+    monkeypatch.setattr(block_map, "block_scores", None)  # the size rule must not build the whole score tensor
+    tiled = kernels.sla_block_map(q, k, topk=0.05, block_q=23, block_k=6)
+    assert torch.equal(tiled, whole)
+
+
+def test_score_tile_stays_within_budget_at_any_size():
+    """The tile rule: whole map when it fits; else at most _SCORE_BUDGET bytes of scores per tile (>= 1 row), for
+    1024 VGGT views (22k key blocks, 16 heads) and for rows longer than the budget itself."""
+    budget = block_map._SCORE_BUDGET
+    assert block_map.score_tile(16, 687, 687) == (16, 687)  # 32 views: 30 MB, scored whole
+    for bh, n_q, n_k in [(16, 2748, 2748), (16, 21984, 21984), (32, 10**6, 10**6), (1, 3, 5 * 10**6)]:
+        heads, rows = block_map.score_tile(bh, n_q, n_k)
+        assert 1 <= heads <= bh and 1 <= rows <= n_q and (heads == 1 or rows == n_q)
+        assert heads * rows * 4 * block_map._score_ld(n_k) <= budget
+        assert (heads + 1) * rows * 4 * block_map._score_ld(n_k) > budget or heads == bh  # as large as fits
+    assert block_map.score_tile(1, 3, 40 * 10**6) == (1, 1)  # one row over the budget: a row at a time
+    assert lite3r._score_tile(16, 21984, 21984)[1] * 4 * 21984 <= lite3r._SCORE_BUDGET
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_tiled_block_map_peak_allocation_is_bounded(monkeypatch, path):
+    """No tensor larger than the score budget (plus the pooled inputs) is created, while the whole score tensor would
+    be 16x that: every op's output is recorded while the map runs (kernels: tiled_block_map's host code, which the
+    size rule sends every over-budget map to; selection by torch.topk, which the interpreter runs fast)."""
+    gen = torch.Generator().manual_seed(5)
+    N, D, bs = 2001, 8, 4
+    q, k = (torch.randn(1, 2, N, D, generator=gen).to(DEVICE) for _ in range(2))
+    n = -(-N // bs)
+    whole_bytes = 2 * n * n * 4
+    monkeypatch.setattr(block_map, "_SCORE_BUDGET", whole_bytes // 16)
+    monkeypatch.setattr(lite3r, "_SCORE_BUDGET", whole_bytes // 16)
+    monkeypatch.setattr(block_map, "_SELECT_MAX_TILE", 64)
+    inputs_bytes = 2 * n * bs * D * 4  # pooling pads (or centres) q / k once
+    with LargestAllocation() as mode:
+        if path == "kernels":
+            lut = block_map.tiled_block_map(q, k, 25, bs, bs)
+        else:
+            lut = lite3r._block_map(q, k, 24.5 / n, bs, bs)  # K = 25 exactly
+    assert lut.shape == (1, 2, n, 25)
+    assert mode.largest <= max(whole_bytes // 16, inputs_bytes) < whole_bytes // 4
