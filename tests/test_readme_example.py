@@ -1,5 +1,7 @@
-"""README.md "Copy lite3r.py into your codebase": the same calls, in the same order, on a tiny timm-like ViT
-(timm's Attention layout: qkv / q_norm / k_norm / proj / num_heads, forward(x, attn_mask=None)), without timm."""
+"""README.md "Copy lite3r.py into your codebase": the snippet itself run against the installed timm (the model
+built small and random: pretrained weights are not downloaded here), and the same calls, in the same order, on a
+tiny timm-like ViT written here (timm's Attention layout: qkv / q_norm / k_norm / proj / num_heads,
+forward(x, attn_mask=None)) for machines without timm."""
 from __future__ import annotations
 
 import copy
@@ -64,12 +66,48 @@ class TinyViT(nn.Module):
         return self.norm(self.blocks(x))
 
 
-def test_readme_snippet_uses_these_calls():
-    """The calls exercised below are the README's (so the test breaks when the snippet changes)."""
+def _snippet() -> str:
     text = README.read_text()
     snippet = text[text.index("## Copy `lite3r.py`"):]
-    snippet = snippet[snippet.index("```python"):]
-    snippet = snippet[:snippet.index("```", 9)]
+    snippet = snippet[snippet.index("```python") + len("```python"):]
+    return snippet[:snippet.index("```")]
+
+
+def test_readme_snippet_runs_with_timm(monkeypatch):
+    """The README's code block as written, with timm.create_model(name, pretrained=True) building the same timm
+    model class small and random (2 blocks of width 64); its images (518 x 518: 1370 tokens) as they are."""
+    try:
+        import timm
+    except Exception as e:  # timm needs a torchvision that loads beside this torch
+        pytest.skip(f"timm does not import here ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    monkeypatch.setenv("LITE3R_BACKEND", "torch")
+    create = timm.create_model
+    built = []
+
+    def small(name, pretrained=False, **kwargs):
+        torch.manual_seed(0)
+        built.append(create(name, pretrained=False, embed_dim=64, depth=2, num_heads=4, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(timm, "create_model", small)
+    scope: dict = {}
+    exec(compile(_snippet(), str(README), "exec"), scope)  # noqa: S102 - the README's own code
+    report, student, teacher, deployed = (scope[n] for n in ("report", "student", "teacher", "deployed"))
+    assert [type(m) for m in built] == [timm.models.vision_transformer.VisionTransformer]
+    assert report.attention_swapped == 2 and report.by_class() == {"timm.layers.attention.Attention": {"swapped": 2}}
+    assert len(scope["rec_t"].outputs) == len(scope["rec_s"].outputs) == 2 and float(scope["loss"]) > 0
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}  # deploy froze them after
+    assert len(grads) == 2 * 2 and all(".proj_l." in n and g.abs().sum() > 0 for n, g in grads.items())
+    assert isinstance(deployed, torch._dynamo.eval_frame.OptimizedModule)
+    assert any(isinstance(m, lite3r.FP8Linear) for m in deployed.modules())
+    with torch.no_grad():  # the deployed model (eagerly: compiling is minutes on CPU) runs on the README's images
+        out, ref = deployed._orig_mod(scope["images"]), teacher(scope["images"])
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+
+
+def test_readme_snippet_uses_these_calls():
+    """The calls exercised below are the README's (so the test breaks when the snippet changes)."""
+    snippet = _snippet()
     for call in ("lite3r.swap_attention(student, topk=0.05, fp8=True)", "lite3r.AttentionRecorder(teacher)",
                  "lite3r.AttentionRecorder(student)", "lite3r.distill_loss(rec_s.outputs, rec_t.outputs)",
                  "loss.backward(); opt.step()", "lite3r.deploy(student)"):

@@ -10,7 +10,7 @@ import torch
 import lite3r
 from thirdparty_checks import check_family, import_or_skip, perturb, swapped_classes
 
-transformers = import_or_skip("transformers")
+transformers = import_or_skip("transformers", "Dinov2Config", "Dinov2Model", "ViTConfig", "ViTModel")
 
 
 @pytest.fixture(autouse=True)
