@@ -1,8 +1,7 @@
 """Backbones: VGGT and Depth Anything 3, checkpoint-compatible with the official weights.
 
     model = build_backbone("vggt-1b", device="meta")             # no memory for random init
-    load_checkpoint(model, "model.safetensors", device="cuda",     # official file: has a tracking head we skip
-                    skip_prefixes=model.optional_checkpoint_prefixes)
+    load_checkpoint(model, "model.safetensors", device="cuda")    # the official file, tracking head and all, strict
     images, _ = load_images("scene/images", mode="crop")         # [S,3,H,W] in [0,1]
     out = model(images.cuda()[None])                             # pose_enc, depth, world_points, ...
     cams = to_cameras(model, out, images.shape[-2:])             # extrinsics (w2c OpenCV), intrinsics, depth

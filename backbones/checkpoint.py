@@ -150,8 +150,8 @@ def load_checkpoint(
         path: a ``.safetensors`` / ``.pt`` / ``.pth`` file, or an in-memory state dict.
         strict: every model key must be in the file and every file key in the model (after ``skip_prefixes``);
             ``strict=False`` loads the keys both have and leaves the rest (shape mismatches are still errors).
-        skip_prefixes: file keys to drop on purpose, e.g. ``("track_head.",)`` for the official VGGT-1B file
-            (lite3r does not implement the tracking head).
+        skip_prefixes: file keys to drop on purpose, e.g. ``("track_head.",)`` for a VGGT built with
+            ``enable_track=False`` (``model.optional_checkpoint_prefixes`` says what a backbone may leave out).
         device: where tensors go for a meta-device model (default cpu); ignored otherwise (each parameter keeps its
             device and dtype).
 

@@ -145,7 +145,12 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                                        flag="--cameras" if cameras is not None else "--intrinsics")
         times["load_s"] = time.perf_counter() - t
         if net is None and weights is None:
-            con.print(f"[yellow]no --weights: {model} has random weights (a smoke test, not a reconstruction)[/]")
+            from lite3r_backbones import shipped_weights
+
+            shipped = shipped_weights(model)
+            con.print(f"no --weights: {model} with its shipped weights ({shipped.name}, trained on synthetic scenes)"
+                      if shipped else f"[yellow]no --weights: {model} has random weights (a smoke test, not a "
+                                      f"reconstruction)[/]")
         progress.update(task, advance=1, description=f"building {model}" + (" student" if student else ""))
         t = time.perf_counter()
         if net is None:
