@@ -76,6 +76,11 @@ def sla_rows(views: int, *, topk: float = 0.05, heads: int = 16, head_dim: int =
     lut = sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
     rows.append(_row("sla block map", shape,
                      _time(lambda: sla.sla_block_map(q, k, topk=topk, block_q=block, block_k=block), rep_ms)))
+    rows.append(_row("- block map: whole score tensor", shape,
+                     _time(lambda: sla.select_top(sla.block_scores(q, k, block, block), kept), rep_ms)))
+    rows.append(_row("- block map: tiled (score budget)", shape,
+                     _time(lambda: sla.tiled_block_map(q, k, kept, block, block), rep_ms),
+                     tile="{} heads x {} rows".format(*sla.score_tile(heads, n_blocks, n_blocks))))
     scores = sla.block_scores(q, k, block, block)
     rows.append(_row("- block map: pooling + scores (CUDA graph)", shape,
                      _time(lambda: sla.block_scores(q, k, block, block), rep_ms, graph=True)))

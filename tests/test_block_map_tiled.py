@@ -140,3 +140,34 @@ def test_tiled_block_map_peak_allocation_is_bounded(monkeypatch, path):
             lut = lite3r._block_map(q, k, 24.5 / n, bs, bs)  # K = 25 exactly
     assert lut.shape == (1, 2, n, 25)
     assert mode.largest <= max(whole_bytes // 16, inputs_bytes) < whole_bytes // 4
+
+
+def test_pool_totals_are_the_token_sums():
+    """The centring's sum of k over all N tokens, from per-program partial sums (several programs per head: 8 blocks
+    each), equals torch's; the block means too."""
+    gen = torch.Generator().manual_seed(9)
+    k = torch.randn(2, 3, 1001, 16, generator=gen).to(DEVICE)
+    means, total = block_map._block_means(k, 7, totals=True)  # 143 blocks: 18 programs per head
+    assert total.shape == (6, 16) and means.shape == (6, 143, 16)
+    assert torch.allclose(total.cpu(), k.double().sum(dim=2).flatten(0, 1).float().cpu(), rtol=1e-5, atol=1e-4)
+    assert torch.allclose(means.cpu(), lite3r._block_mean(k.cpu(), 7).flatten(0, 1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("views", [32, 128])
+def test_tiled_block_map_equals_whole_gpu(monkeypatch, views):
+    """VGGT-1B's global attention at 32 / 128 views (16 heads, Mk = 687 / 2748): the tiled map (default budget, and
+    8 MiB tiles: many boundaries) equals the whole-tensor one, which is the same from run to run (the centring's sum
+    is deterministic)."""
+    from lite3r_kernels.sla import block_scores, num_kept, select_top
+
+    gen = torch.Generator().manual_seed(views)
+    N, bs = views * 1374, 64
+    q, k = (torch.randn(1, 16, N, 64, generator=gen).to(DEVICE, torch.bfloat16) for _ in range(2))
+    kept = num_kept(0.05, -(-N // bs))
+    whole = select_top(block_scores(q, k, bs, bs), kept).sort(dim=-1).values
+    assert torch.equal(select_top(block_scores(q, k, bs, bs), kept).sort(dim=-1).values, whole)
+    assert torch.equal(block_map.tiled_block_map(q, k, kept, bs, bs).sort(dim=-1).values, whole)
+    assert torch.equal(kernels.sla_block_map(q, k, topk=0.05).sort(dim=-1).values, whole)
+    monkeypatch.setattr(block_map, "_SCORE_BUDGET", 8 << 20)
+    assert torch.equal(block_map.tiled_block_map(q, k, kept, bs, bs).sort(dim=-1).values, whole)

@@ -2,7 +2,7 @@
 
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
 
-`_pool_kernel` averages q and k per block (fp32; k's sum over all tokens too, for the centring);
+`_pool_kernel` averages q and k per block (fp32; k's partial sums over tokens too, for the centring);
 `_block_scores_kernel` writes the [Mq, Mk] block scores (tf32x3 MMAs: fp32-level error); `_select_kernel` takes
 each score row's top K exactly (bracketed search over order-preserving keys, guessed probes first; long rows write
 their indices chunk by chunk). The scores are never held whole past _SCORE_BUDGET bytes: larger maps are scored and
@@ -28,8 +28,9 @@ from .common import _check_qkv, _last_dim_contiguous, _tile
 def _pool_kernel(X, OUT, TOTAL, N, H, M, sx_b, sx_h, sx_n, D, BLOCK: tl.constexpr, TILE: tl.constexpr,
                  TILE_D: tl.constexpr, BLOCKS: tl.constexpr, TOTALS: tl.constexpr):
     """OUT[bh, i, :] = mean of x over the real tokens of block i (fp32), BLOCKS blocks per program (enough bytes per
-    program to stream at bandwidth); TOTALS: also adds the program's token sum into TOTAL[bh, :] (zero-initialised).
-    Grid (cdiv(M, BLOCKS), B*H)."""
+    program to stream at bandwidth); TOTALS: also writes the program's token sum to TOTAL[bh, program, :], summed in
+    a fixed order afterwards (atomic adds sum in a varying order: the centring's last bits, and so the kept set at
+    near-ties, would change from run to run). Grid (cdiv(M, BLOCKS), B*H)."""
     i_p, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     o_d = tl.arange(0, TILE_D)
@@ -46,7 +47,7 @@ def _pool_kernel(X, OUT, TOTAL, N, H, M, sx_b, sx_h, sx_n, D, BLOCK: tl.constexp
         count = tl.minimum(N - i_m * BLOCK, BLOCK).to(tl.float32)  # >= 1: block i_m starts before N
         tl.store(OUT + (i_bh.to(tl.int64) * M + i_m) * D + o_d, b_s / count, mask=m_d)
     if TOTALS:
-        tl.atomic_add(TOTAL + i_bh.to(tl.int64) * D + o_d, b_tot, mask=m_d)
+        tl.store(TOTAL + (i_bh.to(tl.int64) * tl.num_programs(0) + i_p) * D + o_d, b_tot, mask=m_d)
 
 
 @triton.jit
@@ -186,16 +187,18 @@ def num_kept(topk: float, n_blocks: int) -> int:
 _POOL_BLOCKS = 8  # blocks per pooling program: enough bytes per program to stream at bandwidth
 
 
-def _block_means(x: Tensor, block: int, total: Tensor | None = None) -> Tensor:
-    """[B, H, N, D] -> fp32 [B*H, M, D]: per-block means over the real tokens (Triton); `total` (fp32 [B*H, D],
-    zeros): gets the sum over all N tokens added."""
+def _block_means(x: Tensor, block: int, totals: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """[B, H, N, D] -> fp32 [B*H, M, D]: per-block means over the real tokens (Triton); with `totals`, also the sum
+    over all N tokens, fp32 [B*H, D] (deterministic: per-program partial sums, then one torch sum)."""
     B, H, N, D = x.shape
     m = -(-N // block)
+    programs = triton.cdiv(m, _POOL_BLOCKS)
     out = torch.empty((B * H, m, D), device=x.device, dtype=torch.float32)
-    wrap_triton(_pool_kernel)[(triton.cdiv(m, _POOL_BLOCKS), B * H)](
-        x, out, out if total is None else total, N, H, m, x.stride(0), x.stride(1), x.stride(2), D,
-        BLOCK=block, TILE=_tile(block), TILE_D=_tile(D), BLOCKS=_POOL_BLOCKS, TOTALS=total is not None, num_warps=2)
-    return out
+    partial = torch.empty((B * H, programs, D), device=x.device, dtype=torch.float32) if totals else out
+    wrap_triton(_pool_kernel)[(programs, B * H)](
+        x, out, partial, N, H, m, x.stride(0), x.stride(1), x.stride(2), D,
+        BLOCK=block, TILE=_tile(block), TILE_D=_tile(D), BLOCKS=_POOL_BLOCKS, TOTALS=totals, num_warps=2)
+    return (out, partial.sum(dim=1)) if totals else out
 
 
 _SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; longer rows go to torch.topk
@@ -243,10 +246,8 @@ def score_tile(bh: int, n_q: int, n_k: int) -> tuple[int, int]:
 
 def _pooled(q: Tensor, k: Tensor, block_q: int, block_k: int) -> tuple[Tensor, Tensor, Tensor]:
     """fp32 (block means of q [B*H, Mq, D], of k [B*H, Mk, D], sum of k over N [B*H, D]) (two pooling launches)."""
-    B, H, N, D = q.shape
     means_q = _block_means(_last_dim_contiguous(q), block_q)
-    ksum = torch.zeros((B * H, D), device=q.device, dtype=torch.float32)  # sum of k over N, for the centring
-    means_k = _block_means(_last_dim_contiguous(k), block_k, ksum)
+    means_k, ksum = _block_means(_last_dim_contiguous(k), block_k, totals=True)  # ksum: for the centring
     return means_q, means_k, ksum
 
 
