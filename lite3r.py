@@ -682,10 +682,10 @@ def _scaled_mm_ok(device: torch.device) -> bool:
 class FP8Linear(nn.Module):
     """Deployment linear: weight float8_e4m3fn [out, in] + weight_scale fp32 [out] (per output row), bias as is.
 
-    W8A8 through torch._scaled_mm with a dynamic per-token activation scale where supported (sm90+, or CPU builds
-    that have it) and both dims are multiples of 16; otherwise F.linear(fake-quantised x, dequantised weight): the
-    FP8FakeQuantLinear's computation, bit for bit. The bias is added after the GEMM on both paths, as the student
-    adds it (on CPU, W8A8 equals the student exactly too)."""
+    W8A8 through torch._scaled_mm with a dynamic per-token activation scale on sm90+ CUDA (and on CPU builds that
+    have it when use_scaled_mm=True) when both dims are multiples of 16; otherwise F.linear(fake-quantised x,
+    dequantised weight): the FP8FakeQuantLinear's computation, bit for bit. The bias is added after the GEMM on
+    both paths, where the student adds it."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None):
         super().__init__()
@@ -695,7 +695,8 @@ class FP8Linear(nn.Module):
                                                    dtype=torch.float8_e4m3fn))
         self.register_buffer("weight_scale", torch.ones(out_features, device=device, dtype=torch.float32))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self.use_scaled_mm = True  # set False to force the F.linear path
+        # None: W8A8 on CUDA (sm90+); True: also on a CPU build that has _scaled_mm; False: always the F.linear path
+        self.use_scaled_mm: bool | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -726,7 +727,11 @@ class FP8Linear(nn.Module):
         return (self.weight.float() * self.weight_scale[:, None]).to(dtype)
 
     def _w8a8(self, x: Tensor) -> bool:
-        if not self.use_scaled_mm or self.in_features % 16 or self.out_features % 16:
+        if self.use_scaled_mm is False or self.in_features % 16 or self.out_features % 16:
+            return False
+        if x.device.type != "cuda" and self.use_scaled_mm is not True:
+            # CPU _scaled_mm dequantises and runs a GEMM of its own (no faster, and 1 ulp off F.linear at some
+            # shapes, which flips roundings downstream): the F.linear path is the student's computation, bit for bit
             return False
         if torch.compiler.is_compiling():  # read the cache only: probing is eager work
             return _SCALED_MM.get((x.device.type, x.device.index if x.device.type == "cuda" else None), False)

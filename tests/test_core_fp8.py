@@ -127,6 +127,7 @@ def test_fp8_linear_w8a8_matches_fake_quant(monkeypatch, shape):
     if not lite3r._scaled_mm_ok(torch.device("cpu")):
         pytest.skip("this torch build has no CPU torch._scaled_mm for e4m3")
     qat, dep = _pair(64, 48)
+    dep[0].use_scaled_mm = True  # on CPU only when asked (by default CPU runs the student's F.linear path)
     x = torch.randn(*shape) * 4
     if x.numel() > 64:
         x.view(-1, 64)[0] = 0.0  # an all-zero token: clamped scale, output = bias
