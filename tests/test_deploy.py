@@ -51,7 +51,7 @@ def test_fp8_linear_matches_fake_quant(shape):
     scales), within fp32 rounding when W8A8 runs and within the activation-quantisation error when weight-only."""
     torch.manual_seed(0)
     qat = nn.Sequential(nn.Linear(48, 96), nn.GELU(), nn.Linear(96, 32))
-    lite3r.swap_attention(qat, fp8=True)
+    lite3r.convert_to_fp8_qat(qat)  # no attention here: swap_attention would refuse
     assert all(isinstance(m, lite3r.FP8FakeQuantLinear) for m in (qat[0], qat[2]))
     x = torch.randn(*shape, 48)
     x.view(-1, 48)[-1] = 0.0  # an all-zero token: its scale is clamped, its output is the bias
@@ -69,7 +69,7 @@ def test_fp8_weights_are_the_fake_quant_weights():
     """The stored float8 weight times its per-row scale is exactly the fake-quantised weight."""
     torch.manual_seed(0)
     qat = nn.Sequential(nn.Linear(64, 32))
-    lite3r.swap_attention(qat, fp8=True)
+    lite3r.convert_to_fp8_qat(qat)  # no attention here: swap_attention would refuse
     w_dq = lite3r.fp8_fake_quant(qat[0].weight.detach(), axis=-1)
     dep = deploy.deploy_model(copy.deepcopy(qat), dtype=torch.float32, compile_mode=None)
     w = dep[0].weight.float() * dep[0].weight_scale.float().reshape(-1, 1)
@@ -146,7 +146,7 @@ def test_artifact_round_trip(tmp_path):
 def test_cast_floating_keeps_fp8():
     """Module.to(bf16) would turn float8 weights into bf16; cast_floating leaves FP8Linear alone."""
     qat = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32))
-    lite3r.swap_attention(qat, fp8=True)
+    lite3r.convert_to_fp8_qat(qat)  # no attention here: swap_attention would refuse
     dep = deploy.deploy_model(qat, dtype=torch.bfloat16, compile_mode=None)
     assert dep[0].weight.dtype == torch.float8_e4m3fn and dep[0].weight_scale.dtype == torch.float32
     assert dep[1].weight.dtype == torch.bfloat16
