@@ -441,7 +441,8 @@ def _refusal(module: nn.Module, layout: _Layout, shared_bias: str | None = None)
     """Why SLA would not reproduce `module` exactly, or None."""
     name = type(module).__name__
     if layout.output is None:
-        return "its output projection lives outside the module (a transformers < 5 *SelfAttention layout)"
+        return ("it has no proj / o_proj linear: its output projection lives outside the module (as in "
+                "transformers < 5 *SelfAttention)")
     known = set(layout.inputs) | {layout.output} | set(_OPTIONAL_PARTS)
     parts = {**module._parameters, **module._buffers, **module._modules}
     for part, value in parts.items():
@@ -583,7 +584,8 @@ class SLAAttention(nn.Module):
                                        for b in (self.q_bias, self.k_bias, self.v_bias)])
             q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
             return q, k, v
-        return tuple(getattr(self, n)(x).reshape(B, N, -1, self.head_dim).transpose(1, 2) for n in self._inputs)
+        q, k, v = [getattr(self, n)(x).reshape(B, N, -1, self.head_dim).transpose(1, 2) for n in self._inputs]
+        return q, k, v
 
     def forward(self, x: Tensor, *args, **kwargs):
         call = self._arguments(args, kwargs)
