@@ -91,5 +91,5 @@ def test_core_imports_only_torch_jaxtyping_beartype():
     tree = ast.parse((REPO / "lite3r.py").read_text())
     top = {(a.name if isinstance(n, ast.Import) else n.module).split(".")[0]
            for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom)) for a in n.names if getattr(n, "level", 0) == 0}
-    assert top <= {"torch", "jaxtyping", "beartype", "dataclasses", "functools", "importlib", "math", "os",
+    assert top <= {"torch", "jaxtyping", "beartype", "dataclasses", "functools", "importlib", "inspect", "math", "os",
                    "collections", "__future__"}, top
