@@ -66,3 +66,25 @@ def test_config_errors():
     with pytest.raises(ValueError, match="multiples of the patch size"):
         PretrainConfig(res=(30, 42))
     assert PretrainConfig(size="small").res == (252, 252)
+
+
+def _cli(*args):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
+    env.pop("LITE3R_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "lite3r_cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_runs_and_refuses_bad_options(tmp_path):
+    r = _cli("pretrain", "da3", "--steps", "1", "--batch", "1", "--views", "2", "--res", "28,42", "--eval-scenes", "0",
+             "--out", tmp_path / "run", "--device", "cpu", "--quiet")
+    assert r.returncode == 0, r.stderr
+    info = json.loads((tmp_path / "run" / "teacher.json").read_text())
+    assert info["backbone"] == "da3-tiny" and info["config"]["res"] == [28, 42] and info["config"]["steps"] == 1
+    r = _cli("pretrain", "vggt", "--res", "30", "--out", tmp_path / "bad")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --res must be H,W or one size, positive multiples of the patch size 14; got (30, 30)"]
