@@ -348,6 +348,8 @@ def pretrain(
     lr: Annotated[Optional[float], typer.Option(help="peak AdamW learning rate (default 1e-3)")] = None,
     warmup: Annotated[Optional[int], typer.Option(help="linear warm-up steps, then cosine to 10 % (default 100)")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (default 0.05)")] = None,
+    arc: Annotated[Optional[str], typer.Option(help="MIN,MAX degrees the cameras of a training scene span (default "
+                                                    "90,200; held-out scenes keep the default)")] = None,
     w_camera: Annotated[Optional[float], typer.Option(help="camera loss weight (default 5)")] = None,
     w_depth: Annotated[Optional[float], typer.Option(help="depth loss weight (default 1)")] = None,
     w_point: Annotated[Optional[float], typer.Option(help="point loss weight (default 1)")] = None,
@@ -367,7 +369,7 @@ def pretrain(
 
     _pretrain.main(family.value, size=size, out=str(out) if out else None, resume=resume, overwrite=overwrite,
                    device=device, quiet=quiet, steps=steps, batch=batch, views=views, res=res, lr=lr,
-                   warmup=warmup, weight_decay=weight_decay, w_camera=w_camera, w_depth=w_depth, w_point=w_point,
+                   warmup=warmup, weight_decay=weight_decay, arc=arc, w_camera=w_camera, w_depth=w_depth, w_point=w_point,
                    seed=seed, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
 
 

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from lite3r_recon.errors import InvalidInput, MismatchedKeys
 from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_optimizer, loss_plot, lr_at,
                                optimizer_tensors, progress, rng_state, scene_seed, set_rng_state)
+from lite3r_recon.synthetic import ARC
 from lite3r_recon.train_config import LossWeights
 
 FORMAT = "lite3r-pretrain/1"
@@ -54,6 +55,7 @@ class PretrainConfig:
     warmup: int = 100
     weight_decay: float = 0.05
     grad_clip: float = 1.0
+    arc: tuple[float, float] = ARC  # degrees the cameras of a training scene span; held-out scenes keep ARC
     w_camera: float = LossWeights.camera
     w_depth: float = LossWeights.depth
     w_point: float = LossWeights.point
@@ -71,6 +73,10 @@ class PretrainConfig:
         if len(res) != 2 or any(int(r) <= 0 or int(r) % 14 for r in res):
             raise InvalidInput(f"--res must be H,W or one size, positive multiples of the patch size 14; got {self.res}")
         object.__setattr__(self, "res", (int(res[0]), int(res[1])))
+        arc = tuple(float(a) for a in self.arc)
+        if len(arc) != 2 or not 0 <= arc[0] <= arc[1] <= 360:
+            raise InvalidInput(f"--arc must be MIN,MAX degrees with 0 <= MIN <= MAX <= 360, got {self.arc}")
+        object.__setattr__(self, "arc", arc)
         for name in ("steps", "batch", "ckpt_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -93,7 +99,7 @@ class PretrainConfig:
     @classmethod
     def from_json(cls, d: dict) -> "PretrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if k == "res" and v else v) for k, v in d.items() if k in known})
+        return cls(**{k: (tuple(v) if k in ("res", "arc") and v else v) for k, v in d.items() if k in known})
 
 
 def train_seed(seed: int, step: int, index: int) -> int:
@@ -163,7 +169,7 @@ class Pretrainer:
         from lite3r_recon.synthetic import render_batch
 
         seeds = [train_seed(self.cfg.seed, step, i) for i in range(self.cfg.batch)]
-        return render_batch(seeds, self.cfg.views, self.cfg.res, device=self.device)
+        return render_batch(seeds, self.cfg.views, self.cfg.res, device=self.device, arc=self.cfg.arc)
 
     def step(self, step: int) -> dict[str, float]:
         from lite3r_backbones.cameras import normalize_scene
@@ -339,7 +345,7 @@ def reproduce_command(cfg: PretrainConfig) -> str:
     return (f"lite3r pretrain {cfg.family} --size {cfg.size} --steps {cfg.steps} --batch {cfg.batch} --views "
             f"{cfg.views} --res {cfg.res[0]},{cfg.res[1]} --lr {cfg.lr} --warmup {cfg.warmup} --weight-decay "
             f"{cfg.weight_decay} --w-camera {cfg.w_camera:g} --w-depth {cfg.w_depth:g} --w-point {cfg.w_point:g} "
-            f"--seed {cfg.seed}")
+            f"--seed {cfg.seed}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC else ""))
 
 
 def _resume_config(saved: PretrainConfig, asked: PretrainConfig, explicit: set[str] | None) -> PretrainConfig:
@@ -375,6 +381,11 @@ def main(family: str, *, size: str = "tiny", out: str | None = None, resume: boo
         from lite3r_recon.train_config import parse_res
 
         given["res"] = parse_res(given["res"])
+    if "arc" in given and isinstance(given["arc"], str):
+        try:
+            given["arc"] = tuple(float(a) for a in given["arc"].split(","))
+        except ValueError:
+            raise InvalidInput(f"--arc takes MIN,MAX in degrees like 20,60; got {given['arc']!r}") from None
     cfg = PretrainConfig(family=family, size=size, **given)
     out = out or f"runs/pretrain-{cfg.backbone}"
     return pretrain(cfg, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,

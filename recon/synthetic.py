@@ -71,10 +71,17 @@ def look_at(center: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.nd
     return np.concatenate([R, -(R @ center)[:, None]], 1)
 
 
-def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518) -> Scene:
-    """The scene and cameras of `seed` (numpy Generator; nothing global is touched)."""
+ARC = (90.0, 200.0)  # degrees of azimuth the cameras of a scene span (drawn uniformly in this range)
+
+
+def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518, *,
+               arc: tuple[float, float] = ARC) -> Scene:
+    """The scene and cameras of `seed` (numpy Generator; nothing global is touched). `arc`: the range of the azimuth
+    span of the cameras in degrees (narrower: smaller baselines between neighbouring views)."""
     if views < 1:
         raise InvalidInput(f"views must be >= 1, got {views}")
+    if not 0 <= arc[0] <= arc[1] <= 360:
+        raise InvalidInput(f"arc must be (min, max) degrees with 0 <= min <= max <= 360, got {arc}")
     H, W = _hw(size)
     rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, 0x5CE7E])
     color = lambda: tuple(float(c) for c in rng.uniform(0.1, 0.95, 3))  # noqa: E731
@@ -105,7 +112,7 @@ def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518) ->
     light = tuple(float(v) for v in light / np.linalg.norm(light))
 
     # cameras: an arc of azimuths at one or two elevations, looking at the scene centre (jittered)
-    az0, span = rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(90, 200))
+    az0, span = rng.uniform(0, 2 * math.pi), math.radians(rng.uniform(*arc))
     rings = 2 if views >= 8 else 1
     elev = np.radians(rng.uniform(20, 32, rings) + np.arange(rings) * 15)
     fov = math.radians(rng.uniform(45, 60))
@@ -270,10 +277,10 @@ def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
 
 
 def render_batch(seeds: list[int], views: int = 4, size: int | tuple[int, int] = (126, 168), *,
-                 device: str | torch.device | None = None) -> dict[str, Tensor]:
+                 device: str | torch.device | None = None, arc: tuple[float, float] = ARC) -> dict[str, Tensor]:
     """The scenes of `seeds` rendered together on `device`: images [B,S,3,H,W], depth [B,S,H,W], mask, extrinsics
     [B,S,3,4] w2c, intrinsics [B,S,3,3] (float32, metric world), all on `device`."""
-    scenes = [make_scene(s, views, size) for s in seeds]
+    scenes = [make_scene(s, views, size, arc=arc) for s in seeds]
     images, depth = render_scenes(scenes, device=device)
     dev = images.device
     return {"images": images, "depth": depth, "mask": depth > 0,

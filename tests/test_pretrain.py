@@ -66,6 +66,27 @@ def test_config_errors():
     with pytest.raises(ValueError, match="multiples of the patch size"):
         PretrainConfig(res=(30, 42))
     assert PretrainConfig(size="small").res == (252, 252)
+    with pytest.raises(ValueError, match="--arc"):
+        PretrainConfig(arc=(50, 20))
+
+
+def test_arc_narrows_the_camera_baselines():
+    import numpy as np
+
+    from lite3r_recon.synthetic import ARC, make_scene
+
+    def span(arc):  # mean azimuth span (degrees) between the first and the last camera of 20 scenes
+        out = []
+        for seed in range(20):
+            E = make_scene(seed, 4, 28, arc=arc).extrinsics
+            c = np.stack([-(e[:, :3].T @ e[:, 3]) for e in E])  # camera centres
+            a = np.degrees(np.arctan2(c[:, 1], c[:, 0]))
+            out.append(abs((a[-1] - a[0] + 180) % 360 - 180))
+        return float(np.mean(out))
+
+    narrow, wide = span((10.0, 20.0)), span(ARC)
+    assert 5 < narrow < 20 and wide > 60, (narrow, wide)  # 3/4 of the span lies between the first and last view
+    np.testing.assert_array_equal(make_scene(3, 4, 28).extrinsics, make_scene(3, 4, 28, arc=ARC).extrinsics)
 
 
 def _cli(*args):
