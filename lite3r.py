@@ -380,18 +380,21 @@ def distill_loss(student_outputs: Sequence[Tensor], teacher_outputs: Sequence[Te
 # DA3 and VGGT attention). Any other parameter, buffer or submodule could change the result, so it is refused.
 _HEADS = ("num_heads", "num_attention_heads")
 _IN_PROJ = (("qkv",), ("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
-_OUT_PROJ = ("proj", "o_proj")
-_OPTIONAL_PARTS = ("q_norm", "k_norm", "norm", "gate", "rope", "attn_drop", "proj_drop", "q_bias", "k_bias", "v_bias")
+_OUT_PROJ = ("proj", "o_proj", "out_proj")
+_OPTIONAL_PARTS = ("q_norm", "k_norm", "norm", "gate", "rope", "attn_drop", "dropout", "proj_drop", "q_bias", "k_bias",
+                   "v_bias")
+_DROPOUT = ("attn_drop", "attention_dropout", "dropout_prob", "dropout")  # nn.Dropout or the float passed to SDPA
 _REL_POS = ("relative_position_bias_table", "relative_position_index", "rel_pos_h", "rel_pos_w", "rel_pos",
             "relative_position_bias", "attn_bias", "logit_scale", "cpb_mlp")
 _MASK_ARGS = ("attn_mask", "attention_mask", "attn_bias", "mask", "shared_rel_pos_bias", "position_bias")
-_ARGS = ("pos", "rope", "is_causal") + _MASK_ARGS  # forward arguments SLAAttention understands (None / False: no-op)
+# forward arguments SLAAttention understands (a mask / bias: only None; is_causal: only False)
+_ARGS = ("pos", "rope", "position_embeddings", "is_causal") + _MASK_ARGS
 
 
 @dataclasses.dataclass(frozen=True)
 class _Layout:
     inputs: tuple[str, ...]  # ("qkv",) or the three q / k / v projection names
-    output: str | None  # the output projection's name; None: it lives outside the module (not swappable)
+    output: str | None  # the output projection's name; None: it lives outside (transformers' *SelfAttention)
     heads: int
 
 
@@ -440,9 +443,6 @@ def _head_dims(module: nn.Module, layout: _Layout) -> tuple[int, int] | str:
 def _refusal(module: nn.Module, layout: _Layout, shared_bias: str | None = None) -> str | None:
     """Why SLA would not reproduce `module` exactly, or None."""
     name = type(module).__name__
-    if layout.output is None:
-        return ("it has no proj / o_proj linear: its output projection lives outside the module (as in "
-                "transformers < 5 *SelfAttention)")
     known = set(layout.inputs) | {layout.output} | set(_OPTIONAL_PARTS)
     parts = {**module._parameters, **module._buffers, **module._modules}
     for part, value in parts.items():
@@ -477,15 +477,22 @@ def _refusal(module: nn.Module, layout: _Layout, shared_bias: str | None = None)
             continue
         if p.default is inspect.Parameter.empty:
             return f"its forward takes {p.name}, which SLA does not know how to apply"
-    if shared_bias and any(p.name == "shared_rel_pos_bias" for p in _forward_params(module)):
-        return f"the model's shared relative position bias ({shared_bias}) is added to its attention scores"
+    through = [p.name for p in _forward_params(module) if p.name in _MASK_ARGS]
+    if shared_bias and through:  # BEiT: timm passes it as shared_rel_pos_bias, transformers as attention_mask
+        return (f"the model's relative position bias outside it ({shared_bias}) reaches its attention scores "
+                f"through {through[0]}")
     return None
 
 
 def _dropout_p(module: nn.Module) -> float:
-    drop = getattr(module, "attn_drop", getattr(module, "attention_dropout", None))
-    drop = drop.p if isinstance(drop, nn.Dropout) else drop  # timm: nn.Dropout; others: the float they pass SDPA
-    return float(drop) if isinstance(drop, (int, float)) and not isinstance(drop, bool) else 0.0
+    """The largest attention dropout the module has (SLA applies none: p > 0 is refused in training)."""
+    ps = [0.0]
+    for name in _DROPOUT:
+        drop = getattr(module, name, None)
+        drop = drop.p if isinstance(drop, nn.Dropout) else drop
+        if isinstance(drop, (int, float)) and not isinstance(drop, bool):
+            ps.append(float(drop))
+    return max(ps)
 
 
 def _rotate(x: Tensor, half: bool) -> Tensor:
@@ -503,12 +510,20 @@ def _apply_rope_table(t: Tensor, rope: Tensor, prefix: int, half: bool) -> Tenso
     return torch.cat([t[:, :, :prefix], rotated], dim=2)
 
 
+def _apply_cos_sin(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """transformers' convention (DINOv3): position_embeddings = (cos, sin) for the last tokens, half rotation."""
+    prefix = t.shape[-2] - sin.shape[-2]  # cls + register tokens
+    x = t[:, :, prefix:]
+    return torch.cat([t[:, :, :prefix], x * cos + _rotate(x, True) * sin], dim=2)
+
+
 class SLAAttention(nn.Module):
     """Drop-in SLA replacement of an attention module, read by structure: an int `num_heads` (or
     `num_attention_heads`), a fused `qkv` linear or three `q_proj/k_proj/v_proj` (or `query/key/value`) linears, and
-    a `proj` (or `o_proj`) linear; optionally q_norm / k_norm, q_bias / v_bias of a fused qkv (BEiT, EVA), a `rope`
-    callable rope(t, pos) (VGGT, DA3) or a timm rope table passed as forward(x, rope=...), grouped key / value heads,
-    an output `norm` (timm scale_norm), a sigmoid `gate` and proj_drop.
+    a `proj` (or `o_proj`, `out_proj`) linear, or none (transformers' *SelfAttention, projected by its caller);
+    optionally q_norm / k_norm, q_bias / v_bias of a fused qkv (BEiT, EVA), a `rope` callable rope(t, pos) (VGGT,
+    DA3), a timm rope table forward(x, rope=...) or transformers' forward(x, position_embeddings=(cos, sin)),
+    grouped key / value heads, an output `norm` (timm scale_norm), a sigmoid `gate` and proj_drop.
 
     Keeps the original submodules and parameters (same objects, same state-dict keys) and adds
     `proj_l = Linear(D, D)`, zero-init, so at init the output is block-sparse attention (dense attention at topk=1).
@@ -533,7 +548,7 @@ class SLAAttention(nn.Module):
         self.num_heads = layout.heads
         self.head_dim, self.num_kv_heads = _head_dims(attn, layout)
         self._inputs, self._output = layout.inputs, layout.output
-        for part in layout.inputs + (layout.output,):
+        for part in layout.inputs + ((layout.output,) if layout.output else ()):
             setattr(self, part, getattr(attn, part))
         self.q_norm = getattr(attn, "q_norm", None)
         self.k_norm = getattr(attn, "k_norm", None)
@@ -552,7 +567,9 @@ class SLAAttention(nn.Module):
         self.attn_drop_p = _dropout_p(attn)
         self.scope = getattr(attn, "scope", "global")
         params = _forward_params(attn)
-        self._arg_names = tuple(p.name for p in params[1:] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        # the replaced forward's positional parameter names, the input's first (x, hidden_states, ...)
+        self._arg_names = tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+        self._arg_names = self._arg_names or ("x",)
         ret = inspect.signature(type(attn).forward).return_annotation if params else None
         self._returns_tuple = "tuple" in str(ret).lower()  # transformers: (output, attention weights)
         self.topk, self.block_q, self.block_k, self.feature_map = float(topk), block_q, block_k, feature_map
@@ -563,16 +580,18 @@ class SLAAttention(nn.Module):
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
 
-    def _arguments(self, args: tuple, kwargs: dict) -> dict:
+    def _arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
         if len(args) > len(self._arg_names):
-            raise TypeError(f"SLAAttention.forward got {len(args) + 1} positional arguments, the replaced module "
-                            f"takes {len(self._arg_names) + 1}")
+            raise TypeError(f"SLAAttention.forward got {len(args)} positional arguments, the replaced module "
+                            f"takes {len(self._arg_names)}")
         call = dict(zip(self._arg_names, args))
         for name, value in kwargs.items():
             if name in call:
                 raise TypeError(f"SLAAttention.forward got multiple values for {name}")
             call[name] = value
-        return call
+        if self._arg_names[0] not in call:
+            raise TypeError(f"SLAAttention.forward needs its input ({self._arg_names[0]})")
+        return call.pop(self._arg_names[0]), call
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, N, _ = x.shape
@@ -587,9 +606,9 @@ class SLAAttention(nn.Module):
         q, k, v = [getattr(self, n)(x).reshape(B, N, -1, self.head_dim).transpose(1, 2) for n in self._inputs]
         return q, k, v
 
-    def forward(self, x: Tensor, *args, **kwargs):
-        call = self._arguments(args, kwargs)
-        pos, rope = call.pop("pos", None), call.pop("rope", None)
+    def forward(self, *args, **kwargs):
+        x, call = self._arguments(args, kwargs)
+        pos, rope, cos_sin = call.pop("pos", None), call.pop("rope", None), call.pop("position_embeddings", None)
         if call.pop("is_causal", False) is not False:
             raise Lite3rError("SLAAttention got is_causal=True: causal attention is not supported by SLA; leave this "
                               "module dense (swap_attention(filter=...))")
@@ -614,6 +633,10 @@ class SLAAttention(nn.Module):
             k = _apply_rope_table(k, rope, self.num_prefix_tokens, self.rotate_half).type_as(v)
         elif rope is not None:
             raise Lite3rError(f"SLAAttention got rope={type(rope).__name__}: expected a timm sin/cos table (Tensor)")
+        elif cos_sin is not None:  # transformers: (cos, sin)
+            if not (isinstance(cos_sin, (tuple, list)) and len(cos_sin) == 2):
+                raise Lite3rError(f"SLAAttention got position_embeddings={type(cos_sin).__name__}: expected (cos, sin)")
+            q, k = _apply_cos_sin(q, *cos_sin), _apply_cos_sin(k, *cos_sin)
         elif self.rope is not None and pos is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
         if self.num_kv_heads != self.num_heads:  # grouped keys / values: head h reads kv head h // group
@@ -627,7 +650,8 @@ class SLAAttention(nn.Module):
             o = self.norm(o)
         if gate is not None:
             o = o * gate
-        o = getattr(self, self._output)(o)
+        if self._output is not None:  # None: the caller projects (transformers' *SelfAttention + *SelfOutput)
+            o = getattr(self, self._output)(o)
         if self.proj_drop is not None:
             o = self.proj_drop(o)
         return (o, None) if self._returns_tuple else o
@@ -761,10 +785,9 @@ class FP8Linear(nn.Module):
 # ------------------------------------------------------------------------------------------------------ surgery
 def is_attention(module: nn.Module) -> bool:
     """Structural: an int num_heads (or num_attention_heads), a fused qkv linear or q_proj/k_proj/v_proj (or
-    query/key/value) linears, and a proj (or o_proj) linear: timm, transformers >= 5, DINOv2, VGGT, DA3, SLA.
-    Whether SLA reproduces it exactly is survey_attention's question."""
-    layout = _layout(module)
-    return layout is not None and layout.output is not None
+    query/key/value) linears, and usually a proj (or o_proj, out_proj) linear: timm, transformers, DINOv2, VGGT,
+    DA3, SLA. Whether SLA reproduces it exactly is survey_attention's question."""
+    return _layout(module) is not None
 
 
 def swap_modules(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool],
@@ -939,8 +962,6 @@ def survey_attention(model: nn.Module, config: "SLAConfig | None" = None, *,
                                           "cross-attention) is not a layout SLA swaps"))
         elif layout is None:
             continue
-        elif layout.output is None:
-            entries.append(AttentionEntry(fqn, cls, "dense", _refusal(m, layout)))
         elif not config.selects(m, fqn):
             entries.append(AttentionEntry(fqn, cls, "dense", f"scope {getattr(m, 'scope', 'global')!r} is not in "
                                           f"SLAConfig.scopes {config.scopes}"))

@@ -154,7 +154,8 @@ def test_forward_args_refused_at_swap_and_shared_bias():
     model = Net(SharedBias())
     model.rel_pos_bias = nn.Module()
     model.rel_pos_bias.relative_position_bias_table = nn.Parameter(torch.zeros(9, 4))
-    with pytest.raises(lite3r.Lite3rError, match=r"shared relative position bias \(rel_pos_bias\)"):
+    why = r"relative position bias outside it \(rel_pos_bias\) reaches its attention scores through shared_rel_pos_bias"
+    with pytest.raises(lite3r.Lite3rError, match=why):
         lite3r.swap_attention(model)
     del model.rel_pos_bias
     lite3r.swap_attention(model, fp8=False)

@@ -124,7 +124,7 @@ def test_eval_model_with_attention_dropout():
      "timm.models.beit.Attention", "relative position bias"),
     ("beit_base_patch16_224", dict(img_size=32, embed_dim=32, depth=2, num_heads=2, use_rel_pos_bias=False,
                                    use_shared_rel_pos_bias=True), "blocks.0.attn", "timm.models.beit.Attention",
-     "shared relative position bias (rel_pos_bias)"),
+     "relative position bias outside it (rel_pos_bias) reaches its attention scores through shared_rel_pos_bias"),
     ("swin_tiny_patch4_window7_224", dict(img_size=56, embed_dim=16, depths=(2,), num_heads=(2,), window_size=7),
      "layers.0.blocks.0.attn", "timm.models.swin_transformer.WindowAttention", "relative position bias"),
 ], ids=["beit-relpos", "beit-shared-relpos", "swin"])
