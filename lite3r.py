@@ -386,7 +386,8 @@ _OPTIONAL_PARTS = ("q_norm", "k_norm", "norm", "gate", "rope", "attn_drop", "dro
 _DROPOUT = ("attn_drop", "attention_dropout", "dropout_prob", "dropout")  # nn.Dropout or the float passed to SDPA
 _REL_POS = ("relative_position_bias_table", "relative_position_index", "rel_pos_h", "rel_pos_w", "rel_pos",
             "relative_position_bias", "attn_bias", "logit_scale", "cpb_mlp")
-_MASK_ARGS = ("attn_mask", "attention_mask", "attn_bias", "mask", "shared_rel_pos_bias", "position_bias")
+_MASK_ARGS = ("attn_mask", "attention_mask", "attn_bias", "mask", "shared_rel_pos_bias", "shared_rel_pos",
+              "position_bias")
 # forward arguments SLAAttention understands (a mask / bias: only None; is_causal: only False)
 _ARGS = ("pos", "rope", "position_embeddings", "is_causal") + _MASK_ARGS
 
@@ -621,6 +622,10 @@ class SLAAttention(nn.Module):
         if self.training and self.attn_drop_p > 0:  # eval (dropout off) is exact; training would silently differ
             raise Lite3rError(f"SLAAttention cannot apply the replaced module's attention dropout (p="
                               f"{self.attn_drop_p}) in training; set it to 0 or leave this module dense")
+        shape = x.shape  # [B, N, C], or [B, *spatial, C] (VOLO: [B, H, W, C]): every token attends to every token
+        if x.dim() < 3:
+            raise Lite3rError(f"SLAAttention takes tokens [B, N, C] (or [B, ..., C]); got shape {tuple(shape)}")
+        x = x.flatten(1, -2) if x.dim() > 3 else x
         B, N, _ = x.shape
         gate = self.gate(x).sigmoid() if self.gate is not None else None
         q, k, v = self._project(x)  # [B, H, N, D]; k, v: [B, H_kv, N, D]
@@ -654,6 +659,7 @@ class SLAAttention(nn.Module):
             o = getattr(self, self._output)(o)
         if self.proj_drop is not None:
             o = self.proj_drop(o)
+        o = o.reshape(*shape[:-1], o.shape[-1])
         return (o, None) if self._returns_tuple else o
 
     def extra_repr(self) -> str:
@@ -938,11 +944,19 @@ class AttentionEntry:
 
 
 def _shared_rel_pos(model: nn.Module) -> str | None:
-    """The fqn of a relative position bias table held outside the attention modules (BEiT's shared one), if any."""
+    """The fqn of a relative position bias held outside the attention modules (BEiT's shared table, a layer's own
+    in transformers' BEiT, timm's shared RelPosMlp), if any."""
     for fqn, m in model.named_modules():
-        if isinstance(getattr(m, "relative_position_bias_table", None), Tensor) and _layout(m) is None:
+        if _layout(m) is None and any(isinstance(getattr(m, n, None), Tensor) for n in _REL_POS):
             return fqn or type(m).__name__
     return None
+
+
+def _unread_attention(module: nn.Module) -> bool:
+    """An attention-named module SLA cannot read (Twins' q + kv, LeViT, Hiera, ...) with no readable one inside."""
+    name = type(module).__name__
+    return (("Attention" in name or name.endswith("Attn")) and _layout(module) is None
+            and not any(_layout(m) is not None for m in module.modules()))
 
 
 def survey_attention(model: nn.Module, config: "SLAConfig | None" = None, *,
@@ -961,6 +975,9 @@ def survey_attention(model: nn.Module, config: "SLAConfig | None" = None, *,
             entries.append(AttentionEntry(fqn, cls, "dense", "nn.MultiheadAttention (packed in_proj, masks, "
                                           "cross-attention) is not a layout SLA swaps"))
         elif layout is None:
+            if _unread_attention(m):
+                entries.append(AttentionEntry(fqn, cls, "dense", "not a layout SLA reads (an int num_heads, a qkv or "
+                                              "q_proj/k_proj/v_proj linear and a proj linear)"))
             continue
         elif not config.selects(m, fqn):
             entries.append(AttentionEntry(fqn, cls, "dense", f"scope {getattr(m, 'scope', 'global')!r} is not in "

@@ -180,6 +180,35 @@ def test_call_time_refusals():
         attn(x, None, None, False, 1)
 
 
+def test_spatial_tokens_and_unread_attention():
+    """[B, H, W, C] tokens (VOLO) attend as H*W tokens and come back in their shape; an attention-named module SLA
+    cannot read (q + kv linears, as Twins' and PVT's) is reported dense with why, never passed over silently."""
+    class Spatial(Attn):
+        def forward(self, x):
+            B, H, W, C = x.shape
+            return super().forward(x.reshape(B, H * W, C)).reshape(B, H, W, C)
+
+    class KVAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.num_heads, self.q, self.kv, self.proj = 4, nn.Linear(48, 48), nn.Linear(48, 96), nn.Linear(48, 48)
+
+    model = Net(Spatial())
+    model.other = KVAttention()
+    x = torch.randn(2, 5, 7, 48)
+    with torch.no_grad():
+        ref = model.blocks[0](x)
+        report = lite3r.swap_attention(model, topk=1.0, fp8=False)
+        out = model.blocks[0](x)
+    assert out.shape == x.shape and float((out - ref).abs().max() / ref.abs().max()) <= 1e-5
+    assert [v for k, v in report.by_class().items() if k.endswith(".KVAttention")] == [{"dense": 1}]
+    assert "not a layout SLA reads" in str(report)
+    kv_net = type("KVNet", (nn.Module,), {})()
+    kv_net.a = KVAttention()
+    with pytest.raises(lite3r.Lite3rError, match=r"nothing to swap in KVNet: 1 attention module\(s\).*KVAttention"):
+        lite3r.swap_attention(kv_net)
+
+
 def test_survey_dense_reasons_report_and_nothing_to_swap():
     mha = nn.MultiheadAttention(48, 4, batch_first=True)
     frame = Attn()
