@@ -390,6 +390,8 @@ _MASK_ARGS = ("attn_mask", "attention_mask", "attn_bias", "mask", "shared_rel_po
               "position_bias")
 # forward arguments SLAAttention understands (a mask / bias: only None; is_causal: only False)
 _ARGS = ("pos", "rope", "position_embeddings", "is_causal") + _MASK_ARGS
+# the geometry a relative position bias needs (Data2Vec): moot, a module with such a bias is refused at swap time
+_IGNORED_ARGS = ("resolution", "interpolate_pos_encoding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -615,7 +617,8 @@ class SLAAttention(nn.Module):
                               "module dense (swap_attention(filter=...))")
         # callers pass attn_mask=None (timm), attn_bias=None (DINOv2), attention_mask=None (transformers); a real
         # mask or bias cannot be honoured
-        given = [name for name, value in call.items() if value is not None and value is not False]
+        given = [name for name, value in call.items()
+                 if value is not None and value is not False and name not in _IGNORED_ARGS]
         if given:
             raise Lite3rError(f"SLAAttention got {', '.join(given)}: masked or biased attention is not supported by "
                               "SLA; leave this module dense (swap_attention(filter=...))")

@@ -2,8 +2,9 @@
 with num_attention_heads and `scaling`, an o_proj / out_proj or none (*SelfAttention: the caller projects), called
 as attention(hidden_states, attention_mask, position_embeddings=(cos, sin)) and returning (output, weights).
 Swapped exactly (topk=1 parity, QAT into proj_l only, deploy = student): Dinov2, ViT, DINOv3 (rope), Siglip (its
-pooling head's nn.MultiheadAttention left dense), YOLOS (*SelfAttention), ViTMAE; refused at swap time with one
-line: BEiT's relative position biases (per layer and shared, fed in as attention_mask), Swin and Swin v2."""
+pooling head's nn.MultiheadAttention left dense), YOLOS (*SelfAttention), ViTMAE, Data2Vec (query / key / value);
+refused at swap time with one line: BEiT's relative position biases (per layer and shared, fed in as
+attention_mask), Data2Vec's, Swin and Swin v2."""
 import copy
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import lite3r
 from thirdparty_checks import check_family, import_or_skip, perturb, swapped_classes
 
-MODELS = ("Dinov2", "ViT", "DINOv3ViT", "SiglipVision", "Yolos", "ViTMAE", "Beit", "Swin", "Swinv2")
+MODELS = ("Dinov2", "ViT", "DINOv3ViT", "SiglipVision", "Yolos", "ViTMAE", "Data2VecVision", "Beit", "Swin", "Swinv2")
 transformers = import_or_skip("transformers", *(f"{m}{kind}" for m in MODELS for kind in ("Config", "Model")))
 
 
@@ -30,6 +31,7 @@ FAMILIES = {  # name: (model, config, input size, forward kwargs)
     "siglip": ("SiglipVision", dict(patch_size=8), 56, {}),
     "yolos-selfattention": ("Yolos", dict(patch_size=8, image_size=[56, 56], num_detection_tokens=3), 56, {}),
     "vitmae": ("ViTMAE", dict(patch_size=8, mask_ratio=0.5), 56, {"noise": torch.rand(2, 49)}),
+    "data2vec-query-key-value": ("Data2VecVision", dict(patch_size=8), 56, {}),  # called with resolution=(H, W)
 }
 
 
@@ -58,9 +60,10 @@ def test_swapped_exactly(family):
      "(layers.0.relative_position_bias) reaches its attention scores through attention_mask"),
     ("Beit", dict(patch_size=8, use_shared_relative_position_bias=True), "relative position bias outside it "
      "(shared_position_bias) reaches its attention scores through attention_mask"),
+    ("Data2VecVision", dict(patch_size=8, use_relative_position_bias=True), "relative position bias"),
     ("Swin", dict(patch_size=4, embed_dim=16, depths=[1], num_heads=[2], window_size=7), "relative position bias"),
     ("Swinv2", dict(patch_size=4, embed_dim=16, depths=[1], num_heads=[2], window_size=7), "relative position bias"),
-], ids=["beit-relpos", "beit-shared-relpos", "swin", "swinv2"])
+], ids=["beit-relpos", "beit-shared-relpos", "data2vec-relpos", "swin", "swinv2"])
 def test_refused_at_swap_time(name, kwargs, why):
     if name.startswith("Swin"):
         torch.manual_seed(0)
