@@ -234,8 +234,6 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     that step is done, as if killed there (for tests)."""
     from lite3r_recon.io import atomic_write_bytes, atomic_write_text, console as make_console
 
-    if torch.cuda.is_available() and device in (None, "cuda"):  # torch.cuda.set_device needs an index
-        device = f"cuda:{torch.cuda.current_device()}"
     d = init_dist(device)
     if d.world > 1:
         raise InvalidInput("lite3r pretrain runs in one process (a tiny or small teacher fits one GPU)")

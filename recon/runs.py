@@ -116,6 +116,8 @@ def init_dist(device: str | None) -> Dist:
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
     dev = torch.device(f"cuda:{local}" if use_cuda and world > 1 else (device or ("cuda" if use_cuda else "cpu")))
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda" means the current device; set_device needs an index
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
