@@ -35,9 +35,13 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from .cameras import da3_pose_decoding as pose_encoding_to_extri_intri  # camera geometry: backbones/cameras.py
+from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
+from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
 from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
-from .vggt import IMAGENET_MEAN, IMAGENET_STD, mat_to_quat, quat_to_mat
+from .vggt import IMAGENET_MEAN, IMAGENET_STD
+from lite3r_recon.errors import InvalidInput
 
 REF_VIEW_STRATEGIES = ("first", "middle", "saddle_balanced", "saddle_sim_range")
 REF_SELECTION_MIN_VIEWS = 3  # the official code reorders views only from 3 views on
@@ -71,14 +75,14 @@ class DA3Config:
 
     def __post_init__(self):
         if self.ref_view_strategy not in REF_VIEW_STRATEGIES:
-            raise ValueError(f"ref_view_strategy must be one of {REF_VIEW_STRATEGIES}, got {self.ref_view_strategy!r}")
+            raise InvalidInput(f"ref_view_strategy must be one of {REF_VIEW_STRATEGIES}, got {self.ref_view_strategy!r}")
         if len(self.out_layers) != 4 or not all(0 <= i < self.depth for i in self.out_layers):
-            raise ValueError(f"out_layers must be 4 block indices < depth={self.depth}, got {self.out_layers}")
+            raise InvalidInput(f"out_layers must be 4 block indices < depth={self.depth}, got {self.out_layers}")
         if self.alt_start % 2:
-            raise ValueError(f"alt_start must be even (the block that receives the camera tokens is a frame block), "
+            raise InvalidInput(f"alt_start must be even (the block that receives the camera tokens is a frame block), "
                              f"got {self.alt_start}")
         if len(self.head_out_channels) != 4:
-            raise ValueError(f"head_out_channels needs 4 entries, got {self.head_out_channels}")
+            raise InvalidInput(f"head_out_channels needs 4 entries, got {self.head_out_channels}")
 
 
 CONFIGS: dict[str, DA3Config] = {
@@ -129,36 +133,7 @@ def normalize_images(images: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------- cameras
 
 
-def affine_inverse(m: Tensor) -> Tensor:
-    """[..., 3, 4] rigid [R|t] -> [R^T | -R^T t]."""
-    R, t = m[..., :3, :3], m[..., :3, 3:]
-    return torch.cat((R.mT, -R.mT @ t), dim=-1)
 
-
-def pose_encoding_to_extri_intri(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """DA3 pose_enc [..., 9] -> (extrinsics w2c OpenCV [..., 3, 4], intrinsics [..., 3, 3]).
-
-    The encoding holds the camera-to-world pose; fx = (W/2) / max(tan(fov_w/2), 1e-6), principal point at centre.
-    """
-    H, W = image_hw
-    c2w = torch.cat((quat_to_mat(pose_enc[..., 3:7]), pose_enc[..., :3, None]), dim=-1)
-    fy = (H / 2.0) / torch.tan(pose_enc[..., 7] / 2.0).clamp_min(1e-6)
-    fx = (W / 2.0) / torch.tan(pose_enc[..., 8] / 2.0).clamp_min(1e-6)
-    zero, one = torch.zeros_like(fx), torch.ones_like(fx)
-    intrinsics = torch.stack(
-        (fx, zero, zero + W / 2, zero, fy, zero + H / 2, zero, zero, one), dim=-1
-    ).unflatten(-1, (3, 3))
-    return affine_inverse(c2w), intrinsics
-
-
-def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_hw: tuple[int, int]) -> Tensor:
-    """extrinsics (w2c, [..., 3, 4] or [..., 4, 4]) + intrinsics -> DA3 pose_enc [..., 9] of the camera-to-world pose."""
-    H, W = image_hw
-    c2w = affine_inverse(extrinsics[..., :3, :4])
-    fov_h = 2 * torch.atan((H / 2) / intrinsics[..., 1, 1])
-    fov_w = 2 * torch.atan((W / 2) / intrinsics[..., 0, 0])
-    quat = mat_to_quat(c2w[..., :3, :3])
-    return torch.cat((c2w[..., :3, 3], quat, fov_h[..., None], fov_w[..., None]), dim=-1).float()
 
 
 class CameraDec(nn.Module):
@@ -287,9 +262,9 @@ class DA3(nn.Module):
         if images.ndim == 4:
             images = images[None]
         if images.ndim != 5 or images.shape[2] != 3:
-            raise ValueError(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
+            raise InvalidInput(f"expected images [B,S,3,H,W] or [S,3,H,W], got {tuple(images.shape)}")
         if (extrinsics is None) != (intrinsics is None):
-            raise ValueError("extrinsics and intrinsics must be given together (or neither)")
+            raise InvalidInput("extrinsics and intrinsics must be given together (or neither)")
         H, W = images.shape[-2:]
         cam_tokens = None
         if extrinsics is not None:
@@ -356,7 +331,7 @@ class DA3(nn.Module):
         """Model output -> extrinsics [B,S,3,4] (w2c OpenCV), intrinsics [B,S,3,3], depth [B,S,H,W], depth_conf."""
         H, W = image_hw
         if tuple(out["depth"].shape[-2:]) != (H, W):
-            raise ValueError(f"image_hw {(H, W)} does not match the depth maps {tuple(out['depth'].shape[-2:])}")
+            raise InvalidInput(f"image_hw {(H, W)} does not match the depth maps {tuple(out['depth'].shape[-2:])}")
         return {k: out[k] for k in ("extrinsics", "intrinsics", "depth", "depth_conf")}
 
 

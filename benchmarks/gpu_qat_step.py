@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 TINY = os.environ.get("QAT_TINY") == "1"  # CPU dry run of this script
 t0 = time.time()
 from lite3r_recon import models as RM
-from lite3r_cli.train import QAT, TrainConfig
+from lite3r_recon.qat import QAT, TrainConfig
 from lite3r_recon.models import enable_activation_checkpointing
 from lite3r_recon.runs import Dist
 if not TINY:  # the recipe state dict in memory (no 4.8 GB file round trip), loaded strictly on a meta-built model

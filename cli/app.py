@@ -50,8 +50,9 @@ MODEL_HELP = ("backbone: a family (vggt, da3: the full model when real weights a
               "backbone name (vggt-tiny, vggt-1b, da3-tiny, da3-large, vggt-small, da3-small)")
 ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=True)]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
-WeightsOpt = Annotated[Optional[Path], typer.Option(help="dense checkpoint (.safetensors / .pt), loaded strictly "
-                                                         "(default: the backbone's shipped weights, or random)")]
+WeightsOpt = Annotated[Optional[Path], typer.Option(help="dense checkpoint (.safetensors / .pt), loaded strictly, or "
+                                                         "'random' (default: the backbone's shipped weights, else "
+                                                         "random)")]
 StudentOpt = Annotated[Optional[Path], typer.Option(help="lite3r student: the run folder of `lite3r train` or its "
                                                          "student.safetensors (absent: the dense model)")]
 TopkOpt = Annotated[float, typer.Option(help="SLA kept fraction of key blocks per query block, in (0, 1]")]
@@ -67,7 +68,7 @@ def _full(model: str, weights) -> str:
     """MODEL as every command reads it (lite3r_recon.train_config.resolve_backbone)."""
     from lite3r_recon.train_config import resolve_backbone
 
-    return resolve_backbone(model, full=weights is not None)
+    return resolve_backbone(model, full=weights is not None and str(weights) != "random")
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -187,7 +188,8 @@ def train(
     kd_norm: Annotated[bool, typer.Option(help="distil relative MSE (each layer's MSE over the teacher output's "
                                                "mean square)")] = _TRAIN["kd_norm"],
     target: Annotated[Optional[str], typer.Option(help="task-loss target: gt (the scenes' geometry) or teacher (its "
-                                                       "predictions) (default: gt with --teacher, else teacher)")] = None,
+                                                       "predictions) (default: gt; teacher for a random full-size "
+                                                       "teacher)")] = None,
     distill: Annotated[str, typer.Option(help="attention outputs distilled: global (cross-view layers), all, or "
                                               "module indices like 0,5,11")] = _TRAIN["distill"],
     sla: Annotated[str, typer.Option(help="attention made SLA: global (cross-view) or all")] = _TRAIN["sla"],
@@ -228,7 +230,7 @@ def train(
               "eval_scenes": eval_scenes, "model": model}
     explicit = {k for k in fields if _given(ctx, k)}
     cfg = _TrainConfig(**fields)  # validates before torch is imported
-    from lite3r_cli import train as _train
+    from lite3r_recon import qat as _train
 
     _train.train(cfg, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
                  explicit=explicit, stop_after=stop_after)

@@ -28,11 +28,11 @@ from torch import Tensor, nn
 from lite3r_recon.errors import InvalidInput, MismatchedKeys
 from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_optimizer, loss_plot, lr_at,
                                optimizer_tensors, progress, rng_state, scene_seed, set_rng_state)
+from lite3r_recon.scoring import HELDOUT, heldout_data, heldout_metrics, heldout_seeds  # noqa: F401
 from lite3r_recon.synthetic import ARC
 from lite3r_recon.train_config import LossWeights
 
 FORMAT = "lite3r-pretrain/1"
-HELDOUT = 2**31  # held-out scene k has seed HELDOUT + k; training scenes are below it
 SIZES = ("tiny", "small")
 DEFAULT_RES = {"tiny": (126, 168), "small": (252, 252)}
 RESUMABLE = ("steps", "ckpt_every", "eval_scenes", "eval_every")
@@ -107,17 +107,6 @@ def train_seed(seed: int, step: int, index: int) -> int:
     return scene_seed(seed, step, index) % HELDOUT
 
 
-def heldout_seeds(n: int) -> list[int]:
-    return [HELDOUT + k for k in range(n)]
-
-
-def heldout_data(n: int, views: int, size: tuple[int, int]):
-    """The held-out synthetic scenes as a dataset (datasets.SyntheticScenes: scene k is seed HELDOUT + k)."""
-    from lite3r_recon import datasets
-
-    return datasets.open_dataset("synthetic", None, size=size, num=n, seed=HELDOUT)
-
-
 def random_model(name: str, seed: int, **overrides) -> nn.Module:
     """Backbone `name` randomly initialised from `seed` without touching the global RNG."""
     from lite3r_backbones import build_backbone
@@ -125,25 +114,6 @@ def random_model(name: str, seed: int, **overrides) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build_backbone(name, weights="random", **overrides)
-
-
-@torch.no_grad()
-def heldout_metrics(model: nn.Module, data, *, device, scenes: int | None = None, views: int = 4,
-                    points: bool = True) -> dict[str, float]:
-    """Mean metrics (lite3r eval's: pose, depth, points) of `model` over the first `scenes` scenes of `data`."""
-    import numpy as np
-
-    from lite3r_recon.scoring import evaluate_sample
-
-    was = model.training
-    model.eval()
-    rows = []
-    for i in range(min(len(data), scenes or len(data))):
-        sample = data.sample(i, views=views, rng=None, normalize=True)
-        rows.append(evaluate_sample(model, sample, device=device, max_points=20000 if points else 3))
-    model.train(was)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return {k: float(np.nanmean([r.get(k, math.nan) for r in rows])) for k in keys}
 
 
 class Pretrainer:

@@ -146,7 +146,7 @@ def attention_tokens(model: nn.Module, images: Tensor) -> int:
 
 def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, overwrite: bool) -> Path:
     """The short `lite3r train` run of a trained row (SLA at the last topk + FP8); returns its folder."""
-    from lite3r_cli.train import train
+    from lite3r_recon.qat import train
     from lite3r_recon.train_config import TrainConfig
 
     tc = TrainConfig(model=cfg.model, teacher=cfg.weights, steps=cfg.train_steps, batch=cfg.train_batch,
@@ -164,7 +164,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     "tokens", "key_blocks", ...} (also written to study.json)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from lite3r_cli.pretrain import heldout_data, heldout_metrics
+    from lite3r_recon.scoring import heldout_data, heldout_metrics
     from lite3r_recon import datasets, models
     from lite3r_recon.io import atomic_write_bytes, atomic_write_json, console as make_console, ensure_writable
 

@@ -4,8 +4,12 @@ valid points to it); the point clouds are predicted depth unprojected with the p
 cameras, aligned by Sim(3) on pixel correspondences, then subsampled to `max_points` each for the KD-tree search."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+
+HELDOUT = 2**31  # held-out synthetic scene k has seed HELDOUT + k; training scenes (pretrain, train) are below it
 
 GROUPS = {
     "depth": ("abs_rel", "delta1", "rmse"),
@@ -49,3 +53,34 @@ def evaluate_sample(model: torch.nn.Module, sample: dict, *, device: str | torch
             pc = metrics.pointcloud_metrics(pred_pts[idx], gt_pts[idx], threshold=threshold)
             row.update({k: pc[k] for k in GROUPS["points"]})
     return row
+
+
+# ------------------------------------------------------------------------------- the held-out synthetic split
+def heldout_seeds(n: int) -> list[int]:
+    return [HELDOUT + k for k in range(n)]
+
+
+def heldout_data(n: int, views: int, size: tuple[int, int]):
+    """The held-out synthetic scenes as a dataset (datasets.SyntheticScenes: scene k is seed HELDOUT + k)."""
+    from lite3r_recon import datasets
+
+    return datasets.open_dataset("synthetic", None, size=size, num=n, seed=HELDOUT)
+
+
+@torch.no_grad()
+def heldout_metrics(model: torch.nn.Module, data, *, device, scenes: int | None = None, views: int = 4,
+                    points: bool = True) -> dict[str, float]:
+    """Mean metrics (lite3r eval's: pose, depth, points) of `model` over the first `scenes` scenes of `data`."""
+    import numpy as np
+
+    from lite3r_recon.scoring import evaluate_sample
+
+    was = model.training
+    model.eval()
+    rows = []
+    for i in range(min(len(data), scenes or len(data))):
+        sample = data.sample(i, views=views, rng=None, normalize=True)
+        rows.append(evaluate_sample(model, sample, device=device, max_points=20000 if points else 3))
+    model.train(was)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: float(np.nanmean([r.get(k, math.nan) for r in rows])) for k in keys}

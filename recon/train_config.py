@@ -67,8 +67,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     lambda_kd: float = 1.0
     kd_norm: bool = True  # each module's MSE relative to the teacher output's mean square (scale-free)
-    target: str | None = None  # task-loss target: gt | teacher (pseudo-labels); default: gt with --teacher, else
-    #                            teacher (a random teacher's geometry is not the scene's, so match the teacher)
+    target: str | None = None  # task-loss target: gt | teacher (pseudo-labels); default: gt, except teacher for a
+    #                            random teacher (full size without --teacher), whose geometry is not the scene's
     distill: str = "global"  # global | all | comma-separated attention-module indices
     sla: str = "global"  # which attention becomes SLA: global (cross-view) | all
     topk: float = 0.05  # SLA kept fraction of key blocks
@@ -132,7 +132,9 @@ class TrainConfig:
             raise InvalidInput(f"--sla must be global or all, got {self.sla!r}")
         if self.feature_map not in ("softmax", "elu", "relu"):
             raise InvalidInput(f"--feature-map must be softmax, elu or relu, got {self.feature_map!r}")
-        object.__setattr__(self, "target", self.target or ("gt" if self.teacher else "teacher"))
+        # the task target: the scenes' ground truth, unless the teacher is random (a full-size model without
+        # --teacher has no shipped weights), whose geometry is not the scene's - then its own predictions
+        object.__setattr__(self, "target", self.target or ("teacher" if not self.teacher and size == "full" else "gt"))
         if self.target not in ("gt", "teacher"):
             raise InvalidInput(f"--target must be gt or teacher, got {self.target!r}")
         distill_select(self.distill)  # validates

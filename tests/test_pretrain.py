@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from lite3r_backbones import build_backbone
-from lite3r_cli.pretrain import HELDOUT, PretrainConfig, heldout_seeds, pretrain, train_seed
+from lite3r_cli.pretrain import PretrainConfig, pretrain, train_seed
+from lite3r_recon.scoring import HELDOUT, heldout_seeds
 
 TINY = dict(steps=4, batch=1, views=2, res=(28, 42), warmup=1, ckpt_every=2, eval_every=2, eval_scenes=0)
 

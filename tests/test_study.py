@@ -59,7 +59,7 @@ def test_cli_study_with_a_given_student(tmp_path):
     import subprocess
     import sys
 
-    from lite3r_cli.train import train
+    from lite3r_recon.qat import train
     from lite3r_recon.train_config import TrainConfig
 
     train(TrainConfig(steps=1, batch=1, views=2, res=(42, 56), block=16, topk=0.25, eval_scenes=0), tmp_path / "qat",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lite3r_backbones import SHIPPED, WEIGHTS_DIR, build_backbone, load_checkpoint, shipped_weights
-from lite3r_cli.pretrain import HELDOUT, heldout_data, heldout_metrics
+from lite3r_recon.scoring import HELDOUT, heldout_data, heldout_metrics
 
 NAMES = ("vggt-tiny", "da3-tiny")
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lite3r_cli import train as T
+from lite3r_recon import qat as T
 from lite3r_recon import models
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""`lite3r train`: FP8-aware QAT of a Sparse-Linear-Attention student with partial attention distillation.
+"""The engine of `lite3r train` (and of `lite3r study`'s trained rows): FP8-aware QAT of a Sparse-Linear-Attention student with partial attention distillation.
 
     teacher = dense backbone, frozen, eval, no_grad (bf16 weights on CUDA, fp32 on CPU)
     student = models.make_student(teacher, cfg.sla_config())   SLA on the attention `sla` selects, FP8 fake quant
