@@ -1,4 +1,4 @@
-"""`lite3r reconstruct` (recon/reconstruct.py): unprojection, confidence filtering, PLY/GLB + JSON output,
+"""`lite3r reconstruct` (cli/reconstruct.py on lite3r_recon.pointcloud): unprojection, confidence filtering, PLY/GLB + JSON output,
 overwrite refusal, one-line input errors; the tiny VGGT end to end, dense and as a lite3r student."""
 from __future__ import annotations
 
