@@ -19,9 +19,14 @@ import math
 import statistics
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from lite3r_recon.train_config import resolve_backbone
 from lite3r_recon.errors import InvalidInput
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
+    import torch
+    from torch import nn
 
 GiB = 2**30
 VARIANTS: dict[str, tuple[str, str]] = {  # key -> (short name for the table, description)

@@ -20,15 +20,14 @@ import json
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from lite3r_recon.errors import InvalidInput, MismatchedKeys
-from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_optimizer, loss_plot, lr_at,
-                               optimizer_tensors, progress, rng_state, scene_seed, set_rng_state)
-from lite3r_recon.scoring import HELDOUT, heldout_data, heldout_metrics, heldout_seeds  # noqa: F401
+from lite3r_recon.errors import InvalidInput
+from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_training_state, loss_plot, lr_at, progress,
+                               scene_seed, training_state)
+from lite3r_recon.scoring import HELDOUT, heldout_data, heldout_metrics
 from lite3r_recon.synthetic import ARC
 from lite3r_recon.train_config import LossWeights
 
@@ -169,20 +168,13 @@ class Pretrainer:
         return out
 
     def state(self, step: int, history: list[dict], extra: dict) -> tuple[dict[str, Tensor], dict]:
-        opt_t, groups = optimizer_tensors(self.opt)
-        rng_t, rng_j = rng_state()
+        tensors, resume = training_state(self.params, self.opt)
         info = {"format": FORMAT, "step": step, "config": self.cfg.to_json(), "backbone": self.cfg.backbone,
-                "param_groups": groups, "rng": rng_j, "history": history, "skipped": self.skipped, **extra}
-        return {**{f"param.{n}": p for n, p in self.params.items()}, **opt_t, **rng_t}, info
+                **resume, "history": history, "skipped": self.skipped, **extra}
+        return tensors, info
 
     def load_state(self, tensors: dict[str, Tensor], info: dict) -> None:
-        with torch.no_grad():
-            for n, p in self.params.items():
-                if f"param.{n}" not in tensors:
-                    raise MismatchedKeys(f"checkpoint has no tensor for {n}: it was made by another configuration")
-                p.copy_(tensors[f"param.{n}"])
-        load_optimizer(self.opt, tensors, info["param_groups"])
-        set_rng_state(tensors, info["rng"])
+        load_training_state(self.params, self.opt, tensors, info)
         self.skipped = info.get("skipped", 0)
 
     def weights_fp16(self) -> dict[str, Tensor]:

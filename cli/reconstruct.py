@@ -18,9 +18,12 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lite3r_recon.errors import InvalidInput, MissingInput
+
+if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
+    from torch import Tensor, nn
 
 
 # ------------------------------------------------------------------------------------------------ model

@@ -21,7 +21,6 @@ against the kept fraction), and the training runs (qat/, distill-only/, task-onl
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path

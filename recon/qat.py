@@ -28,11 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from lite3r_recon import models
-from lite3r_recon.runs import (Dist, RunDir, SceneSource, autocast, barrier, fmt_terms, init_dist, load_optimizer,
-                               loss_plot, lr_at, optimizer_tensors, progress, rank_slice, rng_state, scene_seed,
-                               set_rng_state)
+from lite3r_recon.runs import (Dist, RunDir, SceneSource, autocast, barrier, fmt_terms, init_dist,
+                               load_training_state, loss_plot, lr_at, progress, rank_slice, scene_seed, training_state)
 from lite3r_recon.train_config import RESUMABLE, TrainConfig, distill_select
-from lite3r_recon.errors import InvalidInput, MismatchedKeys
+from lite3r_recon.errors import InvalidInput
 
 FORMAT = models.STUDENT_FORMAT
 STUDENT_FILES = ("student.safetensors", "student.json")
@@ -169,21 +168,13 @@ class QAT:
 
     # ---- state
     def state(self, step: int, history: list[dict], extra: dict) -> tuple[dict[str, Tensor], dict]:
-        tensors = {f"param.{n}": p for n, p in self.params.items()}
-        opt_t, groups = optimizer_tensors(self.opt)
-        rng_t, rng_j = rng_state()
+        tensors, resume = training_state(self.params, self.opt)
         info = {"format": FORMAT, "step": step, "config": self.cfg.to_json(), "backbone": self.cfg.backbone,
-                "param_groups": groups, "rng": rng_j, "history": history, **extra}
-        return {**tensors, **opt_t, **rng_t}, info
+                **resume, "history": history, **extra}
+        return tensors, info
 
     def load_state(self, tensors: dict[str, Tensor], info: dict) -> None:
-        with torch.no_grad():
-            for n, p in self.params.items():
-                if f"param.{n}" not in tensors:
-                    raise MismatchedKeys(f"checkpoint has no tensor for {n}: it was made by another configuration")
-                p.copy_(tensors[f"param.{n}"])
-        load_optimizer(self.opt, tensors, info["param_groups"])
-        set_rng_state(tensors, info["rng"])
+        load_training_state(self.params, self.opt, tensors, info)
 
 
 # ----------------------------------------------------------------------------------------------------- eval

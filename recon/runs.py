@@ -205,6 +205,28 @@ class RunDir:
         return load_file(str(self.ckpt / f"step-{info['step']:06d}.safetensors"))
 
 
+def training_state(params: dict[str, Tensor], opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:
+    """A resumable point of a run: (tensors, JSON) of the trainable parameters (`param.NAME`), the optimizer state and
+    every RNG state; `load_training_state` puts them back exactly."""
+    opt_t, groups = optimizer_tensors(opt)
+    rng_t, rng_j = rng_state()
+    return {**{f"param.{n}": p for n, p in params.items()}, **opt_t, **rng_t}, {"param_groups": groups, "rng": rng_j}
+
+
+def load_training_state(params: dict[str, Tensor], opt: torch.optim.Optimizer, tensors: dict[str, Tensor],
+                        info: dict) -> None:
+    """Inverse of `training_state`, strictly: every trainable parameter must be in the checkpoint."""
+    from lite3r_recon.errors import MismatchedKeys
+
+    with torch.no_grad():
+        for n, p in params.items():
+            if f"param.{n}" not in tensors:
+                raise MismatchedKeys(f"checkpoint has no tensor for {n}: it was made by another configuration")
+            p.copy_(tensors[f"param.{n}"])
+    load_optimizer(opt, tensors, info["param_groups"])
+    set_rng_state(tensors, info["rng"])
+
+
 def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict]]:
     sd = opt.state_dict()
     tensors = {f"optim.{i}.{k}": (v if torch.is_tensor(v) else torch.tensor(v))
