@@ -267,20 +267,34 @@ def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     raise Lite3rError(f"q, k, v must share one dtype outside autocast, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+BRANCHES = ("both", "sparse", "linear")  # SLA, or one of its branches alone (the paper's ablations)
+
+
 @typed
 def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
                   topk: float | int, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
-                  proj_l: nn.Module | None = None, kept_blocks: int | None = None) -> Float[Tensor, "b h n d"]:
+                  proj_l: nn.Module | None = None, kept_blocks: int | None = None,
+                  branches: str = "both") -> Float[Tensor, "b h n d"]:
     """Sparse-Linear Attention: o = o_s + proj_l(o_l) (o = o_s when proj_l is None), scale D**-0.5.
 
     q, k, v: [B, H, N, D] after q/k norm and RoPE. topk: kept fraction of key blocks per query block (1.0 = dense
     softmax attention). kept_blocks: when set, a count instead: K = min(kept_blocks, Mk) key blocks per query
     block (topk is then ignored), so the sparse cost grows as N, not N^2. proj_l: Linear(D, D) over the last dim,
     shared by heads. Runs the fused kernels when LITE3R_BACKEND allows and they support the device, the PyTorch
-    reference otherwise.
+    reference otherwise. branches: "both" (SLA), or one branch alone for ablations - "sparse" (o_s; proj_l unused)
+    or "linear" (proj_l(o_l), on the reference path).
     """
     if feature_map not in FEATURE_MAPS:
         raise Lite3rError(f"feature_map must be one of {sorted(FEATURE_MAPS)}, got {feature_map!r}")
+    if branches not in BRANCHES:
+        raise Lite3rError(f"branches must be one of {BRANCHES}, got {branches!r}")
+    if branches == "linear":
+        if proj_l is None:
+            raise Lite3rError("branches='linear' needs proj_l (the linear branch's output projection)")
+        q, k, v = _common_dtype(q, k, v)
+        return proj_l(_linear_reference(q, k, v, feature_map)).to(q.dtype)
+    if branches == "sparse":
+        proj_l = None
     if _check_kept_blocks(kept_blocks) is not None:  # the fraction that gives exactly K blocks
         topk = _kept_fraction(kept_blocks, -(-k.shape[2] // block_k))
     q, k, v = _common_dtype(q, k, v)
@@ -536,8 +550,11 @@ class SLAAttention(nn.Module):
     attention dropout p > 0 in training."""
 
     def __init__(self, attn: nn.Module, *, topk: float = 0.05, block_q: int = 64, block_k: int = 64,
-                 feature_map: str = "softmax", kept_blocks: int | None = None):
+                 feature_map: str = "softmax", kept_blocks: int | None = None, branches: str = "both"):
         super().__init__()
+        if branches not in BRANCHES:
+            raise Lite3rError(f"branches must be one of {BRANCHES}, got {branches!r}")
+        self.branches = branches  # "both" (SLA), or "sparse" / "linear" alone (ablations)
         layout = _layout(attn)
         if layout is None:
             raise TypeError(f"{type(attn).__name__} is not an attention module (needs a qkv (or q/k/v) linear, a "
@@ -652,7 +669,7 @@ class SLAAttention(nn.Module):
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
         o = sla_attention(q, k, v, topk=self.topk, block_q=self.block_q, block_k=self.block_k,
                           feature_map=self.feature_map, proj_l=self.proj_l,
-                          kept_blocks=self.kept_blocks)  # [B, H, N, D]
+                          kept_blocks=self.kept_blocks, branches=self.branches)  # [B, H, N, D]
         o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
         if self.norm is not None:
             o = self.norm(o)
@@ -668,7 +685,7 @@ class SLAAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, topk={self.topk}, kept_blocks={self.kept_blocks}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
-                f"scope={self.scope!r}")
+                f"scope={self.scope!r}" + (f", branches={self.branches!r}" if self.branches != "both" else ""))
 
 
 class FP8FakeQuantLinear(nn.Linear):

@@ -91,29 +91,12 @@ class StudyConfig:
 
 
 # ------------------------------------------------------------------------------------------------ the variants
-class LinearOnlyAttention(lite3r.SLAAttention):
-    """SLAAttention without its sparse branch: proj_l(linear attention over all keys)."""
-
-    def forward(self, x: Tensor, pos: Tensor | None = None, **extra) -> Tensor:
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-        if self.k_norm is not None:
-            k = self.k_norm(k)
-        if self.rope is not None and pos is not None:
-            q, k = self.rope(q, pos), self.rope(k, pos)
-        o = self.proj_l(lite3r.linear_attention_reference(q, k, v, feature_map=self.feature_map).to(q.dtype))
-        o = self.proj(o.transpose(1, 2).reshape(B, N, C))
-        return self.proj_drop(o) if self.proj_drop is not None else o
-
-
 def linear_only(student: nn.Module) -> int:
     """In place: every SLAAttention of `student` computes its linear branch alone, through proj_l = I."""
     n = 0
     for m in student.modules():
         if isinstance(m, lite3r.SLAAttention):
-            m.__class__ = LinearOnlyAttention
+            m.branches = "linear"
             with torch.no_grad():
                 m.proj_l.weight.copy_(torch.eye(m.head_dim))
                 m.proj_l.bias.zero_()

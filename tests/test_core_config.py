@@ -122,3 +122,21 @@ def test_every_conversion_uses_the_one_filter_signature():
     with lite3r.AttentionRecorder(net, select=lambda m, fqn: fqn == "blocks.3") as rec:
         net(torch.randn(1, 8, 32))
     assert rec.names == ["blocks.3"]
+
+
+def test_branches_alone_are_the_ablations():
+    """sla_attention(branches=...): "sparse" is o_s whatever proj_l is, "linear" is proj_l(o_l) alone; bad names and
+    a linear branch without proj_l are one-line errors."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 50, 8, generator=g) for _ in range(3))
+    proj_l = nn.Linear(8, 8)
+    both = lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8, proj_l=proj_l)
+    sparse = lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8, proj_l=proj_l, branches="sparse")
+    linear = lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8, proj_l=proj_l, branches="linear")
+    torch.testing.assert_close(sparse, lite3r.sla_attention(q, k, v, topk=0.5, block_q=8, block_k=8))
+    torch.testing.assert_close(linear, proj_l(lite3r.linear_attention_reference(q, k, v)))
+    torch.testing.assert_close(both, sparse + linear)
+    with pytest.raises(ValueError, match="branches"):
+        lite3r.sla_attention(q, k, v, topk=0.5, branches="neither")
+    with pytest.raises(ValueError, match="proj_l"):
+        lite3r.sla_attention(q, k, v, topk=0.5, branches="linear")

@@ -6,7 +6,7 @@ import torch
 
 import lite3r
 from lite3r_backbones import build_backbone
-from lite3r_cli.study import LinearOnlyAttention, StudyConfig, linear_only, study
+from lite3r_cli.study import StudyConfig, linear_only, study
 from lite3r_recon import models
 
 
@@ -35,7 +35,7 @@ def test_linear_only_is_the_linear_branch():
     teacher = build_backbone("vggt-tiny").eval()
     student = models.make_student(teacher, lite3r.SLAConfig(topk=0.5, block_q=16, block_k=16), fp8=False)
     assert linear_only(student) == 6  # the global attention layers of vggt-tiny
-    m = next(m for m in student.modules() if isinstance(m, LinearOnlyAttention))
+    m = next(m for m in student.modules() if isinstance(m, lite3r.SLAAttention) and m.branches == "linear")
     x = torch.randn(1, 20, m.num_heads * m.head_dim)
     q, k, v = m.qkv(x).reshape(1, 20, 3, m.num_heads, m.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     o = lite3r.linear_attention_reference(m.q_norm(q), m.k_norm(k), v)  # proj_l = I: the linear branch as it is
