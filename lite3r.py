@@ -119,8 +119,7 @@ FEATURE_MAPS: dict[str, Callable[[Tensor], Tensor]] = {"softmax": _phi_softmax, 
 
 def _num_kept(topk: float, n_blocks: int) -> int:
     """K = max(1, ceil(topk * Mk)) key blocks per query block (capped at Mk)."""
-    if not 0.0 < topk <= 1.0:
-        raise Lite3rError(f"topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
+    _check_topk(topk, "topk")
     return min(n_blocks, max(1, math.ceil(topk * n_blocks)))
 
 

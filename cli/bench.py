@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from lite3r_recon.train_config import resolve_backbone
+from lite3r_recon.train_config import check_sparsity, resolve_backbone
 from lite3r_recon.errors import InvalidInput
 
 if TYPE_CHECKING:  # annotations only: torch is imported inside the functions
@@ -68,12 +68,7 @@ class BenchConfig:
             raise InvalidInput(f"--views must be positive integers, got {self.views}")
         if self.res is not None and (self.res % 14 or self.res < 14):
             raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
-        if not 0 < self.topk <= 1:
-            raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
-        if self.kept_blocks is not None and (isinstance(self.kept_blocks, bool) or not isinstance(self.kept_blocks, int)
-                                             or self.kept_blocks < 1):
-            raise InvalidInput(f"--kept-blocks is a count of key blocks per query block, at least 1; got "
-                               f"{self.kept_blocks!r}")
+        check_sparsity(self.topk, self.kept_blocks)
         if (self.repeats is not None and self.repeats < 1) or (self.warmup is not None and self.warmup < 1):
             raise InvalidInput("--repeats and --warmup must be at least 1")
 

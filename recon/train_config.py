@@ -19,6 +19,15 @@ def resolve_backbone(model: str, *, full: bool) -> str:
     return FAMILIES[model]["full" if full else "tiny"] if model in FAMILIES else model
 
 
+def check_sparsity(topk: float, kept_blocks: int | None) -> None:
+    """--topk (kept fraction of key blocks) and --kept-blocks (a count per query block), as every command takes them."""
+    if not 0 < topk <= 1:
+        raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {topk}")
+    if kept_blocks is not None and (isinstance(kept_blocks, bool) or not isinstance(kept_blocks, int)
+                                    or kept_blocks < 1):
+        raise InvalidInput(f"--kept-blocks is a count of key blocks per query block, at least 1; got {kept_blocks!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """Weights of the task loss terms (defaults: the official VGGT training config)."""
@@ -116,12 +125,7 @@ class TrainConfig:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0 or self.eval_scenes < 0:
             raise InvalidInput("--warmup and --eval-scenes must be non-negative")
-        if not 0 < self.topk <= 1:
-            raise InvalidInput(f"--topk is the kept fraction of key blocks, in (0, 1]; got {self.topk}")
-        if self.kept_blocks is not None and (isinstance(self.kept_blocks, bool) or not isinstance(self.kept_blocks, int)
-                                             or self.kept_blocks < 1):
-            raise InvalidInput(f"--kept-blocks is a count of key blocks per query block, at least 1; got "
-                               f"{self.kept_blocks!r}")
+        check_sparsity(self.topk, self.kept_blocks)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
