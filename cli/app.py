@@ -23,6 +23,7 @@ from lite3r_cli import evaluate as _evaluate
 from lite3r_cli import export as _export
 from lite3r_cli import reconstruct as _reconstruct
 from lite3r_cli.bench import BenchConfig as _BenchConfig
+from lite3r_recon.train_config import RESUMABLE as _TRAIN_RESUMABLE
 from lite3r_recon.train_config import TrainConfig as _TrainConfig
 
 app = typer.Typer(
@@ -62,6 +63,13 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cud
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="also write the results as JSON here")]
 OverwriteOpt = Annotated[bool, typer.Option(help="replace existing output files (never done without it)")]
 QuietOpt = Annotated[bool, typer.Option(help="no progress bar or tables")]
+RESUME_HELP = ("continue the run in --out with its saved config, from its latest checkpoint (a run killed before its "
+               "first checkpoint restarts from step 0); an option that contradicts the saved config is an error, "
+               "except {}; no run in --out is an error").format
+
+
+def _flags(names) -> str:
+    return ", ".join("--" + n.replace("_", "-") for n in names)
 
 
 def _full(model: str, weights) -> str:
@@ -208,7 +216,7 @@ def train(
     ckpt_every: Annotated[int, typer.Option(help="checkpoint every N steps (and at the end)")] = _TRAIN["ckpt_every"],
     eval_scenes: Annotated[int, typer.Option(help="held-out scenes for teacher vs student metrics")] =
         _TRAIN["eval_scenes"],
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its latest checkpoint")] = False,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP(_flags(_TRAIN_RESUMABLE)))] = False,
     overwrite: Annotated[bool, typer.Option(help="replace the run in --out")] = False,
     device: DeviceOpt = None,
     quiet: QuietOpt = False,
@@ -341,7 +349,8 @@ class PretrainFamily(str, Enum):
 @app.command()
 def pretrain(
     family: Annotated[PretrainFamily, typer.Argument(help="backbone family of the teacher")],
-    size: Annotated[str, typer.Option(help="tiny (vggt-tiny / da3-tiny) or small (vggt-small / da3-small)")] = "tiny",
+    size: Annotated[Optional[str], typer.Option(help="tiny (vggt-tiny / da3-tiny) or small (vggt-small / da3-small) "
+                                                     "(default tiny)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimizer steps (default 2000)")] = None,
     batch: Annotated[Optional[int], typer.Option(help="new synthetic scenes per step (default 16)")] = None,
     views: Annotated[Optional[int], typer.Option(help="views per scene (default 4)")] = None,
@@ -352,6 +361,11 @@ def pretrain(
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (default 0.05)")] = None,
     arc: Annotated[Optional[str], typer.Option(help="MIN,MAX degrees the cameras of a training scene span (default "
                                                     "90,200; held-out scenes keep the default)")] = None,
+    sky: Annotated[Optional[str], typer.Option(help="sky of the training scenes: compass (fixed to the world, the "
+                                                    "default; held-out scenes keep it) or plain (no heading)")] = None,
+    fov_init: Annotated[Optional[float], typer.Option(help="VGGT: the field of view (radians) the camera head starts "
+                                                         "at, keeping its ReLU'd fov outputs alive; 0: plain init "
+                                                         "(default 1.0)")] = None,
     w_camera: Annotated[Optional[float], typer.Option(help="camera loss weight (default 5)")] = None,
     w_depth: Annotated[Optional[float], typer.Option(help="depth loss weight (default 1)")] = None,
     w_point: Annotated[Optional[float], typer.Option(help="point loss weight (default 1)")] = None,
@@ -360,7 +374,7 @@ def pretrain(
     eval_every: Annotated[Optional[int], typer.Option(help="held-out curve point every N steps (default 250)")] = None,
     eval_scenes: Annotated[Optional[int], typer.Option(help="held-out scenes of the final metrics (default 16)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="run folder (default runs/pretrain-FAMILY-SIZE)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    resume: Annotated[bool, typer.Option(help=RESUME_HELP(_flags(_TRAIN_RESUMABLE + ("eval_every",))))] = False,
     overwrite: Annotated[bool, typer.Option(help="start over, replacing the run in --out")] = False,
     device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bar or table")] = False,
@@ -371,7 +385,7 @@ def pretrain(
 
     _pretrain.main(family.value, size=size, out=str(out) if out else None, resume=resume, overwrite=overwrite,
                    device=device, quiet=quiet, steps=steps, batch=batch, views=views, res=res, lr=lr,
-                   warmup=warmup, weight_decay=weight_decay, arc=arc, w_camera=w_camera, w_depth=w_depth, w_point=w_point,
+                   warmup=warmup, weight_decay=weight_decay, arc=arc, sky=sky, fov_init=fov_init, w_camera=w_camera, w_depth=w_depth, w_point=w_point,
                    seed=seed, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
 
 

@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from lite3r_recon.errors import InvalidInput
 from lite3r_recon.runs import (RunDir, autocast, fmt_terms, init_dist, load_training_state, loss_plot, lr_at, progress,
-                               scene_seed, training_state)
+                               resume_config, scene_seed, training_state)
 from lite3r_recon.scoring import HELDOUT, heldout_data, heldout_metrics
-from lite3r_recon.synthetic import ARC
+from lite3r_recon.synthetic import ARC, SKIES
 from lite3r_recon.train_config import LossWeights
 
 FORMAT = "lite3r-pretrain/1"
@@ -55,6 +55,8 @@ class PretrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     arc: tuple[float, float] = ARC  # degrees the cameras of a training scene span; held-out scenes keep ARC
+    sky: str = "compass"  # the training scenes' sky (recon.synthetic.SKIES); held-out scenes keep the default
+    fov_init: float = 1.0  # VGGT: the camera head starts predicting this field of view (radians; 0: the plain init)
     w_camera: float = LossWeights.camera
     w_depth: float = LossWeights.depth
     w_point: float = LossWeights.point
@@ -76,6 +78,10 @@ class PretrainConfig:
         if len(arc) != 2 or not 0 <= arc[0] <= arc[1] <= 360:
             raise InvalidInput(f"--arc must be MIN,MAX degrees with 0 <= MIN <= MAX <= 360, got {self.arc}")
         object.__setattr__(self, "arc", arc)
+        if self.sky not in SKIES:
+            raise InvalidInput(f"--sky must be one of {', '.join(SKIES)}, got {self.sky!r}")
+        if not (0 <= self.fov_init < 3 and math.isfinite(self.fov_init)):
+            raise InvalidInput(f"--fov-init must be a field of view in radians in [0, 3), got {self.fov_init}")
         for name in ("steps", "batch", "ckpt_every", "eval_every"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -106,13 +112,21 @@ def train_seed(seed: int, step: int, index: int) -> int:
     return scene_seed(seed, step, index) % HELDOUT
 
 
-def random_model(name: str, seed: int, **overrides) -> nn.Module:
-    """Backbone `name` randomly initialised from `seed` without touching the global RNG."""
+def random_model(name: str, seed: int, *, fov_init: float = 0.0, **overrides) -> nn.Module:
+    """Backbone `name` randomly initialised from `seed` without touching the global RNG. `fov_init` > 0 (VGGT): the
+    camera head's field-of-view outputs start there. They leave the head through a ReLU (as in the official VGGT), and
+    from a zero-mean init half of them start at or below 0 and never get a gradient again: the first tiny teacher's
+    fov_w unit died that way. The head adds its 4 refinement steps' outputs, so each step's bias gets a quarter."""
     from lite3r_backbones import build_backbone
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_backbone(name, weights="random", **overrides)
+        model = build_backbone(name, weights="random", **overrides)
+    head = getattr(model, "camera_head", None)
+    if fov_init > 0 and head is not None and hasattr(head, "pose_branch"):
+        with torch.no_grad():
+            head.pose_branch.fc2.bias[7:9] = fov_init / 4
+    return model
 
 
 class Pretrainer:
@@ -126,7 +140,8 @@ class Pretrainer:
         # the metrics, do not depend on which view the reference is at inference)
         extra = {"ref_view_strategy": "first"} if cfg.family == "da3" else {}
         # the heads over all frames at once: fewer kernel launches (a tiny teacher's step is launch-bound)
-        self.model = random_model(cfg.backbone, cfg.seed, frames_chunk_size=None, **extra).to(device).train()
+        self.model = random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, frames_chunk_size=None,
+                                  **extra).to(device).train()
         self.skipped = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.params = dict(self.model.named_parameters())
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -138,7 +153,8 @@ class Pretrainer:
         from lite3r_recon.synthetic import render_batch
 
         seeds = [train_seed(self.cfg.seed, step, i) for i in range(self.cfg.batch)]
-        return render_batch(seeds, self.cfg.views, self.cfg.res, device=self.device, arc=self.cfg.arc)
+        return render_batch(seeds, self.cfg.views, self.cfg.res, device=self.device, arc=self.cfg.arc,
+                            sky=self.cfg.sky)
 
     def step(self, step: int) -> dict[str, float]:
         from lite3r_backbones.cameras import normalize_scene
@@ -192,7 +208,9 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
              device: str | None = None, quiet: bool = False, explicit: set[str] | None = None,
              stop_after: int | None = None, command: str | None = None) -> dict:
     """Run (or resume) a pretraining run; returns the summary written to metrics.json (with the loss history).
-    `explicit`: the config fields the user set (checked against a resumed run; None: all). `stop_after`: stop once
+    `resume`: go on with the run in `out` (lite3r_recon.runs.resume_config: its saved config; from step 0 when it
+    has no checkpoint yet; an error when there is no run). `explicit`: the config fields the user set (checked
+    against a resumed run; None: all). `stop_after`: stop once
     that step is done, as if killed there (for tests)."""
     from lite3r_recon.io import atomic_write_bytes, atomic_write_text, console as make_console
 
@@ -202,9 +220,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     if d.device.type == "cuda":  # the fp32 heads' matmuls on TF32 tensor cores (convolutions already are)
         torch.backends.cuda.matmul.allow_tf32 = True
     run = RunDir(out, files=FILES)
-    saved = run.prepare(resume=resume, overwrite=overwrite)
-    if saved is not None:
-        cfg = _resume_config(PretrainConfig.from_json(saved["config"]), cfg, explicit)
+    cfg, saved = resume_config(run, cfg, resume=resume, overwrite=overwrite, explicit=explicit, resumable=RESUMABLE)
     console = make_console(quiet)
     trainer = Pretrainer(cfg, d.device)
     n_params = sum(p.numel() for p in trainer.params.values())
@@ -305,18 +321,8 @@ def reproduce_command(cfg: PretrainConfig) -> str:
     return (f"lite3r pretrain {cfg.family} --size {cfg.size} --steps {cfg.steps} --batch {cfg.batch} --views "
             f"{cfg.views} --res {cfg.res[0]},{cfg.res[1]} --lr {cfg.lr} --warmup {cfg.warmup} --weight-decay "
             f"{cfg.weight_decay} --w-camera {cfg.w_camera:g} --w-depth {cfg.w_depth:g} --w-point {cfg.w_point:g} "
-            f"--seed {cfg.seed}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC else ""))
-
-
-def _resume_config(saved: PretrainConfig, asked: PretrainConfig, explicit: set[str] | None) -> PretrainConfig:
-    """On --resume the saved config wins; of the fields set explicitly only RESUMABLE ones may differ."""
-    names = [f.name for f in dataclasses.fields(PretrainConfig)]
-    explicit = set(names) if explicit is None else set(explicit)
-    diff = [n for n in names if n in explicit and n not in RESUMABLE and getattr(saved, n) != getattr(asked, n)]
-    if diff:
-        raise InvalidInput(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
-                         f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change")
-    return dataclasses.replace(saved, **{r: getattr(asked, r) for r in RESUMABLE if r in explicit})
+            f"--seed {cfg.seed} --fov-init {cfg.fov_init:g}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC
+                                                                 else "") + (f" --sky {cfg.sky}" if cfg.sky != "compass" else ""))
 
 
 def _table(cfg: PretrainConfig, init: dict, final: dict):
@@ -333,10 +339,11 @@ def _table(cfg: PretrainConfig, init: dict, final: dict):
     return table
 
 
-def main(family: str, *, size: str = "tiny", out: str | None = None, resume: bool = False, overwrite: bool = False,
-         device: str | None = None, quiet: bool = False, **fields) -> dict:
-    """The CLI's entry: `fields` are the options the user gave (None: not given)."""
-    given = {k: v for k, v in fields.items() if v is not None}
+def main(family: str, *, size: str | None = None, out: str | None = None, resume: bool = False,
+         overwrite: bool = False, device: str | None = None, quiet: bool = False, **fields) -> dict:
+    """The CLI's entry: `size` and `fields` are the options the user gave (None: not given: the default, or with
+    `resume` the run's saved value)."""
+    given = {k: v for k, v in {**fields, "size": size}.items() if v is not None}
     if "res" in given:
         from lite3r_recon.train_config import parse_res
 
@@ -346,10 +353,10 @@ def main(family: str, *, size: str = "tiny", out: str | None = None, resume: boo
             given["arc"] = tuple(float(a) for a in given["arc"].split(","))
         except ValueError:
             raise InvalidInput(f"--arc takes MIN,MAX in degrees like 20,60; got {given['arc']!r}") from None
-    cfg = PretrainConfig(family=family, size=size, **given)
+    cfg = PretrainConfig(family=family, **given)
     out = out or f"runs/pretrain-{cfg.backbone}"
     return pretrain(cfg, out, resume=resume, overwrite=overwrite, device=device, quiet=quiet,
-                    explicit=set(given) | {"family", "size"})
+                    explicit=set(given) | {"family"})
 
 
 if __name__ == "__main__":

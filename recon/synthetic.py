@@ -6,7 +6,10 @@ Cameras sit on an orbit arc around the scene at one or two elevations, looking a
 DTU captures. Every pixel ray (pixel centres at integer coordinates, OpenCV camera: x right, y down, z forward) is
 intersected with every primitive at once; the nearest hit gives the z-depth, the surface normal and the texture
 colour, shaded Lambertian (ambient + one directional light). Rays that miss everything are background: depth 0,
-invalid, a sky gradient in the image.
+invalid, sky in the image. The default sky ("compass") is fixed to the world, like a real sky with its sun side:
+its horizon hue turns once around the azimuth and it fades to a zenith blue with elevation, so a view's heading can
+be read from its sky, and the heading relative to view 0 only across views (the world's azimuth is random for each
+scene). "plain": the sky of the first scenes, a vertical gradient in image space that carries no heading.
 
     sample = render_sample(seed, views=4, size=(126, 168))   # in memory: images [S,3,H,W], depth, mask, cameras
     write_scene("scenes/scene_0000", seed=0, views=16, size=518)   # BlendedMVS format on disk
@@ -27,6 +30,8 @@ from lite3r_recon.errors import InvalidInput, WouldOverwrite
 
 AMBIENT = 0.35
 BACKGROUND_TOP, BACKGROUND_BOTTOM = (0.55, 0.70, 0.95), (0.85, 0.90, 1.0)
+ZENITH = (0.35, 0.50, 0.90)
+SKIES = ("compass", "plain")
 GROUND_HALF = 6.0  # the ground plane is the square |x|, |y| <= GROUND_HALF
 TEXTURES = ("checker", "stripes", "noise")
 
@@ -51,6 +56,7 @@ class Scene:
     extrinsics: np.ndarray  # [S,3,4] world-to-camera, float64
     intrinsics: np.ndarray  # [S,3,3] pixels, float64
     size: tuple[int, int]  # (H, W)
+    sky: str = "compass"  # compass | plain (see the module docstring)
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -75,9 +81,11 @@ ARC = (90.0, 200.0)  # degrees of azimuth the cameras of a scene span (drawn uni
 
 
 def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518, *,
-               arc: tuple[float, float] = ARC) -> Scene:
+               arc: tuple[float, float] = ARC, sky: str = "compass") -> Scene:
     """The scene and cameras of `seed` (numpy Generator; nothing global is touched). `arc`: the range of the azimuth
-    span of the cameras in degrees (narrower: smaller baselines between neighbouring views)."""
+    span of the cameras in degrees (narrower: smaller baselines between neighbouring views); `sky`: SKIES."""
+    if sky not in SKIES:
+        raise InvalidInput(f"sky must be one of {', '.join(SKIES)}, got {sky!r}")
     if views < 1:
         raise InvalidInput(f"views must be >= 1, got {views}")
     if not 0 <= arc[0] <= arc[1] <= 360:
@@ -127,7 +135,7 @@ def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518, *,
         target = np.array([*rng.normal(0, 0.15, 2), rng.uniform(0.2, 0.5)])
         center = target + r * np.array([math.cos(e) * math.cos(a), math.cos(e) * math.sin(a), math.sin(e)])
         E.append(look_at(center, target))
-    return Scene(tuple(prims), light, np.stack(E), np.repeat(K[None], views, 0), (H, W))
+    return Scene(tuple(prims), light, np.stack(E), np.repeat(K[None], views, 0), (H, W), sky)
 
 
 # --------------------------------------------------------------------------------------------- ray casting
@@ -223,6 +231,17 @@ def texture(p: dict[str, Tensor], x: Tensor, salt: int) -> Tensor:
     return (albedo * (0.6 + 0.8 * fine[:, None])).clamp(0, 1)
 
 
+def compass_sky(d: Tensor) -> Tensor:
+    """Sky colour [N,3] of world ray directions d [N,3] (z up): a horizon hue that turns once over the azimuth,
+    fading to ZENITH as the ray rises (rays below the horizon keep a darker horizon colour)."""
+    az = torch.atan2(d[:, 1], d[:, 0])[:, None]
+    horizon = 0.55 + 0.35 * torch.cos(az - torch.tensor([0.0, 2.0944, 4.1888], device=d.device))
+    elev = torch.asin((d[:, 2] / d.norm(dim=-1)).clamp(-1, 1))[:, None]
+    up = (elev / (math.pi / 3)).clamp(0, 1)
+    rgb = horizon * (1 - up) + torch.tensor(ZENITH, device=d.device) * up
+    return torch.where(elev < 0, 0.8 * horizon, rgb)
+
+
 def render_scenes(scenes: list[Scene], views: list[int] | None = None, *, device: str | torch.device | None = None
                   ) -> tuple[Tensor, Tensor]:
     """Views `views` (default: all) of scenes of one size -> (images [B,V,3,H,W] float32 in [0,1], z-depth [B,V,H,W]
@@ -259,7 +278,8 @@ def render_scenes(scenes: list[Scene], views: list[int] | None = None, *, device
     top = torch.tensor(BACKGROUND_TOP, device=device)
     bottom = torch.tensor(BACKGROUND_BOTTOM, device=device)
     g = (v.flatten() / max(H - 1, 1)).float().repeat(B * V)[:, None]
-    rgb = top * (1 - g) + bottom * g
+    compass = torch.tensor([s.sky == "compass" for s in scenes], device=device)[scene_of]
+    rgb = torch.where(compass[:, None], compass_sky(d), top * (1 - g) + bottom * g)
     for k, slot in enumerate(slots):
         sel = (hit == k).nonzero().squeeze(1)
         if sel.numel():
@@ -277,10 +297,11 @@ def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
 
 
 def render_batch(seeds: list[int], views: int = 4, size: int | tuple[int, int] = (126, 168), *,
-                 device: str | torch.device | None = None, arc: tuple[float, float] = ARC) -> dict[str, Tensor]:
+                 device: str | torch.device | None = None, arc: tuple[float, float] = ARC,
+                 sky: str = "compass") -> dict[str, Tensor]:
     """The scenes of `seeds` rendered together on `device`: images [B,S,3,H,W], depth [B,S,H,W], mask, extrinsics
     [B,S,3,4] w2c, intrinsics [B,S,3,3] (float32, metric world), all on `device`."""
-    scenes = [make_scene(s, views, size, arc=arc) for s in seeds]
+    scenes = [make_scene(s, views, size, arc=arc, sky=sky) for s in seeds]
     images, depth = render_scenes(scenes, device=device)
     dev = images.device
     return {"images": images, "depth": depth, "mask": depth > 0,

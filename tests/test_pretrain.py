@@ -53,6 +53,22 @@ def test_files_and_fp16_teacher_loads_strictly(tmp_path):
         pretrain(PretrainConfig(**{**TINY, "lr": 0.5}), out, resume=True, quiet=True, device="cpu")
 
 
+def test_resume_without_a_checkpoint_restarts_the_saved_config(tmp_path):
+    """pretrain --resume shares train's meaning (lite3r_recon.runs.resume_config): no run is an error; a run killed
+    before its first checkpoint restarts its saved config from step 0, never the defaults."""
+    from lite3r_recon.errors import MissingInput
+
+    with pytest.raises(MissingInput, match="--resume"):
+        pretrain(PretrainConfig(**TINY), tmp_path / "none", resume=True, quiet=True, device="cpu")
+    asked = PretrainConfig(**{**TINY, "steps": 2, "lr": 0.01, "ckpt_every": 5, "seed": 3})
+    pretrain(asked, tmp_path / "cut", quiet=True, device="cpu", stop_after=1)
+    assert not (tmp_path / "cut/checkpoints/latest.json").exists()
+    resumed = pretrain(PretrainConfig(**TINY), tmp_path / "cut", resume=True, quiet=True, device="cpu",
+                       explicit={"family"})
+    assert resumed["config"] == asked.to_json() and len(resumed["history"]) == 2
+    assert json.loads((tmp_path / "cut/config.json").read_text()) == asked.to_json()
+
+
 def test_heldout_scenes_are_not_training_scenes():
     train = {train_seed(s, t, i) for s in (0, 1) for t in range(50) for i in range(8)}
     assert max(train) < HELDOUT <= min(heldout_seeds(16))
@@ -88,6 +104,41 @@ def test_arc_narrows_the_camera_baselines():
     narrow, wide = span((10.0, 20.0)), span(ARC)
     assert 5 < narrow < 20 and wide > 60, (narrow, wide)  # 3/4 of the span lies between the first and last view
     np.testing.assert_array_equal(make_scene(3, 4, 28).extrinsics, make_scene(3, 4, 28, arc=ARC).extrinsics)
+
+
+def test_compass_sky_carries_the_heading_and_plain_does_not():
+    """The compass sky is fixed to the world: views of one scene looking different ways see different sky colours
+    (plain: the same image-space gradient in every view), and it is a pure function of the world direction."""
+    from lite3r_recon.synthetic import compass_sky, render_sample, render_batch
+
+    east, west = torch.tensor([[1.0, 0, 0.1]]), torch.tensor([[-1.0, 0, 0.1]])
+    assert (compass_sky(east) - compass_sky(west)).abs().max() > 0.3
+    assert torch.allclose(compass_sky(east), compass_sky(3 * east))  # direction only
+
+    def sky_colours(sky):
+        b = render_batch([2**31], 4, (42, 56), sky=sky)
+        return [b["images"][0, i].permute(1, 2, 0)[~b["mask"][0, i]].mean(0) for i in range(4)]
+
+    compass, plain = sky_colours("compass"), sky_colours("plain")
+    assert max((c - compass[0]).abs().max() for c in compass[1:]) > 0.1
+    assert max((c - plain[0]).abs().max() for c in plain[1:]) < 0.05
+    assert torch.equal(render_sample(2**31, 4, (42, 56))["images"], render_batch([2**31], 4, (42, 56))["images"][0])
+
+
+def test_fov_init_keeps_the_fov_outputs_alive():
+    """--fov-init: every view's predicted fov starts near it (above the head's ReLU), not at a random sign."""
+    from lite3r_cli.pretrain import random_model
+
+    images = torch.rand(2, 3, 3, 28, 42)
+    with torch.no_grad():
+        fov = random_model("vggt-tiny", 0, fov_init=1.0)(images)["pose_enc"][..., 7:9]
+        plain = random_model("vggt-tiny", 0)(images)["pose_enc"][..., 7:9]
+    assert fov.min() > 0.5 and fov.max() < 1.5, fov
+    assert (plain < 0.5).all()  # the plain init starts near 0, where the ReLU can kill a unit
+    with pytest.raises(ValueError, match="--fov-init"):
+        PretrainConfig(fov_init=-1)
+    with pytest.raises(ValueError, match="--sky"):
+        PretrainConfig(sky="cloudy")
 
 
 def _cli(*args):
