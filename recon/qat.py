@@ -16,7 +16,6 @@ metrics.json and loss.png. Every file goes through lite3r_recon.io's atomic writ
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -29,7 +28,8 @@ from torch import Tensor, nn
 
 from lite3r_recon import models
 from lite3r_recon.runs import (Dist, RunDir, SceneSource, autocast, barrier, fmt_terms, init_dist,
-                               load_training_state, loss_plot, lr_at, progress, rank_slice, scene_seed, training_state)
+                               load_training_state, loss_plot, lr_at, progress, rank_slice, resume_config, scene_seed,
+                               training_state)
 from lite3r_recon.train_config import RESUMABLE, TrainConfig, distill_select
 from lite3r_recon.errors import InvalidInput
 
@@ -215,16 +215,18 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
           device: str | None = None, quiet: bool = False, explicit: set[str] | None = None,
           stop_after: int | None = None) -> dict:
     """Run (or resume) a training run; returns the summary written to metrics.json (with the loss history; ranks
-    other than 0 return the history alone). `explicit`: the config fields the user set (checked against a resumed
-    run; None: all). `stop_after`: stop once that step is done, as if killed there (for tests)."""
+    other than 0 return the history alone). `resume`: go on with the run in `out` (runs.resume_config: its saved
+    config; from step 0 when it has no checkpoint yet; an error when there is no run). `explicit`: the config fields
+    the user set (checked against a resumed run; None: all). `stop_after`: stop once that step is done, as if killed there (for tests)."""
     d = init_dist(device)
     run = RunDir(out, files=STUDENT_FILES)
-    saved = run.prepare(resume=resume, overwrite=overwrite) if d.main else None
+    asked, saved = cfg, None
+    if d.main:
+        cfg, saved = resume_config(run, asked, resume=resume, overwrite=overwrite, explicit=explicit,
+                                   resumable=RESUMABLE)
     barrier(d)
-    if not d.main and resume:
-        saved = RunDir(out, files=STUDENT_FILES).prepare(resume=True, overwrite=False)
-    if saved is not None:
-        cfg = _resume_config(TrainConfig.from_json(saved["config"]), cfg, explicit)
+    if not d.main and resume:  # once rank 0 has checked the run, the same saved config and checkpoint
+        cfg, saved = resume_config(run, asked, resume=True, overwrite=False, explicit=explicit, resumable=RESUMABLE)
     from lite3r_recon.io import console as make_console
 
     console = make_console(quiet or not d.main)
@@ -290,18 +292,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
                else {"history": history, **extra})
     barrier(d)
     return summary
-
-
-def _resume_config(saved: TrainConfig, asked: TrainConfig, explicit: set[str] | None) -> TrainConfig:
-    """On --resume the saved config wins; of the fields set explicitly (`explicit`; None: every field), only
-    `RESUMABLE` ones may differ from the saved run (e.g. --steps to extend it)."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
-    explicit = set(names) if explicit is None else set(explicit)
-    diff = [n for n in names if n in explicit and n not in RESUMABLE and getattr(saved, n) != getattr(asked, n)]
-    if diff:
-        raise InvalidInput(f"--resume: the run in --out was made with other settings ({', '.join(diff)}); only "
-                         f"{', '.join('--' + r.replace('_', '-') for r in RESUMABLE)} may change")
-    return dataclasses.replace(saved, **{r: getattr(asked, r) for r in RESUMABLE if r in explicit})
 
 
 def _finish(qat: QAT, cfg: TrainConfig, run: RunDir, history: list[dict], init_metrics: dict,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from lite3r_recon.errors import InvalidInput, WouldOverwrite
+from lite3r_recon.errors import InvalidInput, MissingInput, WouldOverwrite
 
 
 def lr_at(step: int, cfg) -> float:
@@ -166,13 +166,23 @@ class RunDir:
         return any((self.out / f).exists() for f in self.OURS) or (self.ckpt / "latest.json").exists()
 
     def prepare(self, *, resume: bool, overwrite: bool) -> dict | None:
-        """Returns the latest checkpoint's JSON when resuming one, else None (after clearing with overwrite)."""
+        """Returns the latest checkpoint's JSON when resuming one, else None (after clearing with overwrite). With
+        `resume`, a run must be there: its checkpoint, or at least its config.json (killed before the first
+        checkpoint: nothing is cleared, `resume_config` restarts the saved config from step 0)."""
         if self.out.exists() and not self.out.is_dir():
             raise WouldOverwrite(f"--out {self.out} is a file, not a directory")
         if resume and (self.ckpt / "latest.json").exists():
             latest = json.loads((self.ckpt / "latest.json").read_text())
             return json.loads((self.ckpt / f"{latest['name']}.json").read_text())
-        if self.exists() and not (overwrite or resume):
+        if resume:
+            if not self.out.is_dir():
+                raise MissingInput(f"--resume: --out {self.out} does not exist, there is no run to resume "
+                                   f"(drop --resume to start one)")
+            if not (self.out / "config.json").is_file():
+                raise MissingInput(f"--resume: --out {self.out} holds no run (no config.json, no checkpoint); drop "
+                                   f"--resume to start one there")
+            return None
+        if self.exists() and not overwrite:
             raise WouldOverwrite(f"--out {self.out} holds a training run; pass --resume to continue it or "
                                   f"--overwrite to start over")
         if self.exists():
@@ -183,6 +193,14 @@ class RunDir:
                     f.unlink()
                 (self.ckpt / "latest.json").unlink(missing_ok=True)
         return None
+
+    def saved_config(self) -> dict:
+        """The run's config.json (what `lite3r train` / `pretrain` write before their first step)."""
+        path = self.out / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise InvalidInput(f"--resume: {path} is not a readable run config ({err})") from None
 
     def save(self, step: int, tensors: dict[str, Tensor], info: dict, keep: int = 2) -> None:
         from safetensors.torch import save
@@ -203,6 +221,36 @@ class RunDir:
         from safetensors.torch import load_file
 
         return load_file(str(self.ckpt / f"step-{info['step']:06d}.safetensors"))
+
+
+def resume_config(run: RunDir, asked, *, resume: bool, overwrite: bool, explicit: set[str] | None,
+                  resumable: tuple[str, ...]):
+    """(the config a run goes on with, its latest checkpoint's JSON or None: from step 0) - what --resume means for
+    `lite3r train` and `lite3r pretrain` alike. Without `resume`: `asked` (once `RunDir.prepare` has refused, or with
+    `overwrite` cleared, a run already in --out). With it the run's SAVED config wins (its latest checkpoint's, else
+    its config.json: killed before the first checkpoint, the run restarts from step 0 as it was configured, never
+    with the command line's defaults); an option given explicitly (`explicit`: field names; None: all) that
+    contradicts it is a one-line error, except the `resumable` ones, which it takes (--steps to extend a run).
+    `asked`: a frozen config dataclass with from_json."""
+    saved = run.prepare(resume=resume, overwrite=overwrite)
+    if not resume:
+        return asked, None
+    cls = type(asked)
+    old = cls.from_json(saved["config"] if saved is not None else run.saved_config())
+    names = [f.name for f in dataclasses.fields(cls)]
+    explicit = set(names) if explicit is None else set(explicit)
+    diff = [n for n in names if n in explicit and n not in resumable and getattr(old, n) != getattr(asked, n)]
+    if diff:
+        said = ", ".join(f"--{n.replace('_', '-')} {_show(getattr(old, n))}, asked {_show(getattr(asked, n))}"
+                         for n in diff)
+        raise InvalidInput(f"--resume: the run in {run.out} was made with other settings ({said}); drop those options "
+                           f"to resume its saved config (only {', '.join('--' + r.replace('_', '-') for r in resumable)}"
+                           f" may change)")
+    return dataclasses.replace(old, **{r: getattr(asked, r) for r in resumable if r in explicit}), saved
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def training_state(params: dict[str, Tensor], opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict]:

@@ -129,6 +129,38 @@ def test_resume_refuses_other_settings_and_overwrite_is_explicit(tmp_path):
     T.train(cfg, tmp_path / "r", quiet=True, overwrite=True)
 
 
+def test_resume_means_resume(tmp_path):
+    """--resume never starts another run: no run folder, or one without config.json, is a one-line error; a run
+    killed before its first checkpoint restarts its SAVED config from step 0 (not the command line's defaults) and
+    leaves config.json as it was."""
+    from lite3r_recon.errors import MissingInput
+
+    with pytest.raises(MissingInput, match="--resume: --out .* does not exist"):
+        T.train(T.TrainConfig(**SMALL), tmp_path / "none", quiet=True, resume=True)
+    assert not (tmp_path / "none").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingInput, match="holds no run"):
+        T.train(T.TrainConfig(**SMALL), tmp_path / "empty", quiet=True, resume=True)
+    assert list((tmp_path / "empty").iterdir()) == []
+    asked = T.TrainConfig(**{**SMALL, "steps": 3, "lr": 0.01, "ckpt_every": 10, "eval_scenes": 0})
+    T.train(asked, tmp_path / "cut", quiet=True, stop_after=1)  # "killed" before its first checkpoint
+    assert not (tmp_path / "cut/checkpoints/latest.json").exists()
+    config = (tmp_path / "cut/config.json").read_text()
+    resumed = T.train(T.TrainConfig(), tmp_path / "cut", quiet=True, resume=True, explicit=set())  # defaults
+    assert json.loads((tmp_path / "cut/metrics.json").read_text())["config"] == asked.to_json()
+    assert (tmp_path / "cut/config.json").read_text() == config
+    full = T.train(asked, tmp_path / "full", quiet=True)
+    assert resumed["history"] == full["history"]  # 3 steps at lr 0.01, from step 0
+    with pytest.raises(ValueError, match=r"--lr 0\.01, asked 0\.5"):  # a contradicting option names itself
+        T.train(T.TrainConfig(**{**SMALL, "lr": 0.5}), tmp_path / "cut", quiet=True, resume=True, explicit={"lr"})
+
+
+def test_cli_resume_without_a_run_is_one_line(tmp_path):
+    r = _cli("train", "--out", str(tmp_path / "x"), "--resume", "--steps", "1", timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "--resume" in r.stderr and "does not exist" in r.stderr and not (tmp_path / "x").exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
