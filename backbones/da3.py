@@ -39,7 +39,7 @@ from .cameras import da3_pose_decoding as pose_encoding_to_extri_intri  # camera
 from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, rope_table
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
 from lite3r_recon.errors import InvalidInput
 
@@ -292,6 +292,9 @@ class DA3(nn.Module):
         one = torch.ones(1, N, 2, dtype=pos_frame.dtype, device=x.device)
         one[:, 0] = 0
         pos_global = one.repeat(1, S, 1).expand(B, -1, -1)  # patches (1, 1), first token (0, 0)
+        if c.rope_start < len(vit.blocks):  # cos/sin once per forward, shared by every RoPE block
+            pos_frame = rope_table(pos_frame, C // c.num_heads, c.rope_freq)
+            pos_global = rope_table(pos_global, C // c.num_heads, c.rope_freq)
         order = None
         local_x = x
         outs = []

@@ -45,6 +45,25 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+ROPE_TABLE_DIMS = 6  # rope_table's rank: how RoPE2D tells a precomputed table from raw positions [B, N, 2]
+
+
+def rope_table(pos: Tensor, head_dim: int, frequency: float = 100.0) -> Tensor:
+    """RoPE2D's angles, cos and sin for positions `pos` [B, N, 2] (y, x): [3, B, 1, N, 2, head_dim/2] fp32.
+
+    What every block's RoPE2D would compute from `pos` for fp32 tokens, computed once: a model builds it in its
+    forward and passes it to every block in place of `pos` (gpt-fast's precomputed freqs), so the cos/sin are not
+    recomputed per block and per head under torch.compile. The angles ride along for tokens of another dtype
+    (RoPE rounds the angle to the token dtype before cos/sin)."""
+    if head_dim % 4:
+        raise InvalidInput(f"RoPE2D needs a head dim divisible by 4, got {head_dim}")
+    d = head_dim // 2
+    inv_freq = 1.0 / (frequency ** (torch.arange(0, d, 2, device=pos.device).float() / d))  # [d/2]
+    ang = pos.to(torch.float32)[..., None] * inv_freq  # [B, N, 2, d/2]
+    ang = torch.cat((ang, ang), dim=-1)  # [B, N, 2, d]
+    return torch.stack((ang, ang.cos(), ang.sin()))[:, :, None]  # [3, B, 1, N, 2, d]
+
+
 class RoPE2D(nn.Module):
     """2D rotary position embedding (the DUSt3R/VGGT form; no parameters, no buffers).
 
@@ -52,22 +71,26 @@ class RoPE2D(nn.Module):
     column (x) position. Within a half of size d, frequencies are ``frequency ** (-2i/d)`` for i < d/2, and the
     rotation pairs feature j with feature j + d/2 ("rotate half"). Angles are computed in fp32 and cast to the token
     dtype before cos/sin, exactly as the official table lookup does, but straight from ``pos`` (no ``pos.max()``
-    host sync, no cache), so it traces cleanly under torch.compile.
+    host sync), so it traces cleanly under torch.compile. ``pos`` may also be ``rope_table(pos, D, frequency)``,
+    computed once by the model for all its blocks (same result, bit for bit).
     """
 
     def __init__(self, frequency: float = 100.0) -> None:
         super().__init__()
         self.frequency = float(frequency)
 
+    def table(self, pos: Tensor, head_dim: int) -> Tensor:
+        return rope_table(pos, head_dim, self.frequency)
+
     def forward(self, t: Tensor, pos: Tensor) -> Tensor:
-        # t [B, H, N, D], pos [B, N, 2] (integer or float positions: y, x)
+        # t [B, H, N, D], pos [B, N, 2] (integer or float positions: y, x) or its table [3, B, 1, N, 2, D/2]
+        table = pos if pos.dim() == ROPE_TABLE_DIMS else self.table(pos, t.shape[-1])  # rank: static under compile
         d = t.shape[-1] // 2
-        if t.shape[-1] % 4:
-            raise InvalidInput(f"RoPE2D needs a head dim divisible by 4, got {t.shape[-1]}")
-        inv_freq = 1.0 / (self.frequency ** (torch.arange(0, d, 2, device=t.device).float() / d))  # [d/2]
-        ang = pos.to(torch.float32)[..., None] * inv_freq  # [B, N, 2, d/2]
-        ang = torch.cat((ang, ang), dim=-1).to(t.dtype)  # [B, N, 2, d]
-        cos, sin = ang.cos()[:, None], ang.sin()[:, None]  # [B, 1, N, 2, d]
+        if t.dtype == torch.float32:
+            cos, sin = table[1], table[2]  # [B, 1, N, 2, d]
+        else:
+            ang = table[0].to(t.dtype)
+            cos, sin = ang.cos(), ang.sin()
         t = t.unflatten(-1, (2, d))  # [B, H, N, 2, d]  (y half, x half)
         t1, t2 = t.chunk(2, dim=-1)
         rotated = torch.cat((-t2, t1), dim=-1)

@@ -176,6 +176,7 @@ class Aggregator(nn.Module):
             interpolate_offset=0.0,
         )
         self.rope = RoPE2D(cfg.rope_freq) if cfg.rope_freq > 0 else None
+        self.head_dim = C // cfg.num_heads
 
         def block(scope: str) -> Block:
             return Block(
@@ -212,6 +213,8 @@ class Aggregator(nn.Module):
         P, C = tokens.shape[1:]
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
         pos_global = pos.reshape(B, S * P, 2)
+        if self.rope is not None:  # cos/sin once per forward, shared by all 2 x depth blocks
+            pos, pos_global = self.rope.table(pos, self.head_dim), self.rope.table(pos_global, self.head_dim)
 
         def run(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
             if checkpointing and self.training and torch.is_grad_enabled():
