@@ -36,6 +36,27 @@ class CheckpointError(InvalidInput):
     """A checkpoint that cannot be loaded into the model; the message's first line says why."""
 
 
+def open_safetensors(path: str | os.PathLike, what: str = "safetensors file"):
+    """`safe_open(path)` (torch, CPU): the one door to a .safetensors file, so that a truncated, corrupt or non-
+    safetensors file (a bad header, sizes that do not cover the file) is one line naming it, never SafetensorError."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(os.fspath(path), framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError, OSError, ...: safetensors raises several kinds
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot read {what} ({why}); the file may be truncated or corrupt") from None
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "safetensors file") -> tuple[dict[str, str], dict[str, Tensor]]:
+    """(header metadata, every tensor) of a .safetensors file, read through open_safetensors."""
+    f = open_safetensors(path, what)
+    try:
+        return dict(f.metadata() or {}), {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read {what} ({e}); the file may be truncated or corrupt") from None
+
+
 class _Source:
     """Uniform lazy access to a checkpoint's tensors: keys, shapes, and one tensor at a time."""
 
@@ -50,16 +71,8 @@ class _Source:
         if not path.is_file():
             raise CheckpointError(f"{path}: no such checkpoint file")
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            try:
-                self._st = safe_open(str(path), framework="pt", device="cpu")
-                self._keys = list(self._st.keys())
-            except Exception as e:  # header or size mismatch: truncated / not a safetensors file
-                raise CheckpointError(
-                    f"{path}: cannot read safetensors checkpoint ({type(e).__name__}: {e}); the file may be "
-                    f"truncated or corrupt"
-                ) from None
+            self._st = open_safetensors(path, "safetensors checkpoint")
+            self._keys = list(self._st.keys())
             return
         try:
             mmap = zipfile.is_zipfile(path)  # the legacy (non-zip) format cannot be memory-mapped

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lite3r_recon.errors import InvalidInput, MissingInput, WouldOverwrite
+from lite3r_recon.io import check_writable, writing
 
 MODEL_FILES = ("cameras", "images", "points3D", "rigs", "frames")
 
@@ -207,6 +208,7 @@ def check_destination(out: Path, overwrite: bool) -> None:
     """A one-line error unless `out` can take a COLMAP model (absent, or a folder without one, or `overwrite`)."""
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"--colmap {out}: exists and is not a folder")
+    check_writable(out, folder=True)
     if out.is_dir() and not overwrite:
         present = sorted(p.name for p in out.iterdir() if p.stem in MODEL_FILES and p.suffix in (".bin", ".txt"))
         if present:
@@ -226,10 +228,12 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
     check_destination(out, overwrite)
     if not out.parent.is_dir():
         raise MissingInput(f"--colmap {out}: the folder {out.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with writing(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name, text in colmap_text(scene).items():
-            (tmp / name).write_text(text)
+        with writing(out):
+            for name, text in colmap_text(scene).items():
+                (tmp / name).write_text(text)
         try:
             rec = pycolmap.Reconstruction(str(tmp))
         except ValueError as e:  # pycolmap's checks (e.g. camera parameters) as one line
@@ -254,13 +258,14 @@ def write_colmap(out: str | os.PathLike, scene: ColmapScene, *, binary: bool = T
             rec.update_point_3d_errors()
             summary["reprojection_error_px_after_ba"] = rec.compute_mean_reprojection_error()
             summary["points3D"] = rec.num_points3D()
-        for f in tmp.iterdir():
-            f.unlink()
-        rec.write_binary(str(tmp)) if binary else rec.write_text(str(tmp))
-        out.mkdir(exist_ok=True)
-        check_destination(out, overwrite)  # again: another writer may have filled it meanwhile
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
+        with writing(out):
+            for f in tmp.iterdir():
+                f.unlink()
+            rec.write_binary(str(tmp)) if binary else rec.write_text(str(tmp))
+            out.mkdir(exist_ok=True)
+            check_destination(out, overwrite)  # again: another writer may have filled it meanwhile
+            for f in sorted(tmp.iterdir()):
+                os.replace(f, out / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     summary["path"] = str(out)

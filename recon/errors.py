@@ -25,5 +25,10 @@ class WouldOverwrite(Lite3rError, FileExistsError):
     """An output that exists and would be replaced without --overwrite."""
 
 
+class CannotWrite(Lite3rError, OSError):
+    """An output that cannot be written: a read-only folder, a path under a file, a full disk (any OSError of a write,
+    said with the path)."""
+
+
 class MismatchedKeys(Lite3rError, KeyError):
     """Tensors of a file that do not match the model's (unknown or missing keys)."""

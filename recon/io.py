@@ -18,19 +18,47 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
-from lite3r_recon.errors import InvalidInput, MissingInput, WouldOverwrite
+from lite3r_recon.errors import CannotWrite, InvalidInput, Lite3rError, MissingInput, WouldOverwrite
+
+
+def _why(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+def check_writable(path: str | os.PathLike, *, folder: bool = False, create: bool = False) -> Path:
+    """`path` (a file; with `folder` a folder) as a Path if lite3r can write it: its nearest existing ancestor is a
+    folder a file can be created in (probed with an empty temporary file, so a read-only folder or file system is
+    found before any work). `create`: also make the folder (or the file's folder). Else a one-line CannotWrite
+    naming `path`: a read-only folder, a path under a file, no space left for a file."""
+    path = Path(path)
+    base = path if folder else path.parent
+    probe = base
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CannotWrite(f"{path}: cannot write there, {probe} is a file, not a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".lite3r-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+        if create:
+            base.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CannotWrite(f"{path}: cannot write into {probe} ({_why(err)})") from None
+    return path
 
 
 def ensure_writable(path: str | os.PathLike, overwrite: bool = False, *, flag: str = "--overwrite") -> Path:
-    """`path` as a Path whose parent folder exists; FileExistsError when it exists and `overwrite` is False,
-    ValueError when it is a folder."""
+    """`path` as a Path whose parent folder exists and can be written (check_writable); FileExistsError when it exists
+    and `overwrite` is False, ValueError when it is a folder or another non-regular file (a device, a pipe)."""
     path = Path(path)
     if path.is_dir():
         raise InvalidInput(f"{path} is a directory, expected a file path")
+    if path.exists() and not path.is_file():
+        raise InvalidInput(f"{path} is not a regular file (a device or pipe?), expected a file path")
     if path.exists() and not overwrite:
         raise WouldOverwrite(f"{path} exists; pass {flag} to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
+    return check_writable(path, create=True)
 
 
 _UMASK = os.umask(0o22)
@@ -38,25 +66,48 @@ os.umask(_UMASK)  # read once: os.umask can only be read by setting it
 
 
 @contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Any OSError of the writes inside (a full disk, a folder made read-only or removed meanwhile) becomes a
+    one-line CannotWrite naming `path`; the project's own errors pass as they are."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, Lite3rError):
+            raise
+        raise CannotWrite(f"{path}: cannot write ({_why(err)})") from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, overwrite: bool = False, suffix: str | None = None) -> Iterator[Path]:
     """Yields a temporary path beside `path` (same suffix, so format-sniffing writers work); on success it is
     `os.replace`d onto `path`, on an exception it is removed and `path` is left untouched."""
     path = ensure_writable(path, overwrite)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix if suffix is None else suffix,
-                               dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise MissingInput(f"{path}: the writer produced no file")
-        if not overwrite and path.exists():  # appeared while we wrote
-            raise WouldOverwrite(f"{path} exists; pass --overwrite to replace it")
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode a plain open() would give
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp.", suffix=path.suffix if suffix is None else suffix,
+                                   dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise MissingInput(f"{path}: the writer produced no file")
+            if not overwrite and path.exists():  # appeared while we wrote
+                raise WouldOverwrite(f"{path} exists; pass --overwrite to replace it")
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the mode a plain open() would give
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def remove_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files atomic_path left in `folder` when its process was killed mid-write (.NAME.tmp.*);
+    returns them. Only a folder's own writer calls this (a run on start or resume): a live writer's file would go."""
+    folder = Path(folder)
+    gone = [p for p in folder.glob(".*.tmp.*") if p.is_file()] if folder.is_dir() else []
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
@@ -149,4 +200,5 @@ def console(quiet: bool = False):
 
 
 __all__ = ["atomic_path", "atomic_save_safetensors", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
-           "console", "ensure_writable", "rich_table", "to_jsonable", "write_json"]
+           "check_writable", "console", "ensure_writable", "remove_temporaries", "rich_table", "to_jsonable", "write_json",
+           "writing"]
