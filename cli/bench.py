@@ -95,7 +95,11 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
     from lite3r import SLAConfig
     from lite3r_recon import models
 
-    model = models.dense_model(name, cfg.weights, device=device)  # the same weights every time (file or seed 0)
+    # the same weights every time (file or seed 0); with --student, every path on the teacher it was trained from
+    model = (models.teacher_of(cfg.student, weights=cfg.weights, device=device) if cfg.student
+             else models.dense_model(name, cfg.weights, device=device))
+    if model.name != name:
+        raise InvalidInput(f"--student {cfg.student} was trained on {model.name}, not on {name}")
     if variant == "a":  # the official precision: fp32 weights, heads in fp32 outside autocast, every layer kept
         return models.configure(model, lean=False, head_dtype="float32")
     models.configure(model, lean=variant != "bf16-all", head_dtype=cfg.head_dtype)
@@ -203,6 +207,7 @@ def _add_ratios(rows: list[dict]) -> None:
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """The whole benchmark: every view count of cfg.views, every path of cfg.variants. Returns a JSON-able dict;
     with `profile`, also where the last path's forward spends its time at each view count."""
+    from lite3r_recon import models
     from lite3r_recon.models import resolve_device
     from lite3r_recon.timing import environment
 
@@ -212,6 +217,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: boo
     gpu = device.type == "cuda"
     cfg = dataclasses.replace(cfg, res=cfg.res or (518 if gpu else 140), repeats=cfg.repeats or (3 if gpu else 1),
                               warmup=cfg.warmup or (2 if gpu else 1))
+    random = models.weights_note(name, cfg.weights)
+    if random:
+        log(random)
     if device.type != "cuda":
         note = (f"no CUDA: ran the tiny config {name!r} eagerly on {device} in fp32 at {cfg.res}x{cfg.res}, a smoke "
                 f"test of the paths, not a measurement; peak memory is not measured")

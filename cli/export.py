@@ -15,7 +15,7 @@ def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike =
     import lite3r
     from lite3r_recon import models
     from lite3r_recon.errors import InvalidInput
-    from lite3r_recon.io import ensure_writable
+    from lite3r_recon.io import console, ensure_writable
 
     if scope not in ("global", "all"):
         raise InvalidInput(f"--scope must be global or all, got {scope!r}")
@@ -25,9 +25,13 @@ def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike =
     except lite3r.Lite3rError as err:  # a bad --topk / --kept-blocks: one line
         raise InvalidInput(str(err)) from None
     ensure_writable(out, overwrite)  # before the (long) build
-    teacher = models.dense_model(model, weights)  # a file, an in-memory state dict, or the default weights
-    built = (models.load_student(student, teacher) if student is not None
-             else models.make_student(teacher, config, fp8=fp8, inplace=True))
+    note = models.weights_note(model, weights)
+    if note:
+        console().print(f"[yellow]{note}[/]")
+    if student is not None:  # on the teacher it records (`weights`: where that checkpoint is now)
+        built = models.load_student(student, weights=weights)
+    else:  # a file, an in-memory state dict, or the default weights
+        built = models.make_student(models.dense_model(model, weights), config, fp8=fp8, inplace=True)
     import torch
 
     deployed = models.deploy_model(built, dtype=torch.bfloat16, compile_mode=None)  # bf16 besides FP8 / fp32

@@ -35,14 +35,16 @@ STUDENT_FORMAT = "lite3r-train/1"
 
 # ------------------------------------------------------------------------------------------------------- dense
 def dense_model(name: str, weights: str | os.PathLike | Mapping[str, torch.Tensor] | None = None, *, seed: int = 0,
-                device: str | torch.device | None = None) -> nn.Module:
-    """Backbone `name`, eval and frozen: the checkpoint `weights` (a file or an in-memory state dict; built on the
-    meta device, loaded strictly, the tensors straight to `device`; only what the backbone declares optional may
-    be absent from the file), or the backbone's default weights (shipped for the tiny ones, else random ones drawn
-    from `seed` without touching the global RNG: the same on every call)."""
-    from lite3r_backbones import build_backbone, load_checkpoint
+                device: str | torch.device | None = None, overrides: Mapping | None = None) -> nn.Module:
+    """Backbone `name` (with config `overrides`), eval and frozen: the checkpoint `weights` (a file or an in-memory
+    state dict; built on the meta device, loaded strictly, the tensors straight to `device`; only what the backbone
+    declares optional may be absent from the file), or the backbone's default weights (shipped for the tiny ones,
+    else random ones drawn from `seed` without touching the global RNG: the same on every call). Where the weights
+    came from is kept on the model (`lite3r_source`): a student saves it as its teacher's record (`teacher_of`)."""
+    from lite3r_backbones import INFERENCE_FIELDS, build_backbone, load_checkpoint, shipped_weights
 
     device = torch.device(device or "cpu")
+    overrides = dict(overrides or {})
     if weights is not None and not isinstance(weights, Mapping) and str(weights) == "random":
         weights, default = None, "random"
     else:
@@ -50,13 +52,18 @@ def dense_model(name: str, weights: str | os.PathLike | Mapping[str, torch.Tenso
     if weights is not None:
         if not isinstance(weights, Mapping) and not Path(weights).is_file():
             raise MissingInput(f"--weights {weights}: no such checkpoint file")
-        model = build_backbone(name, device="meta")
+        model = build_backbone(name, device="meta", **overrides)
         load_checkpoint(model, weights, strict=True, device=device,
                         skip_prefixes=getattr(model, "optional_checkpoint_prefixes", ()))
+        source = ({"kind": "state_dict"} if isinstance(weights, Mapping) else
+                  {"kind": "checkpoint", "path": str(Path(weights).resolve())})
     else:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            model = build_backbone(name, device=device, weights=default)
+            model = build_backbone(name, device=device, weights=default, **overrides)
+        shipped = shipped_weights(name) if default is None and set(overrides) <= INFERENCE_FIELDS else None
+        source = {"kind": "shipped", "name": shipped.name} if shipped else {"kind": "random", "seed": seed}
+    model.lite3r_source = source
     return model.eval().requires_grad_(False)
 
 
@@ -156,14 +163,16 @@ def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 def save_student(student: nn.Module, path: str | os.PathLike, info: dict) -> None:
     """Write the trained proj_l tensors of `student` (keyed by parameter name) with `info` (backbone, training
-    config) and the SLAConfig in the safetensors header, and the same JSON beside it (`path` with .json)."""
+    config), the SLAConfig and its teacher's record (`teacher_record`) in the safetensors header, and the same JSON
+    beside it (`path` with .json)."""
     from safetensors.torch import save
 
     from lite3r_recon.io import atomic_write_bytes, atomic_write_text
 
     tensors = {n: p.detach().float().cpu().contiguous() for n, p in trainable(student).items()}
     info = {"format": STUDENT_FORMAT, **info, "params": sorted(tensors),
-            "sla_config": getattr(student, "lite3r_sla_config", None), "fp8": getattr(student, "lite3r_fp8", None)}
+            "sla_config": getattr(student, "lite3r_sla_config", None), "fp8": getattr(student, "lite3r_fp8", None),
+            "teacher_source": teacher_record(student)}
     path = Path(path)
     atomic_write_bytes(path, save(tensors, metadata={"lite3r_train": json.dumps(info)}), overwrite=True)
     atomic_write_text(path.with_suffix(".json"), json.dumps(info, indent=1), overwrite=True)
@@ -201,28 +210,189 @@ def student_config(info: dict) -> tuple[SLAConfig, bool]:
     return cfg.sla_config(), cfg.fp8
 
 
-def load_student(path: str | os.PathLike, teacher: nn.Module | str, *, weights: str | os.PathLike | None = None,
-                 device: str | torch.device | None = None, seed: int | None = None) -> nn.Module:
-    """A trained student from `student.safetensors` (or the run directory holding it) and its teacher.
+def load_student(path: str | os.PathLike, teacher: nn.Module | str | None = None, *,
+                 weights: str | os.PathLike | None = None, device: str | torch.device | None = None) -> nn.Module:
+    """A trained student from `student.safetensors` (or the run directory holding it) on its teacher.
 
-    `teacher`: the dense model (copied, left untouched) or a backbone name built with `weights` (random from the
-    run's seed when None). The SLA / FP8 settings come from the file; every trained tensor must name a parameter
-    of the rebuilt student with the same shape, and every proj_l of the student must be in the file."""
+    `teacher`: None or the backbone name the caller expects: the teacher the student records, rebuilt by
+    `teacher_of` (`weights`: where that teacher's checkpoint is now); or a dense model (copied, left untouched),
+    refused when it records other weights than the student's teacher. The SLA / FP8 settings come from the file;
+    every trained tensor must name a parameter of the rebuilt student with the same shape, and every proj_l of the
+    student must be in the file."""
     path, info = student_info(path)
     config, fp8 = student_config(info)
-    built_here = isinstance(teacher, str)
+    if isinstance(teacher, str) and teacher != info["backbone"]:
+        raise InvalidInput(f"{path} was trained on {info['backbone']}, not on {teacher}")
+    built_here = teacher is None or isinstance(teacher, str)
     if built_here:
-        run_seed = info.get("config", {}).get("seed", 0)
-        teacher = dense_model(teacher, weights, seed=run_seed if seed is None else seed)
+        teacher = teacher_of(path, weights=weights)
     name = getattr(teacher, "name", None)
     if name and name != info["backbone"]:
         raise InvalidInput(f"{path} was trained on {info['backbone']}, not on {name}")
+    if not built_here and getattr(teacher, "lite3r_source", None) is not None:
+        _check_teacher(path, _recorded_teacher(path, info), {**teacher.lite3r_source, "backbone": name})
     student = make_student(teacher, config, fp8=fp8, inplace=built_here)
     load_proj_l(student, path)
     missing = set(trainable(student)) - set(info["params"])
     if missing:
         raise MismatchedKeys(f"{path}: no tensor for {len(missing)} proj_l parameters, first {sorted(missing)[:3]}")
     return student.requires_grad_(False).to(device or "cpu")
+
+
+def _sha256(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:  # size + mtime: a changed file is hashed again
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_record(model: nn.Module) -> dict | None:
+    """What a student saves of its teacher (from the dense model's `lite3r_source`): the backbone, its config
+    overrides, and the weights - {"kind": "checkpoint", "path", "sha256"}, {"kind": "shipped", "name", "sha256"}
+    (the backbone's shipped file), {"kind": "random", "seed"} or {"kind": "state_dict"} (in memory: not rebuildable).
+    None for a model dense_model did not build."""
+    from lite3r_backbones import get_config, shipped_weights
+
+    source = getattr(model, "lite3r_source", None)
+    name = getattr(model, "name", None)
+    if source is None or name is None:
+        return None
+    record = dict(source)
+    if source["kind"] == "checkpoint":
+        record["sha256"] = _sha256(source["path"])
+    elif source["kind"] == "shipped":
+        record["sha256"] = _sha256(shipped_weights(name))
+    default = dataclasses.asdict(get_config(name))
+    config = dataclasses.asdict(model.config) if dataclasses.is_dataclass(getattr(model, "config", None)) else {}
+    record["backbone"] = name
+    record["overrides"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()
+                           if k in default and k != "name" and v != default[k]}
+    return record
+
+
+def _describe(src: dict) -> str:
+    kind = src["kind"]
+    if kind == "checkpoint":
+        return f"the checkpoint {src['path']}"
+    if kind == "shipped":
+        return f"the shipped {src.get('backbone', '')} weights ({src['name']})".replace("  ", " ")
+    if kind == "random":
+        return f"random weights from seed {src['seed']}"
+    if kind == "default":
+        return f"the backbone's default weights (shipped, else random from seed {src['seed']})"
+    return "an in-memory state dict"
+
+
+def _recorded_teacher(path: Path, info: dict) -> dict:
+    """The teacher record of a student's info; students saved before records existed: rebuilt from their training
+    config (its --teacher, else the default weights from its seed), with a warning that nothing is verified."""
+    if info.get("teacher_source"):
+        return info["teacher_source"]
+    import warnings
+
+    cfg = info.get("config") or {}
+    ckpt = info.get("teacher") or cfg.get("teacher")
+    src = ({"kind": "checkpoint", "path": ckpt} if ckpt else {"kind": "default", "seed": cfg.get("seed", 0)})
+    warnings.warn(f"{path} records no teacher (saved by an older lite3r): using {_describe(src)} from its training "
+                  f"config, unverified; pass its teacher with --weights if that is not it", stacklevel=3)
+    return {**src, "backbone": info["backbone"], "overrides": {}}
+
+
+def _check_teacher(path: Path, rec: dict, given: dict, *, flag: str = "the teacher") -> None:
+    """Refuse teacher weights (`given`: a dense model's `lite3r_source` + its backbone) that are not the ones `rec`
+    records: another file (by sha256), random weights from another seed, random for a checkpoint or the reverse."""
+    g, r = given["kind"], rec["kind"]
+    if "state_dict" in (g, r):
+        return  # in memory: nothing to compare
+    if g in ("checkpoint", "shipped"):
+        if r in ("checkpoint", "shipped") and rec.get("sha256"):  # else a student of an older lite3r: unverified
+            sha = _sha256(given["path"] if g == "checkpoint" else _shipped(given.get("backbone", ""), path))
+            if sha != rec["sha256"]:
+                raise InvalidInput(f"{flag} {_describe(given)} (sha256 {sha[:12]}) is not the teacher {path} was "
+                                   f"trained from: {_describe(rec)} (sha256 {rec['sha256'][:12]}); pass that file "
+                                   f"with --weights")
+            return
+        if r != "random":
+            return
+    elif r in ("random", "default") and rec["seed"] == given["seed"]:
+        return
+    raise InvalidInput(f"{flag} ({_describe(given)}) is not the teacher {path} was trained from: {_describe(rec)}"
+                       + (" (drop --weights)" if r == "random" else "; pass it with --weights"))
+
+
+def _shipped(name: str, path: Path) -> Path:
+    from lite3r_backbones import shipped_weights
+
+    shipped = shipped_weights(name) if name else None
+    if shipped is None:
+        raise InvalidInput(f"{path}: its teacher was the shipped weights of {name!r}, which has none now")
+    return shipped
+
+
+def teacher_of(student: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+               device: str | torch.device | None = None) -> nn.Module:
+    """The dense teacher a student was trained from, rebuilt exactly from its record (`teacher_record`: backbone,
+    config overrides, the checkpoint / shipped file by sha256, or the random seed), or a one-line refusal: the
+    checkpoint moved or changed, the shipped weights changed. `weights`: where the teacher's checkpoint is now (it
+    must hash to the recorded sha256), or "random" for a student of random weights."""
+    path, info = student_info(student)
+    rec = _recorded_teacher(path, info)
+    name = rec.get("backbone") or info["backbone"]
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.get("overrides", {}).items()}
+    kind = rec["kind"]
+    if weights is not None and str(weights) != "random":
+        if not Path(weights).is_file():
+            raise MissingInput(f"--weights {weights}: no such checkpoint file")
+        _check_teacher(path, rec, {"kind": "checkpoint", "path": str(weights)}, flag="--weights")
+        return dense_model(name, weights, overrides=overrides, device=device)
+    if weights is not None:  # "random"
+        if kind not in ("random", "default"):
+            raise InvalidInput(f"--weights random: {path} was trained from {_describe(rec)}, not random weights")
+        return dense_model(name, "random", seed=rec["seed"], overrides=overrides, device=device)
+    if kind == "checkpoint":
+        ckpt = Path(rec["path"])
+        if not ckpt.is_file():
+            raise MissingInput(f"{path}: its teacher checkpoint {ckpt} is gone (moved or deleted); pass it with "
+                               f"--weights FILE (sha256 {rec.get('sha256', '?')[:12]})")
+        if rec.get("sha256") and _sha256(ckpt) != rec["sha256"]:
+            raise InvalidInput(f"{path}: its teacher checkpoint {ckpt} changed since training (sha256 "
+                               f"{_sha256(ckpt)[:12]}, trained on {rec['sha256'][:12]}); pass the original with "
+                               f"--weights FILE")
+        return dense_model(name, ckpt, overrides=overrides, device=device)
+    if kind == "shipped":
+        now = _sha256(_shipped(name, path))
+        if rec.get("sha256") and now != rec["sha256"]:
+            raise InvalidInput(f"{path}: the shipped {name} weights changed since it was trained (sha256 {now[:12]}, "
+                               f"trained on {rec['sha256'][:12]}); pass the teacher it was trained from with "
+                               f"--weights FILE")
+        return dense_model(name, None, overrides=overrides, device=device)
+    if kind in ("random", "default"):
+        return dense_model(name, "random" if kind == "random" else None, seed=rec["seed"], overrides=overrides,
+                           device=device)
+    raise InvalidInput(f"{path} was trained from an in-memory state dict, which it cannot rebuild: pass that "
+                       f"teacher's checkpoint with --weights FILE")
+
+
+def weights_note(name: str, weights: str | os.PathLike | None) -> str | None:
+    """The line a command prints when it runs backbone `name` on random weights (no --weights and none shipped, or
+    --weights random), so its numbers are not read as a model's; None otherwise."""
+    from lite3r_backbones import shipped_weights
+
+    if weights is not None and str(weights) != "random":
+        return None
+    if weights is None and shipped_weights(name) is not None:
+        return None
+    return (f"{name} runs on random weights ({'--weights random' if weights else 'none shipped, no --weights'}): "
+            f"a smoke test, not a model's results")
 
 
 def check_backbone(name: str) -> str:

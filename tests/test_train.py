@@ -161,6 +161,76 @@ def test_cli_resume_without_a_run_is_one_line(tmp_path):
     assert "--resume" in r.stderr and "does not exist" in r.stderr and not (tmp_path / "x").exists()
 
 
+def _same_weights(model, teacher) -> bool:
+    """The student's frozen tensors are `teacher`'s (the names it shares with the dense model)."""
+    got = model.state_dict()
+    return all(torch.equal(got[k].float(), v.float()) for k, v in teacher.state_dict().items() if k in got)
+
+
+def test_students_carry_their_teacher(tmp_path):
+    """student.json records its teacher (checkpoint + sha256, shipped file + sha256, or random + seed) and every
+    load rebuilds exactly that one - not a seed-0 random teacher, not the default weights - or refuses in one line."""
+    import hashlib
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import lite3r
+    from lite3r_recon.errors import InvalidInput, MissingInput
+
+    def student_of(teacher, folder):
+        student = models.make_student(teacher, lite3r.SLAConfig(topk=0.5))
+        with torch.no_grad():
+            for p in models.trainable(student).values():
+                p.normal_(0, 0.1)
+        models.save_student(student, tmp_path / folder / "student.safetensors", {"backbone": "vggt-tiny"})
+        return tmp_path / folder
+
+    seed5 = models.dense_model("vggt-tiny", "random", seed=5)
+    run = student_of(seed5, "r5")
+    assert json.loads((run / "student.json").read_text())["teacher_source"]["seed"] == 5
+    assert _same_weights(models.load_model("vggt-tiny", student=run), seed5)
+    with pytest.raises(InvalidInput, match="seed 5"):  # bench / study hand their own dense model: checked
+        models.load_student(run, models.dense_model("vggt-tiny", "random", seed=0))
+    assert _same_weights(models.load_student(run, models.dense_model("vggt-tiny", "random", seed=5)), seed5)
+
+    ckpt = tmp_path / "teacher.safetensors"
+    save_file(models.dense_model("vggt-tiny", "random", seed=7).state_dict(), str(ckpt))
+    teacher = models.dense_model("vggt-tiny", ckpt)
+    run = student_of(teacher, "ck")
+    rec = json.loads((run / "student.json").read_text())["teacher_source"]
+    assert rec["kind"] == "checkpoint" and rec["sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert _same_weights(models.load_model("vggt-tiny", student=run), teacher)
+    moved = tmp_path / "moved.safetensors"
+    shutil.move(ckpt, moved)
+    with pytest.raises(MissingInput, match="is gone .*--weights"):
+        models.load_model("vggt-tiny", student=run)
+    assert _same_weights(models.load_model("vggt-tiny", student=run, weights=moved), teacher)
+    save_file(models.dense_model("vggt-tiny", "random", seed=8).state_dict(), str(moved))
+    with pytest.raises(InvalidInput, match="sha256"):
+        models.load_model("vggt-tiny", student=run, weights=moved)
+    with pytest.raises(InvalidInput, match="not random"):
+        models.load_model("vggt-tiny", student=run, weights="random")
+
+    shipped = student_of(models.dense_model("vggt-tiny"), "sh")
+    assert json.loads((shipped / "student.json").read_text())["teacher_source"]["kind"] == "shipped"
+    with pytest.raises(InvalidInput, match="not the teacher"):
+        models.load_student(shipped, models.dense_model("vggt-tiny", "random"))
+
+    # lite3r train records its --teacher; a student of an older lite3r (no record) loads with a warning
+    save_file(teacher.state_dict(), str(ckpt))
+    T.train(T.TrainConfig(**{**SMALL, "model": "vggt-tiny", "steps": 1, "eval_scenes": 0, "teacher": str(ckpt)}),
+            tmp_path / "t", quiet=True)
+    info = json.loads((tmp_path / "t/student.json").read_text())
+    assert info["teacher_source"]["path"] == str(ckpt.resolve()) and info["teacher_source"]["overrides"] == {}
+    assert _same_weights(models.load_model("vggt-tiny", student=tmp_path / "t"), teacher)
+    old = {k: v for k, v in info.items() if k != "teacher_source"}
+    save_file(load_file(tmp_path / "t/student.safetensors"), str(tmp_path / "old.safetensors"),
+              metadata={"lite3r_train": json.dumps(old)})
+    with pytest.warns(UserWarning, match="records no teacher"):
+        assert _same_weights(models.load_student(tmp_path / "old.safetensors"), teacher)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
