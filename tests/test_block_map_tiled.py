@@ -69,7 +69,8 @@ def test_tiled_block_map_equals_whole( N, D, H, block_q, block_k, topk, tile_row
     """Kernels, Mk of 190-525 key blocks (few query blocks: the interpreter runs one select program per row), tiles
     of `tile_rows` query blocks (odd sizes; whole heads when a head fits): the same LUT, sorted, as
     the whole-tensor path (the same scores row for row), and the reference's kept sets; rows over the select
-    kernel's tile (torch.topk per tile) with `long_rows`. The reference tiled the same way keeps the same sets."""
+    kernel's tile (read in 64-key chunks, as past 16384 key blocks) with `long_rows`: identical too. The
+    reference tiled the same way keeps the same sets."""
     gen = torch.Generator().manual_seed(seed)
     q, k = (torch.randn(1, H, N, D, generator=gen).to(DEVICE) for _ in range(2))
     n_q, n_k = -(-N // block_q), -(-N // block_k)
@@ -86,8 +87,7 @@ def test_tiled_block_map_equals_whole( N, D, H, block_q, block_k, topk, tile_row
         tiled = kernels.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
         ref_tiled = lite3r.sla_block_map(q, k, topk=topk, block_q=block_q, block_k=block_k)
     scores = exact_scores(q, k, block_q, block_k)
-    if not long_rows:  # the select kernel on both paths: identical, ties included
-        assert torch.equal(tiled.sort(dim=-1).values, whole.sort(dim=-1).values)
+    assert torch.equal(tiled, whole)  # the select kernel on both paths (rows whole or chunked): identical, ties too
     for got in (tiled, whole, ref_tiled):
         check_selection(got, ref_whole, scores, kept)
 
@@ -123,7 +123,8 @@ def test_score_tile_stays_within_budget_at_any_size():
 def test_tiled_block_map_peak_allocation_is_bounded(monkeypatch, path):
     """No tensor larger than the score budget (plus the pooled inputs) is created, while the whole score tensor would
     be 16x that: every op's output is recorded while the map runs (kernels: tiled_block_map's host code, which the
-    size rule sends every over-budget map to; selection by torch.topk, which the interpreter runs fast)."""
+    size rule sends every over-budget map to; selection by a torch.topk twin of select_top, which the interpreter
+    runs fast: the select kernel allocates only its LUT)."""
     gen = torch.Generator().manual_seed(5)
     N, D, bs = 2001, 8, 4
     q, k = (torch.randn(1, 2, N, D, generator=gen).to(DEVICE) for _ in range(2))
@@ -131,7 +132,8 @@ def test_tiled_block_map_peak_allocation_is_bounded(monkeypatch, path):
     whole_bytes = 2 * n * n * 4
     monkeypatch.setattr(block_map, "_SCORE_BUDGET", whole_bytes // 16)
     monkeypatch.setattr(lite3r, "_SCORE_BUDGET", whole_bytes // 16)
-    monkeypatch.setattr(block_map, "_SELECT_MAX_TILE", 64)
+    monkeypatch.setattr(block_map, "select_top",
+                        lambda s, kept: s.topk(kept, dim=-1, sorted=False).indices.to(torch.int32))
     inputs_bytes = 2 * n * bs * D * 4  # pooling pads (or centres) q / k once
     with LargestAllocation() as mode:
         if path == "kernels":
@@ -171,3 +173,39 @@ def test_tiled_block_map_equals_whole_gpu(monkeypatch, views):
     assert torch.equal(kernels.sla_block_map(q, k, topk=0.05).sort(dim=-1).values, whole)
     monkeypatch.setattr(block_map, "_SCORE_BUDGET", 8 << 20)
     assert torch.equal(block_map.tiled_block_map(q, k, kept, bs, bs).sort(dim=-1).values, whole)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dist", ["normal", "ties"])
+def test_select_top_past_16384_key_blocks_gpu(dist):
+    """Rows of 21984 key blocks (VGGT-1B at 1024 views, 64-token blocks) - past the select kernel's 16384-key tile,
+    where torch.topk used to take over - selected exactly by the chunked kernel: a stable sort's top K (ties to
+    the lowest index), ascending, at a kept fraction (K = 1100) and a count (K = 64)."""
+    from lite3r_kernels.sla import select_top
+
+    assert block_map._select_launch(21984)[-1]  # the chunked path
+    gen = torch.Generator().manual_seed(21984)
+    s = torch.randn(512, 21984, generator=gen)
+    if dist == "ties":
+        s = s.mul(2).round()
+    for kept in (1100, 64):
+        want = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :kept].sort(dim=1).values.to(torch.int32)
+        assert torch.equal(select_top(s.to(DEVICE), kept).cpu(), want)
+
+
+@pytest.mark.gpu
+def test_block_map_at_1024_views_gpu():
+    """The op at VGGT-1B's 1024-view global attention (N = 1,406,976 tokens, 16 heads, Mk = 21984, K = 64): tiled
+    scores + chunked select. Every kept set is top K up to fp32 rounding against fp64 scores, and equal to the exact
+    one where the K-th and (K+1)-th scores are separated (checked on 3 heads x 64 query blocks)."""
+    gen = torch.Generator(DEVICE).manual_seed(1024)
+    N, bs, kept = 1024 * 1374, 64, 64
+    q, k = (torch.randn(1, 16, N, 64, generator=gen, device=DEVICE).to(torch.bfloat16) for _ in range(2))
+    lut = kernels.sla_block_map(q, k, topk=lite3r._kept_fraction(kept, 21984))
+    assert lut.shape == (1, 16, 21984, kept)
+    heads, rows = [0, 7, 15], torch.randint(0, 21984, (64,), generator=gen, device=DEVICE)
+    qd = lite3r._block_mean(q[:, heads].double(), bs)[:, :, rows]
+    kd = k[:, heads].double()
+    scores = (qd @ lite3r._block_mean(kd - kd.mean(dim=2, keepdim=True), bs).transpose(-1, -2)).cpu()
+    want = scores.topk(kept, dim=-1).indices.to(torch.int32)
+    check_selection(lut[:, heads][:, :, rows], want, scores, kept)

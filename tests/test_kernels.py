@@ -218,12 +218,14 @@ def test_block_map_keeps_top_scores(N, D, block_q, block_k, topk, seed):
 @given(rows=st.integers(1, 5), MK=st.integers(1, 150), frac=st.floats(0.0, 1.0),
        dist=st.sampled_from(["normal", "lognormal", "heavy", "bimodal", "ties", "constant"]),
        guesses=st.sampled_from([0, 10]), fused_stats=st.booleans(), chunked=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats, chunked, seed):
+       long_row=st.sampled_from([0, 16, 32]), seed=st.integers(0, 2**16))
+def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats, chunked, long_row, seed):
     """_select_kernel alone, launched as select_top launches it: the KK largest of each row, ties to the lowest
     index, written ascending, on rows whose shape defeats the guessed probes (skewed, heavy-tailed, two clusters,
     many ties, all equal) and with bisection only; both reductions of the row statistics; indices written from the
-    tile in registers or chunk by chunk (one key per thread per chunk: rows over 128 keys span two chunks)."""
+    tile in registers or chunk by chunk (one key per thread per chunk: rows over 128 keys span two chunks); with
+    `long_row`, rows longer than the tile (CHUNKED: statistics and counts over 16- or 32-key chunks, as rows past
+    _SELECT_MAX_TILE run)."""
     from lite3r_kernels.sla import _normal_quantile, _select_kernel, _select_launch
 
     gen = torch.Generator().manual_seed(seed)
@@ -235,9 +237,12 @@ def test_select_kernel_is_exact_top_k(rows, MK, frac, dist, guesses, fused_stats
     z, density = _normal_quantile(kk, MK)
     lut = torch.full((rows, kk), -1, dtype=torch.int32)
     s, lut = s.to(DEVICE), lut.to(DEVICE)
-    tile, warps, _, _ = _select_launch(MK)
+    tile, warps, _, _, _ = _select_launch(MK)
+    final = 32 * warps if chunked else 0
+    if long_row:  # the tile is one chunk of the row; the indices are then always written chunk by chunk
+        tile, final = long_row, long_row
     _select_kernel[(rows,)](s, lut, MK, MK, kk, Z=z, DENSITY=density, GUESSES=guesses, TILE_MK=tile,
-                            FUSED_STATS=fused_stats, FINAL_CHUNK=32 * warps if chunked else 0, num_warps=warps)
+                            FUSED_STATS=fused_stats, FINAL_CHUNK=final, CHUNKED=bool(long_row), num_warps=warps)
     assert torch.equal(lut.cpu(), stable_top_k(s.cpu(), kk))
 
 
@@ -485,16 +490,18 @@ def test_block_map_all_ties_still_picks_k_distinct():
     assert lut.shape == (1, 2, 19, 6) and (srt[..., 1:] > srt[..., :-1]).all() and 0 <= lut.min() and lut.max() < 19
 
 
-def test_block_map_torch_topk_fallback_agrees(monkeypatch):
-    """Rows longer than the select kernel's tile go through torch.topk: same kept sets on separated scores."""
+def test_block_map_long_rows_read_in_chunks_agree(monkeypatch):
+    """Rows longer than the select kernel's tile (past 16384 key blocks on the GPU) are selected by the same kernel
+    counting chunk by chunk: the same LUT, ties and order included, as rows held whole."""
     from lite3r_kernels.sla import block_map
 
     gen = torch.Generator().manual_seed(11)
     q, k = (torch.randn(1, 2, 200, 16, generator=gen).to(DEVICE) for _ in range(2))
     fused = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
     monkeypatch.setattr(block_map, "_SELECT_MAX_TILE", 4)
-    fallback = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
-    assert torch.equal(fused.sort(-1).values, fallback.sort(-1).values)
+    assert block_map._select_launch(13)[-1]  # 13 key blocks: 4 chunks of 4
+    chunked = kernels.sla_block_map(q, k, topk=0.25, block_q=16, block_k=16)
+    assert torch.equal(fused, chunked)
 
 
 @pytest.mark.parametrize("feature_map", ["softmax", "elu", "relu"])

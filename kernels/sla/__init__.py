@@ -22,7 +22,7 @@ from .linear import linear_state, linear_state_torch
 # name -> the module that reads it at call time (a copy here would not switch anything)
 _LIVES_IN = {"USE_TMA": "attention", "OVERLAP": "attention", "_tma_descriptors": "attention",
              "_FWD_MAX_OFFSET": "attention", "_LINEAR_CHUNK": "attention", "_LINEAR_STATE_CHUNK": "linear",
-             "_LINEAR_TILE": "linear", "_SELECT_MAX_TILE": "block_map",
+             "_LINEAR_TILE": "linear", "_SELECT_MAX_TILE": "block_map", "_SELECT_CHUNK": "block_map",
              "_SCORE_BUDGET": "block_map"}
 
 

@@ -106,8 +106,24 @@ def _write_selected(p_lut, key, idx, valid, lo, exact, n_sel, n_eq, n_gt, KK):
 
 
 @triton.jit
+def _count_keys(p_row, MK, probe, o_k, TILE_MK: tl.constexpr, STRICT: tl.constexpr):
+    """How many keys of the row at p_row (MK fp32 scores) are >= probe (> probe when STRICT), in TILE_MK-key chunks."""
+    cnt = tl.full([], 0, tl.int32)
+    for c0 in range(0, MK, TILE_MK):
+        m_c = (c0 + o_k) < MK
+        c_key = tl.where(m_c, _key(tl.load(p_row + c0 + o_k, mask=m_c, other=0.0)), tl.full([], 0, tl.uint32))
+        if STRICT:
+            m_sel = c_key > probe
+        else:
+            m_sel = c_key >= probe
+        cnt += tl.sum(m_sel.to(tl.int32), axis=0)
+    return cnt
+
+
+@triton.jit
 def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, GUESSES: tl.constexpr,
-                   TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr, FINAL_CHUNK: tl.constexpr):
+                   TILE_MK: tl.constexpr, FUSED_STATS: tl.constexpr, FINAL_CHUNK: tl.constexpr,
+                   CHUNKED: tl.constexpr):
     """Grid (rows,): the indices of the KK largest of each row of the scores S [rows, MK] (fp32, row stride LD),
     ascending, into LUT [rows, KK]; ties go to the lowest index.
 
@@ -118,17 +134,32 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
     typical rows instead of the ~16 of plain bisection. Then bisection of the keys, so every row ends.
     FINAL_CHUNK > 0: the indices are written by a pass over the row in chunks of that many keys, re-read from memory
     (L1/L2), instead of from the whole tile in registers: a prefix sum over the tile holds the registers that bound
-    how many rows an SM runs at once."""
+    how many rows an SM runs at once. CHUNKED: rows longer than TILE_MK (no limit on MK): the statistics and every
+    probe's count are accumulated over the row in TILE_MK-key chunks re-read from memory (FINAL_CHUNK > 0 then)."""
     i_r = tl.program_id(0).to(tl.int64)
     o_k = tl.arange(0, TILE_MK)
-    m_k = o_k < MK
-    b_s = tl.load(S + i_r * LD + o_k, mask=m_k, other=0.0)
-    b_key = tl.where(m_k, _key(b_s), tl.full([], 0, tl.uint32))  # padding: below every real key
-    b_lo = tl.where(m_k, b_key, tl.full([], 0xFFFFFFFF, tl.uint32))
-    if FUSED_STATS:  # one block-wide reduction for min, max, sum, sum of squares
-        lo, hi, s1, s2 = tl.reduce((b_lo, b_key, b_s, b_s * b_s), 0, _row_stats)
-    else:  # the interpreter runs a combine function element by element: four built-in reductions there
-        lo, hi, s1, s2 = tl.min(b_lo, axis=0), tl.max(b_key, axis=0), tl.sum(b_s, axis=0), tl.sum(b_s * b_s, axis=0)
+    if CHUNKED:
+        lo = tl.full([], 0xFFFFFFFF, tl.uint32)
+        hi = tl.full([], 0, tl.uint32)
+        s1 = tl.full([], 0.0, tl.float32)
+        s2 = tl.full([], 0.0, tl.float32)
+        for c0 in range(0, MK, TILE_MK):
+            m_c = (c0 + o_k) < MK
+            c_s = tl.load(S + i_r * LD + c0 + o_k, mask=m_c, other=0.0)
+            c_key = tl.where(m_c, _key(c_s), tl.full([], 0, tl.uint32))
+            lo = tl.minimum(lo, tl.min(tl.where(m_c, c_key, tl.full([], 0xFFFFFFFF, tl.uint32)), axis=0))
+            hi = tl.maximum(hi, tl.max(c_key, axis=0))
+            s1 += tl.sum(c_s, axis=0)
+            s2 += tl.sum(c_s * c_s, axis=0)
+    else:
+        m_k = o_k < MK
+        b_s = tl.load(S + i_r * LD + o_k, mask=m_k, other=0.0)
+        b_key = tl.where(m_k, _key(b_s), tl.full([], 0, tl.uint32))  # padding: below every real key
+        b_lo = tl.where(m_k, b_key, tl.full([], 0xFFFFFFFF, tl.uint32))
+        if FUSED_STATS:  # one block-wide reduction for min, max, sum, sum of squares
+            lo, hi, s1, s2 = tl.reduce((b_lo, b_key, b_s, b_s * b_s), 0, _row_stats)
+        else:  # the interpreter runs a combine function element by element: four built-in reductions there
+            lo, hi, s1, s2 = tl.min(b_lo, axis=0), tl.max(b_key, axis=0), tl.sum(b_s, axis=0), tl.sum(b_s * b_s, axis=0)
     mean = s1 / MK
     std = tl.sqrt(tl.maximum(s2 / MK - mean * mean, 0.0))
     t = mean + Z * std  # next guess (value)
@@ -148,7 +179,10 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
             if (t <= v_lo) | (t >= v_hi) | (t != t):  # outside the bracket, or NaN
                 t = 0.5 * v_lo + 0.5 * v_hi
             probe = tl.minimum(tl.maximum(_key(t), lo + one), hi)
-        cnt = tl.sum((b_key >= probe).to(tl.int32), axis=0)
+        if CHUNKED:
+            cnt = _count_keys(S + i_r * LD, MK, probe, o_k, TILE_MK, False)
+        else:
+            cnt = tl.sum((b_key >= probe).to(tl.int32), axis=0)
         lo = tl.where(cnt >= KK, probe, lo)
         hi = tl.where(cnt == KK, probe, tl.where(cnt >= KK, hi, probe - one))
         exact = exact | (cnt == KK)
@@ -161,11 +195,14 @@ def _select_kernel(S, LUT, MK, LD, KK, Z: tl.constexpr, DENSITY: tl.constexpr, G
         step += 1
     n_gt = 0  # keys above lo (only needed when lo is the KK-th largest key itself, with ties)
     if not exact:
-        n_gt = tl.sum((b_key > lo).to(tl.int32), axis=0)
+        if CHUNKED:
+            n_gt = _count_keys(S + i_r * LD, MK, lo, o_k, TILE_MK, True)
+        else:
+            n_gt = tl.sum((b_key > lo).to(tl.int32), axis=0)
     p_lut = LUT + i_r * KK
     n_sel = 0  # indices written so far
     n_eq = 0  # ties of lo met so far
-    if FINAL_CHUNK == 0:
+    if FINAL_CHUNK == 0:  # (never with CHUNKED)
         _write_selected(p_lut, b_key, o_k, m_k, lo, exact, n_sel, n_eq, n_gt, KK)
     else:
         o_c = tl.arange(0, FINAL_CHUNK)
@@ -201,19 +238,26 @@ def _block_means(x: Tensor, block: int, totals: bool = False) -> Tensor | tuple[
     return (out, partial.sum(dim=1)) if totals else out
 
 
-_SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; longer rows go to torch.topk
+_SELECT_MAX_TILE = 16384  # key blocks one select program holds in registers; longer rows are read in chunks
+_SELECT_CHUNK = 4096  # keys per chunk of those longer rows (the measured 4096-key tile's launch settings)
 _GUESSED_PROBES = 10
 
 
-def _select_launch(n_k: int) -> tuple[int, int, int, int | None]:
-    """(TILE_MK, num_warps, FINAL_CHUNK, maxnreg) of the select kernel for rows of n_k scores. The tile is at least
-    one element per thread (tiles with replicated elements wrote wrong indices on an H200, Triton 3.6); rows of
-    4096-key tiles and longer write their indices in 512-key chunks (see _select_kernel) at <= 64 registers per
-    thread, so more rows run at once on an SM (measured choices: docs/benchmarks.md, kernel tuning history)."""
+def _select_launch(n_k: int) -> tuple[int, int, int, int | None, bool]:
+    """(TILE_MK, num_warps, FINAL_CHUNK, maxnreg, CHUNKED) of the select kernel for rows of n_k scores. The tile is at
+    least one element per thread (tiles with replicated elements wrote wrong indices on an H200, Triton 3.6); rows
+    of 4096-key tiles and longer write their indices in 512-key chunks (see _select_kernel) at <= 64 registers per
+    thread, so more rows run at once on an SM (measured choices: docs/benchmarks.md, kernel tuning history). Rows
+    over _SELECT_MAX_TILE keys (past 16384 key blocks: 1024 VGGT views have 21984) are counted in chunks of
+    _SELECT_CHUNK keys with the 4096-key tile's settings: no limit on the row length, registers as for 4096."""
     tile = _tile(n_k)
+    if tile > _SELECT_MAX_TILE:
+        tile = min(_SELECT_CHUNK, _SELECT_MAX_TILE)
+        warps = min(16, max(4, tile // 1024))
+        return max(tile, 32 * warps), warps, min(512, tile), 64, True
     warps = 2 if tile == 1024 else min(16, max(4, tile // 1024))
     tile = max(tile, 32 * warps)
-    return (tile, warps, 512, 64) if tile >= 4096 else (tile, warps, 0, None)
+    return (tile, warps, 512, 64, False) if tile >= 4096 else (tile, warps, 0, None, False)
 
 
 def _normal_quantile(kept: int, n: int) -> tuple[float, float]:
@@ -299,9 +343,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     """int32 [..., kept]: the indices of the `kept` largest of each row of fp32 `scores` [..., Mk], ascending, ties
     to the lowest index (one select program per row; rows over _SELECT_MAX_TILE long: torch.topk, unordered)."""
     n_k = scores.shape[-1]
-    tile, warps, final_chunk, maxnreg = _select_launch(n_k)  # maxnreg: not through torch's tracing (uncapped there)
-    if tile > _SELECT_MAX_TILE:  # rows too long for one program's registers
-        return scores.topk(kept, dim=-1, sorted=False).indices.to(torch.int32)
+    tile, warps, final_chunk, maxnreg, chunked = _select_launch(n_k)  # maxnreg: not through torch's tracing
     rows = scores.reshape(-1, n_k)  # a view for block_scores' padded rows
     if rows.stride(1) != 1:
         rows = rows.contiguous()
@@ -309,7 +351,7 @@ def select_top(scores: Tensor, kept: int) -> Tensor:
     z, density = _normal_quantile(kept, n_k)
     wrap_triton(_select_kernel)[(rows.shape[0],)](
         rows, lut, n_k, rows.stride(0), kept, Z=z, DENSITY=density, GUESSES=_GUESSED_PROBES, TILE_MK=tile,
-        FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, num_warps=warps,
+        FUSED_STATS=not interpreting(), FINAL_CHUNK=final_chunk, CHUNKED=chunked, num_warps=warps,
         **({} if maxnreg is None or torch.compiler.is_compiling() or is_fake(rows) else {"maxnreg": maxnreg}))
     return lut
 
