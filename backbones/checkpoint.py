@@ -189,7 +189,13 @@ def load_checkpoint(
         if mk in model_sd and src.shape(fk) != tuple(model_sd[mk].shape)
     ]
     if mismatched or (strict and (missing or unexpected)):
-        raise CheckpointError(_mismatch_message(model, label, missing, unexpected, mismatched, file_keys, strict))
+        message = _mismatch_message(model, label, missing, unexpected, mismatched, file_keys, strict)
+        fits = fitting_backbones({mk: src.shape(fk) for fk, mk in mapping.items()})
+        if fits and _model_label(model) not in fits:  # another size of the family: say which (the first line)
+            first, _, rest = message.partition("\n")
+            message = (f"{first}; it is a {' / '.join(fits)} checkpoint: choose that backbone (--model {fits[0]}, "
+                       f"or lite3r train --size {fits[0].split('-', 1)[-1]})" + (f"\n{rest}" if rest else ""))
+        raise CheckpointError(message)
 
     meta = any(t.is_meta for t in model_sd.values())
     target = torch.device(device) if device is not None else torch.device("cpu")
@@ -216,6 +222,26 @@ def load_checkpoint(
                 f"checkpoint and have no values: {_fmt(still_meta)}"
             )
     return model
+
+
+def fitting_backbones(shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """The registered backbones a checkpoint with these {key: shape} loads into strictly (what may be absent from
+    their files aside); built on the meta device, so this costs no memory. For error messages only."""
+    from lite3r_backbones import build_backbone, list_backbones
+
+    fits = []
+    for name in list_backbones():
+        try:
+            model = build_backbone(name, device="meta", weights="random")
+        except Exception:  # a backbone that cannot be built here (an optional dependency) fits nothing
+            continue
+        optional = tuple(getattr(model, "optional_checkpoint_prefixes", ()))
+        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        have = {k: v for k, v in shapes.items() if not k.startswith(optional) or k in want}
+        if set(have) <= set(want) and all(k.startswith(optional) for k in set(want) - set(have)) and all(
+                want[k] == tuple(v) for k, v in have.items()):
+            fits.append(name)
+    return fits
 
 
 def _mismatch_message(model, label, missing, unexpected, mismatched, file_keys, strict) -> str:

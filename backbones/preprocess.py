@@ -105,6 +105,9 @@ def load_images(
         img = _open_rgb(path)
         w0, h0 = img.size
         h, w = target_hw(h0, w0, mode, size)
+        if min(h, w) < 14:  # a sliver (2000x1): nothing of it would be left for one patch
+            raise InvalidInput(f"{path}: a {w0}x{h0} image becomes {w}x{h} pixels at size {size} in {mode} mode, "
+                               f"less than one 14-pixel patch; expected an aspect ratio nearer 1")
         from PIL import Image
 
         img = img.resize((w, h), Image.Resampling.BICUBIC)

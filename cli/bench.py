@@ -95,6 +95,12 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
     from lite3r import SLAConfig
     from lite3r_recon import models
 
+    compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
+    if variant == "d" and models.is_artifact(cfg.student):  # a `lite3r export` file: deployed as it was exported
+        model = models.load_artifact(cfg.student, device=device, compile_mode=compile_mode)
+        if model.name != name:
+            raise InvalidInput(f"--student {cfg.student} is a {model.name} artifact, not {name}")
+        return model
     # the same weights every time (file or seed 0); with --student, every path on the teacher it was trained from
     model = (models.teacher_of(cfg.student, weights=cfg.weights, device=device) if cfg.student
              else models.dense_model(name, cfg.weights, device=device))
@@ -103,7 +109,6 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
     if variant == "a":  # the official precision: fp32 weights, heads in fp32 outside autocast, every layer kept
         return models.configure(model, lean=False, head_dtype="float32")
     models.configure(model, lean=variant != "bf16-all", head_dtype=cfg.head_dtype)
-    compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
     if variant == "d" and cfg.student:  # the trained student, with the SLA / FP8 settings it was trained with
         model = models.load_student(cfg.student, model)
     elif variant in ("c", "d"):
@@ -306,11 +311,9 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
          profile: bool = False, overwrite: bool = False, console=None) -> dict:
     """What `lite3r bench` does: run, print the tables, write the JSON / plot. Refuses to overwrite files unless
     asked, and checks that before the (long) run."""
-    from rich.console import Console
+    from lite3r_recon.io import atomic_write_json, console as make_console, ensure_writable
 
-    from lite3r_recon.io import atomic_write_json, ensure_writable
-
-    console = console or Console(width=max(Console().width, 130))  # the table needs ~110 columns; logs are files
+    console = console or make_console(min_width=130)  # the table needs ~110 columns
     for path in (json_path, plot_path):
         if path:
             ensure_writable(path, overwrite)

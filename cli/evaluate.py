@@ -29,11 +29,10 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     """What `lite3r eval` does; returns {"config", "scenes": [per-scene rows], "mean": {metric: value},
     "groups": {group: [metrics]}, "seconds"}."""
     import numpy as np
-    import torch
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from lite3r_recon import datasets
-    from lite3r_recon.models import load_model
+    from lite3r_recon.models import load_model, resolve_device, weights_note
     from lite3r_recon.scoring import GROUPS, evaluate_sample
     from lite3r_recon.io import atomic_write_json, console, ensure_writable, rich_table
 
@@ -43,9 +42,7 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
         raise InvalidInput(f"--max-scenes must be >= 1, got {max_scenes}")
     if json_path:
         ensure_writable(json_path, overwrite)  # fail before the long run, not after
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidInput("--device cuda: no CUDA device is available")
+    device = resolve_device(device)
     if dataset == "synthetic" and data is None:
         ds = datasets.open_dataset("synthetic", None, size=size or DEFAULT_SYNTHETIC["size"],
                                    num=max_scenes or DEFAULT_SYNTHETIC["num"], seed=DEFAULT_SYNTHETIC["seed"])
@@ -56,14 +53,22 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     n = min(len(ds), max_scenes) if max_scenes else len(ds)
     model = load_model(model_name, weights=weights, student=student, device=device, seed=seed)
     con = console(quiet)
+    note = weights_note(model_name, weights)
+    if note:
+        con.print(f"[yellow]{note}[/]")
     rows, t0 = [], time.perf_counter()
     with Progress(TextColumn("[bold blue]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeRemainingColumn(), console=con, disable=quiet) as progress:
         task = progress.add_task("eval", total=n, info="")
+        bad: set[int] = set()
         for i in range(n):
-            sample = ds.sample(i, views=views, rng=None, normalize=True)
+            sample = datasets.sample_or_skip(ds, i, views, normalize=True, bad=bad, total=n)
+            if sample is None:
+                progress.update(task, advance=1, info=f"skipped {len(bad)}")
+                continue
             row = evaluate_sample(model, sample, device=device, threshold=threshold, seed=seed)
             rows.append({"scene": sample["scene"], **row})
+            hw = list(sample["images"].shape[-2:])
             info = " ".join(f"{k} {row[k]:.3g}" for k in ("auc30", "abs_rel") if k in row)
             progress.update(task, advance=1, info=info)
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "scene"))
@@ -73,7 +78,8 @@ def evaluate(model_name: str, *, dataset: str = "synthetic", data: str | os.Path
     result = {"config": {"model": model_name, "student": str(student) if student else None,
                          "weights": str(weights) if weights else None, "dataset": dataset,
                          "data": str(data) if data else None, "views": views, "scenes": n, "device": str(device),
-                         "size": list(sample["images"].shape[-2:]) if rows else None, "threshold": threshold},
+                         "size": hw if rows else None, "threshold": threshold,
+                         "skipped": sorted(ds.scenes[i].name if hasattr(ds, "scenes") else i for i in bad)},
               "mean": mean, "groups": groups, "scenes": rows, "seconds": round(time.perf_counter() - t0, 2)}
     title = f"{model_name}{' student' if student else ''} on {dataset} ({n} scenes x {views} views)"
     for g, ks in groups.items():

@@ -147,13 +147,14 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
                                        poses=cameras is not None,
                                        flag="--cameras" if cameras is not None else "--intrinsics")
         times["load_s"] = time.perf_counter() - t
-        if net is None and weights is None:
+        note = models.weights_note(model, weights) if net is None else None
+        if note:
+            con.print(f"[yellow]{note}[/]")
+        elif net is None and weights is None:
             from lite3r_backbones import shipped_weights
 
-            shipped = shipped_weights(model)
-            con.print(f"no --weights: {model} with its shipped weights ({shipped.name}, trained on synthetic scenes)"
-                      if shipped else f"[yellow]no --weights: {model} has random weights (a smoke test, not a "
-                                      f"reconstruction)[/]")
+            con.print(f"no --weights: {model} with its shipped weights ({shipped_weights(model).name}, trained on "
+                      f"synthetic scenes)")
         progress.update(task, advance=1, description=f"building {model}" + (" student" if student else ""))
         t = time.perf_counter()
         if net is None:

@@ -153,7 +153,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     out = Path(out)
     for f in ("study.json", "study.png"):
         ensure_writable(out / f, overwrite)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = models.resolve_device(device)
     con = make_console(quiet)
     teacher = models.dense_model(cfg.model, cfg.weights, seed=cfg.seed).to(device)
     if cfg.dataset == "synthetic" and not cfg.data:

@@ -52,6 +52,29 @@ class ViewError(InvalidInput):
     """A view that cannot be used (the message names the file)."""
 
 
+class SceneError(InvalidInput):
+    """A scene that cannot give the views asked for (too few usable views, views of different sizes)."""
+
+
+def sample_or_skip(ds, index: int, views: int, rng: np.random.Generator | None = None, *, normalize: bool = False,
+                   bad: set[int], total: int | None = None) -> dict | None:
+    """`ds.sample(index, ...)`, or None with a warning (once per scene) when that scene cannot give `views` usable
+    views: one unreadable file skips its scene, not the run. `bad` collects the skipped scenes; once more than half
+    of `total` (default: all of ds) are bad, too few remain and it is a one-line error. Always tries the scene, so
+    the rng is drawn from the same way whatever was skipped before (a resumed run draws what the first one did)."""
+    try:
+        return ds.sample(index, views=views, rng=rng, normalize=normalize)
+    except SceneError as err:
+        if index not in bad:
+            bad.add(index)
+            warnings.warn(f"skipping {err}", stacklevel=2)
+        total = len(ds) if total is None else total
+        if 2 * len(bad) > total:
+            raise InvalidInput(f"{len(bad)} of {total} scenes cannot give {views} usable views (the last: {err}); too "
+                               f"few remain: fix the files or ask for fewer --views") from None
+        return None
+
+
 # -------------------------------------------------------------------------------------------- geometry
 def fit_view(image, depth: np.ndarray | None, K: np.ndarray, size: int | tuple[int, int]):
     """PIL image (+ depth [h,w] at the image's resolution, + K [3,3]) -> (image [3,H,W] float32 in [0,1],
@@ -173,11 +196,11 @@ class SceneDataset:
             except (ValueError, FileNotFoundError, OSError) as e:
                 warnings.warn(f"skipping view: {e}", stacklevel=2)
         if len(got) < views:
-            raise InvalidInput(f"scene {scene.name}: only {len(got)} usable views of {len(scene.views)}, "
+            raise SceneError(f"scene {scene.name}: only {len(got)} usable views of {len(scene.views)}, "
                              f"{views} asked")
         shapes = {tuple(g["image"].shape) for g in got}
         if len(shapes) > 1:
-            raise InvalidInput(f"scene {scene.name}: views of different sizes after resizing {sorted(shapes)}")
+            raise SceneError(f"scene {scene.name}: views of different sizes after resizing {sorted(shapes)}")
         depth = torch.stack([g["depth"] for g in got])
         out = {"images": torch.stack([g["image"] for g in got]), "depth": depth, "mask": depth > 0,
                "extrinsics": torch.from_numpy(np.stack([g["E"] for g in got])).float(),

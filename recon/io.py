@@ -192,11 +192,18 @@ def rich_table(rows: Sequence[Mapping[str, Any]], *, title: str | None = None, c
     return table
 
 
-def console(quiet: bool = False):
-    """A rich Console (stdout, no auto-highlighting); quiet=True prints nothing."""
+NON_TERMINAL_WIDTH = 200  # a log file or pipe has no width: rich's 80 columns would cut progress lines and tables
+
+
+def console(quiet: bool = False, *, stderr: bool = False, min_width: int = 0):
+    """A rich Console (stdout, or `stderr`; no auto-highlighting) at least `min_width` columns wide, and
+    NON_TERMINAL_WIDTH wide when it writes to a file or pipe (unless COLUMNS says otherwise); quiet=True prints
+    nothing."""
     from rich.console import Console
 
-    return Console(quiet=quiet, highlight=False)
+    probe = Console(stderr=stderr)
+    width = probe.width if probe.is_terminal or os.environ.get("COLUMNS") else NON_TERMINAL_WIDTH
+    return Console(quiet=quiet, highlight=False, stderr=stderr, width=max(width, min_width))
 
 
 __all__ = ["atomic_path", "atomic_save_safetensors", "atomic_write_bytes", "atomic_write_json", "atomic_write_text",
