@@ -26,7 +26,9 @@ ImageNet mean/std before it. lite3r's contract is ``model(images in [0,1])`` for
 (default) applies the ImageNet mean/std inside ``forward``; ``normalize=False`` feeds the input as it is (what the
 parity fixture does; then call ``normalize_images`` yourself to reproduce the official pipeline).
 
-Memory: only the 4 output layers are kept; the head runs ``frames_chunk_size`` frames at a time.
+Memory: only the 4 output layers are kept, each built (normed, in the head's dtype) as soon as it exists - or, with
+``kept_fp8``, as FP8 + per-token scales (backbones/kept.py); the head runs ``frames_chunk_size`` frames at a time
+and writes its outputs chunk by chunk.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from .cameras import da3_pose_decoding as pose_encoding_to_extri_intri  # camera
 from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
+from .kept import kept_layer
 from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, rope_table
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
 from lite3r_recon.errors import InvalidInput
@@ -70,6 +73,7 @@ class DA3Config:
     normalize: bool = True  # apply the ImageNet mean/std inside forward (input in [0,1]); False: feed as is
     ref_view_strategy: str = "saddle_balanced"
     frames_chunk_size: int | None = 8
+    kept_fp8: bool = False  # kept layers as FP8 + per-token scales (inference; backbones/kept.py, on when deployed)
     with_ray: bool = False  # also return the aux head's ray / ray_conf (the official net drops them)
     grad_checkpointing: bool = False  # recompute the trunk blocks in backward (training only)
 
@@ -271,18 +275,20 @@ class DA3(nn.Module):
             with torch.autocast(images.device.type, enabled=False):
                 cam_tokens = self.cam_enc(extrinsics.float(), intrinsics.float(), (H, W))
         x = normalize_images(images) if self.config.normalize else images
-        feats, cam_token = self._backbone(x, cam_tokens)
         head_dtype = self.head.norm.weight.dtype  # fp32 as the official net; bf16 once deployed (lite3r bench)
+        feats, cam_token = self._backbone(x, cam_tokens, head_dtype,
+                                          kept_fp8=self.config.kept_fp8 and not torch.is_grad_enabled())
         with torch.autocast(images.device.type, enabled=False):
-            out = self.head([f.to(head_dtype) for f in feats], (H, W), self.config.frames_chunk_size,
-                            self.config.with_ray)
+            out = self.head(feats, (H, W), self.config.frames_chunk_size, self.config.with_ray)
             pose_enc = self.cam_dec(cam_token.float())
             out["extrinsics"], out["intrinsics"] = pose_encoding_to_extri_intri(pose_enc, (H, W))
             out["pose_enc"] = pose_enc
         return out
 
-    def _backbone(self, images: Tensor, cam_tokens: Tensor | None) -> tuple[list[Tensor], Tensor]:
-        """-> (4 patch-token tensors [B, S, N_patch, 2C], last-layer camera token [B, S, 2C])."""
+    def _backbone(self, images: Tensor, cam_tokens: Tensor | None, feats_dtype: torch.dtype | None = None,
+                  kept_fp8: bool = False) -> tuple[list[Tensor], Tensor]:
+        """-> (4 patch-token tensors [B, S, N_patch, 2C] in ``feats_dtype`` (default: as computed) - KeptFP8 with
+        ``kept_fp8`` -, last-layer camera token [B, S, 2C])."""
         c, vit = self.config, self.backbone.pretrained
         B, S, _, H, W = images.shape
         h, w = H // c.patch_size, W // c.patch_size
@@ -297,7 +303,7 @@ class DA3(nn.Module):
             pos_global = rope_table(pos_global, C // c.num_heads, c.rope_freq)
         order = None
         local_x = x
-        outs = []
+        feats, cam_token = [], None
         ckpt = c.grad_checkpointing and self.training and torch.is_grad_enabled()
 
         def run(blk: nn.Module, t: Tensor, pos: Tensor) -> Tensor:
@@ -321,13 +327,16 @@ class DA3(nn.Module):
             else:
                 x = run(blk, x.reshape(B * S, N, C), pos_frame).reshape(B, S, N, C)
                 local_x = x
-            if i in c.out_layers:
-                y = torch.cat((local_x, x), dim=-1)
+            if i in c.out_layers:  # concat(frame, normed layer) of the patches, in input order
+                lx, gx = local_x, x
                 if order is not None:
-                    y = _take_views(y, torch.argsort(order, dim=1))
-                outs.append(y)
-        feats = [torch.cat((y[..., 1:, :C], vit.norm(y[..., 1:, C:])), dim=-1) for y in outs]
-        return feats, outs[-1][:, :, 0]
+                    back = torch.argsort(order, dim=1)
+                    lx, gx = _take_views(lx, back), _take_views(gx, back)
+                feats.append(kept_layer((lx[:, :, 1:], gx[:, :, 1:]), 0, fp8=kept_fp8, chunk=c.frames_chunk_size,
+                                        maps=(None, vit.norm), dtype=feats_dtype))
+                cam_token = torch.cat((lx[:, :, 0], gx[:, :, 0]), dim=-1)
+                del lx, gx
+        return feats, cam_token
 
     @staticmethod
     def to_cameras(out: dict, image_hw: tuple[int, int]) -> dict[str, Tensor]:

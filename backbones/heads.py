@@ -201,15 +201,16 @@ class DPTHead(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         B, S = tokens[self.intermediate_layer_idx[0]].shape[:2]
         step = S if not frames_chunk_size or frames_chunk_size >= S else frames_chunk_size
-        values, confs = [], []
+        values = confs = None
         for s0 in range(0, S, step):
             chunk = [tokens[layer][:, s0:s0 + step, patch_start_idx:] for layer in self.intermediate_layer_idx]
             v, c = self.forward_frames(chunk, image_hw)
-            values.append(v)
-            confs.append(c)
-        if len(values) == 1:
-            return values[0], confs[0]
-        return torch.cat(values, dim=1), torch.cat(confs, dim=1)
+            if step == S:
+                return v, c
+            if values is None:  # written chunk by chunk: the chunks and their concatenation never exist at once
+                values, confs = v.new_empty((B, S, *v.shape[2:])), c.new_empty((B, S, *c.shape[2:]))
+            values[:, s0:s0 + step], confs[:, s0:s0 + step] = v, c
+        return values, confs
 
     def forward_frames(self, chunk: list[Tensor], image_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """One chunk of frames: the patch tokens [B, s, N_patch, dim_in] of each intermediate layer. Every chunk has

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .heads import FeatureFusionBlock, interpolate_chunked, make_resize_layers, make_scratch, uv_grid
+from .kept import KeptFP8, frames
 
 
 class Permute(nn.Module):
@@ -51,8 +52,9 @@ def add_uv_embed(x: Tensor, image_hw: tuple[int, int], ratio: float = 0.1) -> Te
 
 
 class DualDPT(nn.Module):
-    """``forward(feats, image_hw, frames_chunk_size, with_ray)``: feats = 4 tensors [B, S, N_patch, dim_in] ->
-    dict depth [B,S,H,W], depth_conf [B,S,H,W] (+ ray [B,S,8h,8w,6], ray_conf [B,S,8h,8w] with ``with_ray``)."""
+    """``forward(feats, image_hw, frames_chunk_size, with_ray)``: feats = 4 tensors [B, S, N_patch, dim_in] (or
+    ``KeptFP8``, dequantised one chunk at a time) -> dict depth [B,S,H,W], depth_conf [B,S,H,W] (+ ray
+    [B,S,8h,8w,6], ray_conf [B,S,8h,8w] with ``with_ray``)."""
 
     def __init__(
         self,
@@ -99,15 +101,22 @@ class DualDPT(nn.Module):
         )
 
     def forward(
-        self, feats: Sequence[Tensor], image_hw: tuple[int, int], frames_chunk_size: int | None = 8,
+        self, feats: Sequence[Tensor | KeptFP8], image_hw: tuple[int, int], frames_chunk_size: int | None = 8,
         with_ray: bool = False,
     ) -> dict[str, Tensor]:
         B, S = feats[0].shape[:2]
-        flat = [f.reshape(B * S, *f.shape[2:]) for f in feats]
-        step = B * S if not frames_chunk_size or frames_chunk_size >= B * S else frames_chunk_size
-        parts = [self.forward_frames([f[s0:s0 + step] for f in flat], image_hw, with_ray)
-                 for s0 in range(0, B * S, step)]
-        return {k: torch.cat([p[k] for p in parts]).unflatten(0, (B, S)) for k in parts[0]}
+        n = B * S
+        step = n if not frames_chunk_size or frames_chunk_size >= n else frames_chunk_size
+        out: dict[str, Tensor] = {}
+        for s0 in range(0, n, step):
+            part = self.forward_frames([frames(f, s0, s0 + step) for f in feats], image_hw, with_ray)
+            if step == n:
+                return {k: v.unflatten(0, (B, S)) for k, v in part.items()}
+            for k, v in part.items():  # written chunk by chunk: never the chunks and their concatenation at once
+                if k not in out:
+                    out[k] = v.new_empty((n, *v.shape[1:]))
+                out[k][s0:s0 + step] = v
+        return {k: v.unflatten(0, (B, S)) for k, v in out.items()}
 
     def forward_frames(self, feats: list[Tensor], image_hw: tuple[int, int], with_ray: bool) -> dict[str, Tensor]:
         H, W = image_hw

@@ -43,6 +43,7 @@ from .cameras import mat_to_quat, quat_to_mat  # noqa: F401  (camera geometry: b
 from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
 from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
+from .kept import kept_layer
 from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
 from .track_head import TrackHead
 from lite3r_recon.errors import InvalidInput
@@ -86,6 +87,7 @@ class VGGTConfig:
     # inference / memory options (do not change the weights)
     lean: bool = True  # keep only the aggregator layers the heads read
     frames_chunk_size: int | None = 8  # DPT heads over this many frames at a time (None: all at once)
+    kept_fp8: bool = False  # kept layers as FP8 + per-token scales (inference; backbones/kept.py, on when deployed)
     head_dtype: str = "float32"  # "float32" (official) or "bfloat16" (autocast, measured error in docs)
     grad_checkpointing: bool = False  # recompute aggregator blocks in backward (training only)
 
@@ -190,13 +192,16 @@ class Aggregator(nn.Module):
         self.register_token = nn.Parameter(torch.zeros(1, 2, cfg.num_register_tokens, C))
 
     def forward(
-        self, images: Tensor, keep: Sequence[int] | None = None, checkpointing: bool = False
+        self, images: Tensor, keep: Sequence[int] | None = None, checkpointing: bool = False, kept_fp8: bool = False,
+        frames_chunk_size: int | None = 8,
     ) -> tuple[list[Tensor | None], int]:
         """images [B,S,3,H,W] in [0,1] -> (outputs, patch_start_idx).
 
         ``outputs[i]`` is concat(frame_i, global_i) [B, S, P, 2C] for i in ``keep`` (default: every layer) and
         None for the others; P = patch_start_idx + (H/14)(W/14). ``checkpointing`` recomputes each frame/global
-        block in backward (while training with grad enabled) instead of storing its activations.
+        block in backward (while training with grad enabled) instead of storing its activations. ``kept_fp8``:
+        the outputs are ``KeptFP8`` (patch tokens FP8, packed ``frames_chunk_size`` frames at a time; the special
+        tokens exact), indexed like the tensors.
         """
         B, S, _, H, W = images.shape
         depth = len(self.frame_blocks)
@@ -227,7 +232,8 @@ class Aggregator(nn.Module):
             frame_out = tokens
             tokens = run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
             if i in keep:
-                outputs[i] = torch.cat((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)), dim=-1)
+                outputs[i] = kept_layer((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)),
+                                        self.patch_start_idx, fp8=kept_fp8, chunk=frames_chunk_size)
             del frame_out
         return outputs, self.patch_start_idx
 
@@ -352,7 +358,10 @@ class VGGT(nn.Module):
         H, W = images.shape[-2:]
         if query_points is not None:
             query_points = self._check_queries(query_points, images.shape[0])
-        tokens, patch_start_idx = self.aggregator(images, self.kept_layers, self.config.grad_checkpointing)
+        cfg = self.config
+        tokens, patch_start_idx = self.aggregator(images, self.kept_layers, cfg.grad_checkpointing,
+                                                  kept_fp8=cfg.kept_fp8 and not torch.is_grad_enabled(),
+                                                  frames_chunk_size=cfg.frames_chunk_size)
         out: dict[str, Tensor] = {}
         with self._head_precision(images.device):
             if self.camera_head is not None:
