@@ -31,7 +31,8 @@ __all__ = [
     "linear_attention_reference", "sla_attention", "fp8_quantize", "fp8_fake_quant", "distill_loss",
     "SLAAttention", "FP8FakeQuantLinear", "FP8Linear", "is_attention", "swap_attention", "SwapReport",
     "AttentionRecorder", "to_fp8_inference", "deploy", "Lite3rError", "SLAConfig", "swap_modules", "convert_to_sla",
-    "convert_to_fp8_qat", "freeze_all_but_proj_l", "survey_attention", "AttentionEntry",
+    "convert_to_fp8_qat", "freeze_all_but_proj_l", "survey_attention", "AttentionEntry", "fuse_fp8_inputs",
+    "FusedLayerNorm", "FusedGELU",
 ]
 
 class Lite3rError(ValueError):
@@ -681,6 +682,11 @@ class SLAAttention(nn.Module):
         o = o.reshape(*shape[:-1], o.shape[-1])
         return (o, None) if self._returns_tuple else o
 
+    @property
+    def dataflow_input(self) -> str | None:
+        """The child that alone reads this module's input (fuse_fp8_inputs): a fused qkv, when no gate reads it."""
+        return self._inputs[0] if len(self._inputs) == 1 and self.gate is None else None
+
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, topk={self.topk}, kept_blocks={self.kept_blocks}, "
                 f"block_q={self.block_q}, block_k={self.block_k}, feature_map={self.feature_map!r}, "
@@ -748,6 +754,10 @@ class FP8Linear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
         # None: W8A8 on CUDA (sm90+); True: also on a CPU build that has _scaled_mm; False: always the F.linear path
         self.use_scaled_mm: bool | None = None
+        # the op before this linear when fuse_fp8_inputs moved it here ("layer_norm", "gelu"): fused with the
+        # activation quantisation on the W8A8 path; its LayerNorm in a plain list (its parameters stay its parent's)
+        self.input_op: str | None = None
+        self._input_norm: list[nn.LayerNorm] = []
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "FP8Linear":
@@ -788,11 +798,32 @@ class FP8Linear(nn.Module):
             return _SCALED_MM.get((x.device.type, x.device.index if x.device.type == "cuda" else None), False)
         return _scaled_mm_ok(x.device)
 
+    def _input(self, x: Tensor) -> Tensor:
+        """The op fuse_fp8_inputs moved into this linear, as its module computed it (F.layer_norm / F.gelu)."""
+        if self.input_op == "layer_norm":
+            norm = self._input_norm[0]
+            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.gelu(x) if self.input_op == "gelu" else x
+
+    def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [M, in] -> (fp8 [M, in], scale [M, 1]) of the input op's output: one fused kernel (LayerNorm or GELU +
+        amax + scale + cast) when the kernels have it, else the op then fp8_quantize."""
+        op = self.input_op
+        kern = _backend(x, f"{op}_fp8") if op is not None else None
+        if kern is None:
+            return fp8_quantize(self._input(x), axis=-1)
+        if op == "gelu":  # GELU in the input's dtype (autocast leaves it there)
+            return kern.gelu_fp8(x)
+        norm = self._input_norm[0]  # autocast runs LayerNorm in fp32; without it, in the input's dtype
+        ln_dtype = torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return kern.layer_norm_fp8(x, norm.weight, norm.bias, eps=norm.eps, ln_dtype=ln_dtype)
+
     def forward(self, x: Tensor) -> Tensor:
         if not self._w8a8(x):  # the student's computation, on the stored fp8 weight (fake-quant activations too)
-            return _add_bias(F.linear(fp8_fake_quant(x, axis=-1), self.dequantized_weight(x.dtype)), self.bias)
+            return _add_bias(F.linear(fp8_fake_quant(self._input(x), axis=-1), self.dequantized_weight(x.dtype)),
+                             self.bias)
         shape = x.shape
-        x_fp8, x_scale = fp8_quantize(x.reshape(-1, self.in_features), axis=-1)  # [M, in], [M, 1]
+        x_fp8, x_scale = self._quantize_input(x.reshape(-1, self.in_features))  # [M, in], [M, 1]
         # rowwise-scaled _scaled_mm on CUDA only emits bf16; the fp32 accumulator is scaled before that rounding
         out_dtype = torch.bfloat16 if x.device.type == "cuda" else torch.float32
         out = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale.view(1, -1),
@@ -804,7 +835,56 @@ class FP8Linear(nn.Module):
         return out.to(dtype).reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+                + (f", input_op={self.input_op!r}" if self.input_op else ""))
+
+
+class FusedLayerNorm(nn.LayerNorm):
+    """A LayerNorm whose work the FP8Linear reading its output does (fuse_fp8_inputs): same parameters and
+    state-dict keys; its forward hands the input on unnormalised."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+class FusedGELU(nn.GELU):
+    """A GELU whose work the FP8Linear reading its output does (fuse_fp8_inputs); its forward is the identity."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def fuse_fp8_inputs(model: nn.Module) -> int:
+    """Move each LayerNorm / exact GELU that feeds an FP8Linear alone into that linear, where its per-token
+    activation quantisation fuses with it (kernels.layer_norm_fp8 / gelu_fp8 on the W8A8 path: no pass that
+    writes the op's output and reads it back; elsewhere the same op in PyTorch, bit for bit). In place; returns how
+    many linears took an op. Only where modules declare the dataflow that makes it exact:
+    `dataflow_feeds = {"norm1": "attn", ...}` (that child's output is read by that other child alone) and, on a
+    reader that is not itself the linear, `dataflow_input = "qkv"` (the child that alone reads its input);
+    lite3r_backbones' Block / Mlp / Attention and SLAAttention declare them. The op modules keep their parameters
+    and keys (FusedLayerNorm, FusedGELU), so state dicts and artifacts do not change."""
+    n = 0
+    for module in list(model.modules()):
+        for op_name, reader_name in dict(getattr(module, "dataflow_feeds", None) or {}).items():
+            op, reader = getattr(module, op_name, None), getattr(module, reader_name, None)
+            linear = reader if isinstance(reader, FP8Linear) else getattr(reader, getattr(reader, "dataflow_input",
+                                                                                        None) or "", None)
+            if not isinstance(linear, FP8Linear) or linear.input_op is not None:
+                continue
+            if type(op) is nn.LayerNorm and len(op.normalized_shape) == 1 and op.normalized_shape[0] == \
+                    linear.in_features:
+                new = FusedLayerNorm(op.normalized_shape, eps=op.eps, elementwise_affine=op.elementwise_affine,
+                                     bias=op.bias is not None, device="meta")
+                new.weight, new.bias = op.weight, op.bias  # the same Parameters: no copy, keys unchanged
+                new.train(op.training)
+                linear.input_op, linear._input_norm = "layer_norm", [new]
+            elif type(op) is nn.GELU and op.approximate == "none":
+                new, linear.input_op = FusedGELU(), "gelu"
+            else:
+                continue
+            setattr(module, op_name, new)
+            n += 1
+    return n
 
 
 # ------------------------------------------------------------------------------------------------------ surgery
@@ -1173,4 +1253,17 @@ def deploy(model: nn.Module, *, compile: bool = True) -> nn.Module:
     """Inference model: FP8Linear for the fake-quant linears, eval + frozen, SLA through the kernels when usable
     (sla_attention dispatches by itself), then torch.compile (whole model) when `compile`."""
     model = to_fp8_inference(model).eval().requires_grad_(False)
+    fuse_fp8_inputs(model)
+    if compile:
+        warn_cpu_compile(model)
     return torch.compile(model) if compile else model
+
+
+def warn_cpu_compile(model: nn.Module) -> None:
+    """torch.compile of a model on the CPU builds C++ kernels at its first forward, for minutes with no output: a
+    warning first, so that it does not look hung."""
+    if any(p.device.type == "cpu" for p in model.parameters()):
+        import warnings
+
+        warnings.warn("torch.compile on the CPU: the first forward compiles for ~2 min (a VGGT), later ones are fast; "
+                      "deploy without compiling (compile=False / compile_mode=None) to skip it", stacklevel=3)

@@ -35,6 +35,10 @@ class LayerScale(nn.Module):
 class Mlp(nn.Module):
     """fc1 -> GELU (exact erf form, as DINOv2/VGGT) -> fc2."""
 
+    # dataflow (read by lite3r.fuse_fp8_inputs): fc1 alone reads the input, fc2 alone reads act's output
+    dataflow_input = "fc1"
+    dataflow_feeds = {"act": "fc2"}
+
     def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None, bias: bool = True):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
@@ -112,6 +116,8 @@ def patch_positions(batch: int, h: int, w: int, num_special: int, device=None) -
 class Attention(nn.Module):
     """Multi-head self-attention: qkv -> (q_norm, k_norm) -> rope -> SDPA (scale D**-0.5) -> proj."""
 
+    dataflow_input = "qkv"  # the one child that reads the input (lite3r.fuse_fp8_inputs)
+
     def __init__(
         self,
         dim: int,
@@ -155,6 +161,8 @@ class Block(nn.Module):
 
     ``init_values=None`` builds no LayerScale (plain residual, no ``ls*.gamma`` keys).
     """
+
+    dataflow_feeds = {"norm1": "attn", "norm2": "mlp"}  # pre-norm: each norm's output is read by one child alone
 
     def __init__(
         self,

@@ -6,6 +6,8 @@
     kernels.sla_branches(q, k, v, *, topk, block_q, block_k, feature_map, lut=None) -> (o_s, o_l)  differentiable
     kernels.fp8_quantize(x, *, axis) -> (x_fp8, scale)
     kernels.fp8_fake_quant(x, *, axis) -> x_dq                                                     STE gradient
+    kernels.layer_norm_fp8(x, weight, bias, *, eps, ln_dtype) -> (x_fp8 [M, C], scale [M, 1])   LayerNorm + quantise
+    kernels.gelu_fp8(x) -> (x_fp8 [M, C], scale [M, 1])                                        GELU + quantise
 
 Same definitions as the PyTorch references in lite3r.py (sla_block_map, sla_reference, fp8_quantize), which the
 tests compare against. This package imports without triton and without CUDA.
@@ -39,12 +41,13 @@ def supports(t: torch.Tensor) -> bool:
 
 if AVAILABLE:
     from .fp8 import fp8_fake_quant, fp8_quantize  # noqa: E402  (registers torch.ops.lite3r.fp8_*)
+    from .fp8_fused import gelu_fp8, layer_norm_fp8  # noqa: E402  (torch.ops.lite3r.{layer_norm,gelu}_fp8_rows)
     from .sla import sla_block_map, sla_branches  # noqa: E402  (registers torch.ops.lite3r.sla_*)
 else:
     def _unavailable(*args, **kwargs):
         raise RuntimeError("kernels need triton (pip install triton); use lite3r's PyTorch reference instead")
 
-    sla_block_map = sla_branches = fp8_quantize = fp8_fake_quant = _unavailable
+    sla_block_map = sla_branches = fp8_quantize = fp8_fake_quant = layer_norm_fp8 = gelu_fp8 = _unavailable
 
 __all__ = ["AVAILABLE", "supports", "interpreting", "sla_block_map", "sla_branches", "fp8_quantize",
-           "fp8_fake_quant"]
+           "fp8_fake_quant", "layer_norm_fp8", "gelu_fp8"]

@@ -6,7 +6,8 @@
 What `deploy_model` does, in order (run the result under bf16 autocast, as the official demos run VGGT):
 1. `lite3r.to_fp8_inference`: every FP8 fake-quant linear becomes an `FP8Linear` (float8_e4m3fn weight, fp32
    per-output-row scale; W8A8 `torch._scaled_mm` with per-token dynamic activation scales on sm90+, weight-only
-   FP8 elsewhere). Fake quant is gone.
+   FP8 elsewhere). Fake quant is gone. `lite3r.fuse_fp8_inputs` then moves each LayerNorm / GELU that feeds an
+   FP8Linear alone into it: on the W8A8 path one kernel does the op and the per-token quantisation.
 2. Geometry-fragile modules (`geometry_fragile`: camera/pose head, last DPT convolution before the depth / point
    activations) compute in fp32 with autocast off (`run_in_fp32`); every other floating tensor goes to `dtype`
    (bf16), FP8 weights and their fp32 scales excepted. Autocast keeps LayerNorm, softmax and RoPE in fp32.
@@ -173,6 +174,7 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     for module in keep:
         run_in_fp32(module)
     cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    lite3r.fuse_fp8_inputs(model)  # LayerNorm / GELU + activation quantisation in one kernel (keys unchanged)
     if not compile_sla:
         eager_sla(model)
     model.eval().requires_grad_(False)

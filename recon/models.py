@@ -490,6 +490,7 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
               and not k.endswith("weight_scale") and not k.startswith(fp32)}
     if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
         deploy.cast_floating(model, dtypes.pop(), keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    lite3r.fuse_fp8_inputs(model)  # as deploy_model: a forward-time rewiring, nothing of it in the file
     return model
 
 
