@@ -38,6 +38,7 @@ VARIANTS: dict[str, tuple[str, str]] = {  # key -> (short name for the table, de
     "bf16-all": ("bf16 all", "dense bf16 weights, eager, all aggregator layers kept"),
     "bf16-lean": ("bf16 lean", "dense bf16 weights, eager, only the layers the heads read kept"),
 }
+DENSE = ("a", "b", "bf16-all", "bf16-lean")  # paths with dense attention: estimated past BenchConfig.dense_max_views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,9 @@ class BenchConfig:
     device: str | None = None  # None: cuda when available, else cpu
     head_dtype: str = "bfloat16"  # DPT/camera heads of (b)-(d): "bfloat16" (autocast) or "float32" (as official)
     seed: int = 0
+    # dense paths (a, b, bf16-*) above this many views are not run: their latency is estimated from the measured
+    # per-layer cost (lite3r_recon.layer_cost) and marked so; None: always run them
+    dense_max_views: int | None = 256
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -69,6 +73,8 @@ class BenchConfig:
         if self.res is not None and (self.res % 14 or self.res < 14):
             raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
         check_sparsity(self.topk, self.kept_blocks)
+        if self.dense_max_views is not None and self.dense_max_views < 0:
+            raise InvalidInput(f"--dense-max-views must be >= 0, got {self.dense_max_views}")
         if (self.repeats is not None and self.repeats < 1) or (self.warmup is not None and self.warmup < 1):
             raise InvalidInput("--repeats and --warmup must be at least 1")
 
@@ -149,13 +155,33 @@ def _cameras(name: str, out: dict, hw: tuple[int, int]) -> dict[str, torch.Tenso
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
+def estimated_row(variant: str, views: int, model: nn.Module, cfg: BenchConfig, device: torch.device,
+                  build_s: float, log: Callable[[str], None] = print) -> dict:
+    """A row for a dense path not run at `views`: its latency from the measured per-layer cost (eager blocks at
+    their shapes at `views`, lite3r_recon.layer_cost); no memory, no output error."""
+    from lite3r_recon import models
+    from lite3r_recon.layer_cost import estimate_latency
+
+    log(f"[{model.name} x{views}] ({variant}) over --dense-max-views {cfg.dense_max_views}: estimating the latency "
+        f"from the per-layer cost")
+    dtype = models.compute_dtype(device)  # the autocast infer runs the blocks under (none in fp32)
+    est = estimate_latency(model, lambda images: models.infer(model, images), views, res=cfg.res, device=device,
+                           autocast=None if str(dtype) == "torch.float32" else dtype, repeats=cfg.repeats, log=log)
+    log(f"[{model.name} x{views}] ({variant}) estimated {est['latency_s']:.2f} s (blocks {est['blocks_s']:.2f} s, "
+        f"rest {est['rest_s']:.2f} s)")
+    return {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": est["latency_s"],
+            "latencies_s": [], "warmup_s": None, "build_s": build_s, "peak_gib": None, "weights_gib": None,
+            "key_blocks": None, "kept_blocks": None, "kept_frac": None, "estimated": True, "estimate": est,
+            "err_ref": None, **{f"{k}_{kind}": None for k in ("depth", "extrinsics") for kind in ("rel", "rel_spread")}}
+
+
 def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
                 log: Callable[[str], None] = print, profile: bool = False) -> tuple[list[dict], dict | None]:
     """All selected paths at one view count: one row (dict) per path, and the profile of the last path."""
     import torch
 
     from lite3r_recon import models
-    from lite3r_recon.timing import free, rel_err, sync, time_calls
+    from lite3r_recon.timing import cpu_estimate, free, long_step, rel_err, sync, time_calls
 
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.rand(1, views, 3, cfg.res, cfg.res, generator=gen).to(device)
@@ -164,16 +190,24 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
         log(f"[{name} x{views}] ({variant}) {VARIANTS[variant][1]}: building")
         free(device)
         torch._dynamo.reset()  # each path compiles from scratch, as in its own process
-        t_build = time.perf_counter()
-        model = build_variant(variant, name, cfg, device)
+        estimated = variant in DENSE and cfg.dense_max_views is not None and views > cfg.dense_max_views
+        t_build = time.perf_counter()  # (estimated: eager, each block timed at its own shapes)
+        model = build_variant(variant, name, dataclasses.replace(cfg, compile_mode=None) if estimated else cfg, device)
         t_build = time.perf_counter() - t_build
+        if estimated:
+            rows.append(estimated_row(variant, views, model, cfg, device, t_build, log))
+            del model
+            continue
         sparsity = watch_sparsity(model)
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         weights_gib = torch.cuda.memory_allocated(device) / GiB if device.type == "cuda" else None
-        warm, times, out = time_calls(lambda: models.infer(model, images), device=device,
-                                      warmup=cfg.warmup, repeats=cfg.repeats)
+        calls = cfg.warmup + cfg.repeats
+        with long_step(f"[{name} x{views}] ({variant}) {calls} forwards",
+                       cpu_estimate(model, views, (cfg.res, cfg.res), calls)):
+            warm, times, out = time_calls(lambda: models.infer(model, images), device=device,
+                                          warmup=cfg.warmup, repeats=cfg.repeats)
         peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
         cams = _cameras(name, out, (cfg.res, cfg.res))
         del out
@@ -256,9 +290,13 @@ def results_table(result: dict):
     title = f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
     env = result["env"]
     legend = "; ".join(f"({v}) {VARIANTS[v][1]}" for v in cfg["variants"])
+    ref = next((r["err_ref"] for r in result["results"] if r.get("err_ref")), "-")
     caption = (f"{env.get('gpu', env['device'])}, torch {env['torch']}. {legend}. x: speed-up, mem: peak-memory "
-               f"ratio; err: |out - ref| / |ref| vs ({result['results'][0]['err_ref']}) of depth and extrinsics; "
+               f"ratio; err: |out - ref| / |ref| vs ({ref}) of depth and extrinsics; "
                f"K / Mk: key blocks kept per query block of all, and that fraction, in the first SLA module.")
+    if any(r.get("estimated") for r in result["results"]):
+        caption += (f" est.: not run (dense past --dense-max-views {cfg.get('dense_max_views')}), latency estimated "
+                    f"from the measured per-layer cost (eager blocks at their shapes; heads scaled from 4 views).")
     if result.get("note"):
         caption += f"\n{result['note']}"
     table = Table(title=title, caption=caption)
@@ -268,7 +306,8 @@ def results_table(result: dict):
     for r in result["results"]:
         blocks = "-" if r.get("kept_blocks") is None else f"{r['kept_blocks']} / {r['key_blocks']}"
         table.add_row(str(r["views"]), f"({r['variant']}) {VARIANTS[r['variant']][0]}", blocks,
-                      _fmt(r.get("kept_frac"), ".2%"), _fmt(r["latency_s"], ".4f"),
+                      _fmt(r.get("kept_frac"), ".2%"),
+                      _fmt(r["latency_s"], ".4f") + (" est." if r.get("estimated") else ""),
                       _fmt(r["warmup_s"], ".1f"), _fmt(r["peak_gib"], ".2f"), _fmt(r.get("speedup_vs_a"), ".2f"),
                       _fmt(r.get("speedup_vs_b"), ".2f"), _fmt(r.get("mem_ratio_vs_a"), ".2f"),
                       _fmt(r.get("mem_ratio_vs_b"), ".2f"), _fmt(r["depth_rel"], ".2e"),
@@ -317,7 +356,9 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
     for path in (json_path, plot_path):
         if path:
             ensure_writable(path, overwrite)
-    log = lambda msg: console.print(f"[dim]{msg}[/dim]")  # noqa: E731
+    from rich.markup import escape
+
+    log = lambda msg: console.print(f"[dim]{escape(msg)}[/dim]")  # noqa: E731  ([vggt x8] is text, not markup)
     from lite3r_cli.bench_attention import attention_table, bench_attention
     from lite3r_cli.bench_profile import profile_tables
 

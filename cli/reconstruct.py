@@ -171,6 +171,11 @@ def reconstruct(inputs: Sequence[str | os.PathLike], *, model: str = "vggt-1b",
         if known is not None and known["extrinsics"] is not None:  # DA3 conditioned through cam_enc
             extra.update(extrinsics=known["extrinsics"].float()[None].to(dev_net),
                          intrinsics=(pixel_map.double() @ known["intrinsics"]).float()[None].to(dev_net))
+        from lite3r_recon.timing import cpu_estimate, long_note
+
+        note = long_note(f"{model} forward on {len(files)} views", cpu_estimate(net, len(files), images.shape[-2:]))
+        if note:  # the spinner alone would look hung for minutes
+            con.print(f"[yellow]{note}[/]")
         cams = predict(net, images.to(dev_net), **extra)
         if known is not None:
             from lite3r_recon.cameras_io import apply_known_cameras

@@ -60,6 +60,7 @@ class SceneSource:
         self.cfg = cfg
         self.cache: dict[int, dict[str, Tensor]] | None = {} if cfg.scenes else None
         self.dataset = None
+        self.bad: set[int] = set()  # scenes of --data skipped (too few usable views)
         if cfg.data:
             from lite3r_recon import datasets
 
@@ -82,8 +83,13 @@ class SceneSource:
 
             s = synthetic.render_sample(seed, views=self.cfg.views, size=(H, W))
         else:
+            from lite3r_recon.datasets import sample_or_skip
+
             rng = np.random.default_rng(seed)
-            s = self.dataset.sample(int(rng.integers(len(self.dataset))), views=self.cfg.views, rng=rng)
+            s = None
+            while s is None:  # a scene that cannot give its views is skipped: draw another (too many: an error)
+                s = sample_or_skip(self.dataset, int(rng.integers(len(self.dataset))), self.cfg.views, rng,
+                                   bad=self.bad)
         out = {k: torch.as_tensor(s[k]) for k in ("images", "depth", "extrinsics", "intrinsics")}
         out["mask"] = torch.as_tensor(s["mask"]).bool() if "mask" in s else out["depth"] > 0
         return out
@@ -111,6 +117,10 @@ def init_dist(device: str | None) -> Dist:
     """torchrun / spawn environment -> process group (nccl on CUDA, gloo on CPU) and this rank's device."""
     import torch.distributed as dist
 
+    if device is not None:  # --device cuda without CUDA, a bad name: one line naming the flag
+        from lite3r_recon.models import resolve_device
+
+        resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
@@ -171,6 +181,11 @@ class RunDir:
         checkpoint: nothing is cleared, `resume_config` restarts the saved config from step 0)."""
         if self.out.exists() and not self.out.is_dir():
             raise WouldOverwrite(f"--out {self.out} is a file, not a directory")
+        from lite3r_recon.io import check_writable, remove_temporaries
+
+        check_writable(self.out, folder=True)  # a read-only --out: one line now, not at the first checkpoint
+        for folder in (self.out, self.ckpt):  # what a kill mid-write left (the run is ours: no live writer)
+            remove_temporaries(folder)
         if resume and (self.ckpt / "latest.json").exists():
             latest = json.loads((self.ckpt / "latest.json").read_text())
             return json.loads((self.ckpt / f"{latest['name']}.json").read_text())
@@ -218,9 +233,9 @@ class RunDir:
             old.with_suffix(".safetensors").unlink(missing_ok=True)
 
     def load_tensors(self, info: dict) -> dict[str, Tensor]:
-        from safetensors.torch import load_file
+        from lite3r_backbones.checkpoint import read_safetensors
 
-        return load_file(str(self.ckpt / f"step-{info['step']:06d}.safetensors"))
+        return read_safetensors(self.ckpt / f"step-{info['step']:06d}.safetensors", "training checkpoint")[1]
 
 
 def resume_config(run: RunDir, asked, *, resume: bool, overwrite: bool, explicit: set[str] | None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -359,8 +360,54 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
         lo, hi = (float(valid.min()) * 0.9, float(valid.max()) * 1.1) if valid.numel() else (0.1, 10.0)
         formats.write_cam(out / "cams" / f"{i:08d}_cam.txt", scene.extrinsics[i], scene.intrinsics[i],
                           (lo, (hi - lo) / 191, 192, hi), overwrite=overwrite)
+    for sub, pattern in _VIEW_FILES.items():  # an earlier render with more views: its extra views would stay
+        for f in (out / sub).glob(pattern):
+            if int(f.name[:8]) >= views:
+                f.unlink()
     formats.write_pair(out / "cams" / "pair.txt", view_pairs(scene.extrinsics), overwrite=overwrite)
     return out
+
+
+_VIEW_FILES = {"blended_images": "[0-9]" * 8 + ".*", "cams": "[0-9]" * 8 + "_cam.txt",
+               "rendered_depth_maps": "[0-9]" * 8 + ".pfm"}
+
+
+def rendered_as(scene: Path) -> tuple[int, tuple[int, int]]:
+    """(views, (H, W)) of a scene folder write_scene made, read from its files."""
+    from PIL import Image
+
+    cams = sorted((scene / "cams").glob(_VIEW_FILES["cams"]))
+    images = sorted((scene / "blended_images").glob(_VIEW_FILES["blended_images"]))
+    if not images:
+        return len(cams), (0, 0)
+    with Image.open(images[0]) as im:
+        return len(cams), (im.height, im.width)
+
+
+def _check_kept(out: Path, kept: list[int], views: int, hw: tuple[int, int], seed: int) -> None:
+    """A one-line error unless the scenes make-scenes would keep in `out` are what was asked for: the parameters in
+    its scenes.json (views, size, seed) and each kept scene's files (views, image size)."""
+    def fmt(v, size, s):
+        return f"--views {v} --size {size[0] if size[0] == size[1] else f'{size[0]},{size[1]}'}" + (
+            f" --seed {s}" if s is not None else "")
+
+    asked = fmt(views, hw, seed)
+    found = None
+    try:
+        saved = json.loads((out / "scenes.json").read_text()) if (out / "scenes.json").is_file() else None
+    except (OSError, ValueError):
+        saved = None
+    if saved and kept and (saved.get("views"), list(saved.get("size") or []), saved.get("seed")) != \
+            (views, list(hw), seed):
+        found = (fmt(saved.get("views"), list(saved.get("size") or [0, 0]), saved.get("seed")), "scenes.json")
+    for k in kept if found is None else ():
+        v, size = rendered_as(out / f"scene_{k:04d}")
+        if (v, size) != (views, tuple(hw)):
+            found = (fmt(v, size, None), f"scene_{k:04d}")
+            break
+    if found is not None:
+        raise WouldOverwrite(f"{out} holds scenes made with {found[0]} ({found[1]}), not {asked}: ask for those to "
+                             f"add scenes, or pass --overwrite to re-render every scene")
 
 
 def _one_thread() -> None:
@@ -377,7 +424,7 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
-    from lite3r_recon.io import atomic_write_json, console
+    from lite3r_recon.io import atomic_write_json, check_writable, console
 
     if num < 1 or views < 1:
         raise InvalidInput(f"--num and --views must be >= 1, got {num} and {views}")
@@ -385,9 +432,10 @@ def make_scenes(out: str | os.PathLike, num: int = 100, views: int = 16, size: i
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WouldOverwrite(f"{out} is a file, expected a folder for the scenes")
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out, folder=True, create=True)
     t0 = time.perf_counter()
     todo = [k for k in range(num) if overwrite or not (out / f"scene_{k:04d}" / "cams" / "pair.txt").is_file()]
+    _check_kept(out, sorted(set(range(num)) - set(todo)), views, (H, W), seed)
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     con = console(quiet)
     with Progress(TextColumn("[bold blue]make-scenes"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

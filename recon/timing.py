@@ -2,9 +2,11 @@
 measured repeats), relative errors, the device and software a number was measured on."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -50,6 +52,78 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
         "rel": float(diff / ref.norm().clamp_min(1e-30)),
         "rel_spread": float(diff / (ref - ref.mean()).norm().clamp_min(1e-30)),
     }
+
+
+def forward_flops(model: torch.nn.Module, views: int, hw: tuple[int, int], patch: int = 14) -> float:
+    """Rough FLOPs of one forward of a ViT backbone on `views` images of `hw`: 2 x linear weights x tokens, plus
+    4 x tokens^2 x width per attention layer (global layers: all views' tokens at once, frame layers: one view's).
+    The heads and SLA's savings are left out: an order of magnitude, for 'this takes ~N min' notes."""
+    import lite3r
+
+    per_view = (hw[0] // patch) * (hw[1] // patch)
+    tokens = views * per_view
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    flops = 2.0 * linear * tokens
+    for m in model.modules():
+        if lite3r.is_attention(m) or isinstance(m, lite3r.SLAAttention):
+            width = next(p.shape[-1] for p in m.parameters() if p.ndim == 2)
+            n = per_view if getattr(m, "scope", "global") == "frame" else tokens
+            flops += 4.0 * n * n * width * (tokens // n)
+    return flops
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flops_per_second() -> float:
+    """What this CPU sustains on fp32 matmuls (measured once, ~0.1 s)."""
+    a = torch.randn(512, 512)
+    a @ a
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 0.1:
+        a @ a
+        n += 1
+    return n * 2 * 512**3 / (time.perf_counter() - t0)
+
+
+def cpu_estimate(model: torch.nn.Module, views: int, hw: tuple[int, int], calls: int = 1) -> float | None:
+    """Seconds `calls` forwards of `model` (on the CPU) would take, roughly; None on a GPU (no note needed)."""
+    device = next(model.parameters()).device
+    if device.type != "cpu":
+        return None
+    return calls * forward_flops(model, views, hw) / cpu_flops_per_second()
+
+
+LONG_S = 20.0  # steps estimated longer than this get a note before they start
+
+
+def long_note(what: str, seconds: float | None) -> str | None:
+    """'WHAT: about N min on this CPU (a rough estimate)' for a step estimated over LONG_S, else None."""
+    if seconds is None or seconds < LONG_S:
+        return None
+    took = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
+    return f"{what}: about {took} on this CPU (a rough estimate)"
+
+
+@contextlib.contextmanager
+def long_step(what: str, seconds: float | None, *, quiet: bool = False) -> Iterator[None]:
+    """Around a step that may run minutes with no output of its own: its long_note on stderr before it starts, and a
+    spinner with the elapsed time while it runs (on a terminal; a log gets the note alone)."""
+    from rich.markup import escape
+
+    from lite3r_recon.io import console
+
+    con = console(quiet, stderr=True)
+    what = escape(what)
+    note = long_note(what, seconds)
+    if note:
+        con.print(note)
+    if quiet or not con.is_terminal or seconds is None or seconds < LONG_S:
+        yield
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn(what), TimeElapsedColumn(), console=con, transient=True) as progress:
+        progress.add_task(what, total=None)
+        yield
 
 
 def environment(device: torch.device) -> dict:
