@@ -52,9 +52,10 @@ def _op_fp8_rows_kernel(X, W, B, Y, S, C, stride_x, stride_y, eps,
     m_c = o_c < C
     b_x = tl.load(X + i_r * stride_x + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
     if OP == 0:  # LayerNorm over the row, moments in fp32 (two passes over registers)
-        mean = tl.math.div_rn(tl.sum(b_x, axis=0), C.to(tl.float32))
+        n = tl.sum(m_c.to(tl.float32), axis=0)  # C as fp32 (C itself may arrive as a constexpr 1)
+        mean = tl.math.div_rn(tl.sum(b_x, axis=0), n)
         b_d = tl.where(m_c, b_x - mean, 0.0)
-        var = tl.math.div_rn(tl.sum(b_d * b_d, axis=0), C.to(tl.float32))
+        var = tl.math.div_rn(tl.sum(b_d * b_d, axis=0), n)
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
         b_y = b_d * rstd
         if HAS_W:
