@@ -53,9 +53,11 @@ ModelArg = Annotated[str, typer.Argument(help=MODEL_HELP, show_default=True)]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 WeightsOpt = Annotated[Optional[Path], typer.Option(help="dense checkpoint (.safetensors / .pt), loaded strictly, or "
                                                          "'random' (default: the backbone's shipped weights, else "
-                                                         "random)")]
+                                                         "random); with --student: where the teacher it records is "
+                                                         "now (checked by sha256)")]
 StudentOpt = Annotated[Optional[Path], typer.Option(help="lite3r student: the run folder of `lite3r train` or its "
-                                                         "student.safetensors (absent: the dense model)")]
+                                                         "student.safetensors, on the teacher it records; or a `lite3r "
+                                                         "export` artifact, run as exported (absent: the dense model)")]
 TopkOpt = Annotated[float, typer.Option(help="SLA kept fraction of key blocks per query block, in (0, 1]")]
 KeptBlocksOpt = Annotated[Optional[int], typer.Option(help="SLA kept key blocks per query block, a count instead of "
                                                            "--topk (sparse cost linear in the views)")]
@@ -101,8 +103,9 @@ def bench(
     topk: TopkOpt = _BENCH["topk"],
     kept_blocks: KeptBlocksOpt = _BENCH["kept_blocks"],
     weights: WeightsOpt = _BENCH["weights"],
-    student: Annotated[Optional[Path], typer.Option(help="trained student (run folder or student.safetensors) for "
-                                                         "path (d)")] = _BENCH["student"],
+    student: Annotated[Optional[Path], typer.Option(help="trained student (run folder or student.safetensors; every "
+                                                         "path then runs its recorded teacher) or a `lite3r export` "
+                                                         "artifact for path (d)")] = _BENCH["student"],
     repeats: Annotated[Optional[int], typer.Option(help="timed runs per path, the median is reported (default: 3 on "
                                                         "CUDA, 1 on CPU)")] = _BENCH["repeats"],
     warmup: Annotated[Optional[int], typer.Option(help="untimed runs first: compile, autotune, CUDA-graph capture "
@@ -145,7 +148,8 @@ def export(
     student: Annotated[Optional[Path], typer.Argument(help="trained student: the run folder of lite3r train or its "
                                                            "student.safetensors (omit: a fresh, untrained student)")]
     = _EXPORT["student"],
-    out: Annotated[Path, typer.Option(help="the deploy artifact to write")] = Path(_EXPORT["out"]),
+    out: Annotated[Path, typer.Option(help="the deploy artifact to write (a .safetensors file)")] =
+        Path(_EXPORT["out"]),
     model: ModelOpt = _EXPORT["model"],
     weights: WeightsOpt = _EXPORT["weights"],
     topk: Annotated[float, typer.Option(help="SLA kept fraction of key blocks (fresh student only)")] =

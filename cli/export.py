@@ -24,7 +24,7 @@ def export(student: str | os.PathLike | None = None, *, out: str | os.PathLike =
         config = lite3r.SLAConfig(topk=topk, scopes=("global",) if scope == "global" else None, kept_blocks=kept_blocks)
     except lite3r.Lite3rError as err:  # a bad --topk / --kept-blocks: one line
         raise InvalidInput(str(err)) from None
-    ensure_writable(out, overwrite)  # before the (long) build
+    ensure_writable(models.check_artifact_path(out), overwrite)  # before the (long) build
     note = models.weights_note(model, weights)
     if note:
         console().print(f"[yellow]{note}[/]")

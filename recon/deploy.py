@@ -82,6 +82,24 @@ def run_in_fp32(module: nn.Module) -> nn.Module:
     return module
 
 
+def _compute_forward(self, *args, **kwargs):
+    """The class forward of a deployed model under autocast to the dtype it was deployed in (`lite3r_dtype`)."""
+    with torch.autocast(next(self.parameters()).device.type, dtype=self.lite3r_dtype):
+        return type(self).forward(self, *args, **kwargs)
+
+
+def compute_in(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make a model whose weights are in `dtype` take inputs of any floating dtype, with or without the caller's
+    autocast: its forward runs under autocast to `dtype` (what the official demos wrap it in; fp32 modules turn it
+    off inside). Without it fp32 images meet bf16 weights in the first convolution. Nothing to do for fp32."""
+    import types
+
+    if dtype != torch.float32:
+        model.forward = types.MethodType(_compute_forward, model)
+        model.lite3r_dtype = dtype
+    return model
+
+
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """Members of ModuleLists / Sequentials of two or more modules of one class (transformer blocks): the regions
     `compile_model` compiles. Outermost only: a block list inside a block is part of that block."""
@@ -161,8 +179,9 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
                  keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile,
                  kept_fp8: bool | None = None) -> nn.Module:
     """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
-    `dtype`; onto `device`; then compiled (compile_mode=None: eager). The SLA kernels are traced into the compiled
-    blocks (triton_op); `compile_sla=False` runs the SLA modules eagerly inside them instead (`eager_sla`)."""
+    `dtype` (whatever the inputs' dtype: `compute_in`); onto `device`; then compiled (compile_mode=None: eager). The
+    SLA kernels are traced into the compiled blocks (triton_op); `compile_sla=False` runs the SLA modules eagerly
+    inside them instead (`eager_sla`)."""
     if device is not None:  # first: quantising and casting run faster there
         model = model.to(device)
     model = lite3r.to_fp8_inference(model)
@@ -174,6 +193,7 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     for module in keep:
         run_in_fp32(module)
     cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+    compute_in(model, dtype)
     lite3r.fuse_fp8_inputs(model)  # LayerNorm / GELU + activation quantisation in one kernel (keys unchanged)
     if not compile_sla:
         eager_sla(model)

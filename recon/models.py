@@ -340,11 +340,16 @@ def _shipped(name: str, path: Path) -> Path:
 
 def teacher_of(student: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                device: str | torch.device | None = None) -> nn.Module:
-    """The dense teacher a student was trained from, rebuilt exactly from its record (`teacher_record`: backbone,
-    config overrides, the checkpoint / shipped file by sha256, or the random seed), or a one-line refusal: the
-    checkpoint moved or changed, the shipped weights changed. `weights`: where the teacher's checkpoint is now (it
-    must hash to the recorded sha256), or "random" for a student of random weights."""
-    path, info = student_info(student)
+    """The dense teacher a student (its file or run folder, or the deploy artifact exported from it) was trained
+    from, rebuilt exactly from its record (`teacher_record`: backbone, config overrides, the checkpoint / shipped
+    file by sha256, or the random seed), or a one-line refusal: the checkpoint moved or changed, the shipped weights
+    changed. `weights`: where the teacher's checkpoint is now (it must hash to the recorded sha256), or "random"
+    for a student of random weights."""
+    if is_artifact(student):
+        path, config = Path(student), read_artifact_config(student)
+        info = {"backbone": config["backbone"], "teacher_source": config.get("teacher_source")}
+    else:
+        path, info = student_info(student)
     rec = _recorded_teacher(path, info)
     name = rec.get("backbone") or info["backbone"]
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in rec.get("overrides", {}).items()}
@@ -407,8 +412,18 @@ def check_backbone(name: str) -> str:
 def load_model(name: str, *, weights: str | os.PathLike | None = None, student: str | os.PathLike | None = None,
                device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
     """What a command runs: backbone `name` (checkpoint `weights`, or random weights from `seed`), or with
-    `student` the lite3r student trained from it; eval, frozen, on `device`."""
+    `student` the lite3r student trained from it, or - `student` or `weights` a `lite3r export` file - that
+    deployed artifact (`load_artifact`); eval, frozen, on `device`."""
     check_backbone(name)
+    for flag, given in (("--student", student), ("--weights", weights)):
+        if is_artifact(given):
+            if student is not None and weights is not None:
+                raise InvalidInput(f"{flag} {given} is a deploy artifact, a whole model: pass it alone (no --student "
+                                   f"with --weights)")
+            model = load_artifact(given, device=device)
+            if model.name != name:
+                raise InvalidInput(f"{flag} {given} is a {model.name} artifact, not {name}: pass --model {model.name}")
+            return model
     if student is not None:
         return load_student(student, name, weights=weights, device=device).eval()
     return dense_model(name, weights, seed=seed).to(device)
@@ -430,8 +445,10 @@ def artifact_config(model: nn.Module) -> dict:
         "backbone_config": dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {},
         "sla": _sla_settings(model),
         "sla_config": getattr(model, "lite3r_sla_config", None),  # the SLAConfig the student was built with
+        "teacher_source": teacher_record(model),  # what the student was trained from (teacher_of rebuilds it)
         "fp32_modules": [fqn for fqn, m in model.named_modules() if getattr(m, "lite3r_fp32", False)],
         "fp8_linears": sum(isinstance(m, lite3r.FP8Linear) for m in model.modules()),
+        "dtype": str(getattr(model, "lite3r_dtype", torch.float32)).removeprefix("torch."),  # deploy_model's
     }
 
 
@@ -440,6 +457,7 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
     their deployed dtype, and the config JSON in the header metadata. Returns the config."""
     from lite3r_recon.io import atomic_save_safetensors
 
+    check_artifact_path(path)
     model = getattr(model, "_orig_mod", model)
     config = artifact_config(model)
     if not config["backbone"]:
@@ -447,6 +465,29 @@ def save_artifact(model: nn.Module, path: str | os.PathLike, *, overwrite: bool 
     tensors = {k: v.clone() for k, v in model.state_dict().items()}  # clone: no two keys share storage
     atomic_save_safetensors(path, tensors, metadata={"lite3r": json.dumps(config)}, overwrite=overwrite)
     return config
+
+
+def check_artifact_path(path: str | os.PathLike) -> Path:
+    """An artifact's file name: safetensors, so nothing else (a .ply, a .pt) is written in that format."""
+    path = Path(path)
+    if not path.name.endswith(".safetensors"):
+        raise InvalidInput(f"--out {path}: a deploy artifact is one .safetensors file (e.g. model.lite3r.safetensors), "
+                           f"not {path.suffix or 'a name without suffix'}")
+    return path
+
+
+def is_artifact(path: str | os.PathLike | None) -> bool:
+    """`path` is a `lite3r export` file: a safetensors file with lite3r's deploy config in its header (a student
+    file, a checkpoint, an unreadable file: False, for their own loaders to handle)."""
+    from safetensors import safe_open
+
+    if path is None or isinstance(path, Mapping) or str(path) == "random" or not Path(path).is_file():
+        return False
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            return "lite3r" in (f.metadata() or {})
+    except Exception:  # not safetensors (a .pt checkpoint) or corrupt: not ours to judge here
+        return False
 
 
 def read_artifact_config(path: str | os.PathLike) -> dict:
@@ -486,10 +527,14 @@ def _skeleton(config: dict, tensors: dict[str, torch.Tensor]) -> nn.Module:
     for fqn in config["fp32_modules"]:
         deploy.run_in_fp32(model.get_submodule(fqn))
     fp32 = tuple(f + "." for f in config["fp32_modules"])
-    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and v.dtype != torch.float8_e4m3fn
-              and not k.endswith("weight_scale") and not k.startswith(fp32)}
+    dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and k.rsplit(".", 1)[0] not in fp8_linears
+              and not k.startswith(fp32)}  # FP8Linear keeps its own dtypes (fp8 weight, fp32 scale and bias)
+    if config.get("dtype"):
+        dtypes = {getattr(torch, config["dtype"])}
     if len(dtypes) == 1:  # the deployed dtype, so that non-persistent buffers match the saved model's
-        deploy.cast_floating(model, dtypes.pop(), keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+        dtype = dtypes.pop()
+        deploy.cast_floating(model, dtype, keep=lambda m, fqn: getattr(m, "lite3r_fp32", False))
+        deploy.compute_in(model, dtype)  # takes fp32 inputs without the caller's autocast, as deploy_model's does
     lite3r.fuse_fp8_inputs(model)  # as deploy_model: a forward-time rewiring, nothing of it in the file
     return model
 

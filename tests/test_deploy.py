@@ -169,6 +169,74 @@ def test_cli_export_writes_a_loadable_artifact(tmp_path):
     assert again.exit_code != 0 and isinstance(again.exception, FileExistsError)
 
 
+@pytest.mark.slow
+def test_exported_artifact_runs_in_eval_reconstruct_and_bench(tmp_path):
+    """`lite3r export RUN` of a tiny trained student: the artifact is what `--student` loads in eval, reconstruct and
+    bench (detected: one door, models.load_model); it takes fp32 inputs without the caller's autocast (the same
+    outputs as under bf16 autocast, bit for bit), and its results equal the student's within bf16 + FP8 rounding.
+    `--out` that is not .safetensors is one error line, nothing written."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from lite3r_cli import bench, evaluate, reconstruct
+    from lite3r_cli.app import app
+    from lite3r_recon.errors import InvalidInput
+    from lite3r_recon.synthetic import render_sample
+
+    student = models.make_student(models.dense_model("vggt-tiny"), lite3r.SLAConfig(topk=0.5))
+    with torch.no_grad():
+        for p in models.trainable(student).values():
+            p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
+    models.save_student(student, tmp_path / "run" / "student.safetensors", {"backbone": "vggt-tiny"})
+    art = tmp_path / "tiny.lite3r.safetensors"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(art)])
+    assert result.exit_code == 0, result.output
+    assert models.read_artifact_config(art)["teacher_source"]["kind"] == "shipped"
+
+    net = models.load_model("vggt-tiny", student=art)
+    assert any(isinstance(m, lite3r.FP8Linear) for m in net.modules())
+    images = _images()
+    with torch.no_grad():
+        plain = net(images)  # fp32 images, no autocast around it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            wrapped = net(images)
+        ref = _cams(student(images), images.shape[-2:])
+    assert all(torch.equal(plain[k], wrapped[k]) for k in plain if torch.is_tensor(plain[k]))
+    for key, val in _cams(plain, images.shape[-2:]).items():
+        assert _spread_err(val, ref[key]) < 0.05, key  # bf16 + FP8 GEMMs vs the fp32 QAT student (measured 0.01)
+
+    runs = {}
+    for name, path in (("student", tmp_path / "run"), ("artifact", art)):
+        runs[name] = evaluate.evaluate("vggt-tiny", student=path, max_scenes=1, views=2, quiet=True, device="cpu")
+    for k in ("abs_rel", "rmse", "rot_err", "trans_err", "chamfer", "delta1"):  # measured: within 0.5 %
+        a, s = runs["artifact"]["mean"][k], runs["student"]["mean"][k]
+        assert abs(a - s) <= 0.03 * abs(s) + 1e-3, (k, a, s)
+
+    sample = render_sample(7, views=2, size=(56, 70))
+    paths = []
+    for i, view in enumerate(sample["images"]):
+        paths.append(tmp_path / f"view{i}.png")
+        Image.fromarray((np.asarray(view).transpose(1, 2, 0) * 255).round().astype(np.uint8)).save(paths[-1])
+    cams = {}
+    for name, path in (("student", tmp_path / "run"), ("artifact", art)):
+        reconstruct.reconstruct(paths, model="vggt-tiny", student=path, size=70, out=tmp_path / f"{name}.ply",
+                                json_path=tmp_path / f"{name}.json", quiet=True, device="cpu", preview=False)
+        cams[name] = json.loads((tmp_path / f"{name}.json").read_text())["cameras"]
+    for a, s in zip(cams["artifact"], cams["student"]):
+        assert np.abs(np.subtract(a["extrinsics_w2c"], s["extrinsics_w2c"])).max() < 0.05
+        assert abs(a["depth_max"] - s["depth_max"]) <= 0.05 * s["depth_max"]
+
+    cfg = bench.BenchConfig(model="vggt-tiny", views=(2,), res=56, student=str(art), device="cpu", variants=("a", "d"))
+    rows = {r["variant"]: r for r in bench.run_bench(cfg, log=lambda line: None)["results"]}
+    assert rows["d"]["latency_s"] > 0 and np.isfinite(rows["d"]["depth_rel"])  # (a): the teacher it records
+
+    bad = tmp_path / "art.ply"
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(bad)])
+    assert isinstance(result.exception, InvalidInput) and ".safetensors" in str(result.exception)
+    assert not bad.exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("fp8", [False, True], ids=["sla", "sla+fp8"])
 def test_deployed_student_compiles_with_the_sla_kernels_gpu(monkeypatch, fp8):
