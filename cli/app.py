@@ -120,6 +120,10 @@ def bench(
                                                                                 "compiled blocks (--eager-sla: run "
                                                                                 "them eagerly inside them)")] =
         _BENCH["compile_sla"],
+    dense_max_views: Annotated[Optional[int], typer.Option(help="dense paths (a, b, bf16-*) at more views than this "
+                                                                "are not run: their latency is estimated from the "
+                                                                "measured per-layer cost, marked est.")] =
+        _BENCH["dense_max_views"],
     device: DeviceOpt = _BENCH["device"],
     json_out: JsonOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of latency and memory against views")] = None,
@@ -137,7 +141,7 @@ def bench(
         kept_blocks=kept_blocks,
         repeats=repeats, warmup=warmup, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
-        weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
+        dense_max_views=dense_max_views, weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
     _bench.main(target if special else "model", cfg, json_path=json_out, plot_path=plot, profile=profile,
                 overwrite=overwrite)
 
