@@ -62,11 +62,11 @@ def forward_flops(model: torch.nn.Module, views: int, hw: tuple[int, int], patch
 
     per_view = (hw[0] // patch) * (hw[1] // patch)
     tokens = views * per_view
-    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    flops = 2.0 * linear * tokens
+    linears = [m for m in model.modules() if hasattr(m, "in_features") and hasattr(m, "out_features")]  # FP8 too
+    flops = 2.0 * sum(m.in_features * m.out_features for m in linears) * tokens
     for m in model.modules():
         if lite3r.is_attention(m) or isinstance(m, lite3r.SLAAttention):
-            width = next(p.shape[-1] for p in m.parameters() if p.ndim == 2)
+            width = next((c.in_features for c in m.modules() if hasattr(c, "in_features")), 0)
             n = per_view if getattr(m, "scope", "global") == "frame" else tokens
             flops += 4.0 * n * n * width * (tokens // n)
     return flops
@@ -86,7 +86,7 @@ def cpu_flops_per_second() -> float:
 
 def cpu_estimate(model: torch.nn.Module, views: int, hw: tuple[int, int], calls: int = 1) -> float | None:
     """Seconds `calls` forwards of `model` (on the CPU) would take, roughly; None on a GPU (no note needed)."""
-    device = next(model.parameters()).device
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), torch.device("cpu"))
     if device.type != "cpu":
         return None
     return calls * forward_flops(model, views, hw) / cpu_flops_per_second()
