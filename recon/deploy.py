@@ -133,6 +133,7 @@ def compile_model(model: nn.Module, *, mode: str = "default", regional: bool = T
     `chunked_heads(model)`, in place, or of the whole model (regional=False, or nothing regional found); the glue
     stays eager. Returns the module to call."""
     mode = None if mode == "default" else mode
+    lite3r.warn_cpu_compile(model)
     regions = compile_regions(model) if regional else []
     # one Block class serves several block kinds (patch embed, frame, global, fp32 camera trunk): each is a
     # recompile of the same code, and past dynamo's limit (8) the rest would silently run eagerly

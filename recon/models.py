@@ -144,9 +144,9 @@ def enable_activation_checkpointing(model: nn.Module) -> int:
 def load_proj_l(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Copy the trained parameters of a `student.safetensors` (proj_l weights and biases) into `model`, strictly:
     every tensor in the file must name a parameter of the model with the same shape."""
-    from safetensors.torch import load_file
+    from lite3r_backbones.checkpoint import read_safetensors
 
-    tensors = load_file(os.fspath(path))
+    tensors = read_safetensors(path, "safetensors student file")[1]
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
     if missing:
@@ -180,24 +180,33 @@ def save_student(student: nn.Module, path: str | os.PathLike, info: dict) -> Non
 
 def student_info(path: str | os.PathLike) -> tuple[Path, dict]:
     """(the student.safetensors file, its info JSON) for a file or the run directory holding it."""
-    from safetensors import safe_open
+    from lite3r_backbones.checkpoint import open_safetensors
 
     path = Path(path)
     if path.is_dir():
         path = path / "student.safetensors"
     if not path.is_file():
         raise MissingInput(f"{path}: no such student file (lite3r train writes DIR/student.safetensors)")
-    try:
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-    except Exception as err:
-        raise InvalidInput(f"{path}: not a readable safetensors student file ({err})") from None
+    with open_safetensors(path, "safetensors student file") as f:
+        meta = f.metadata() or {}
     meta_json = path.with_suffix(".json")
     if "lite3r_train" in meta:
-        return path, json.loads(meta["lite3r_train"])
+        return path, _student_json(meta["lite3r_train"], f"{path} (its header)")
     if meta_json.is_file():
-        return path, json.loads(meta_json.read_text())
+        return path, _student_json(meta_json.read_text(errors="replace"), str(meta_json))
     raise InvalidInput(f"{path}: no training config (neither safetensors metadata nor {meta_json.name})")
+
+
+def _student_json(text: str, source: str) -> dict:
+    """A student's info JSON, checked for what loading it reads: a corrupt one is one line naming where it was."""
+    try:
+        info = json.loads(text)
+    except ValueError as err:
+        raise InvalidInput(f"{source}: the student's training config is not valid JSON ({err})") from None
+    if not (isinstance(info, dict) and isinstance(info.get("backbone"), str) and isinstance(info.get("params"), list)
+            and (info.get("sla_config") or isinstance(info.get("config"), dict))):
+        raise InvalidInput(f"{source}: not a lite3r student's training config (needs backbone, params and sla_config)")
+    return info
 
 
 def student_config(info: dict) -> tuple[SLAConfig, bool]:
@@ -491,9 +500,9 @@ def is_artifact(path: str | os.PathLike | None) -> bool:
 
 
 def read_artifact_config(path: str | os.PathLike) -> dict:
-    from safetensors import safe_open
+    from lite3r_backbones.checkpoint import open_safetensors
 
-    with safe_open(os.fspath(path), framework="pt") as f:
+    with open_safetensors(path, "lite3r deploy artifact") as f:
         meta = f.metadata() or {}
     if "lite3r" not in meta:
         raise InvalidInput(f"{path} is not a lite3r deploy artifact (no 'lite3r' config in its safetensors header)")
