@@ -127,8 +127,8 @@ def bench(
     device: DeviceOpt = _BENCH["device"],
     json_out: JsonOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of latency and memory against views")] = None,
-    profile: Annotated[bool, typer.Option(help="also profile the last path (time by kernel category and by "
-                                               "module)")] = False,
+    profile: Annotated[bool, typer.Option(help="also profile each path: GPU time by kernel category, by module "
+                                               "and by kernel, paths side by side")] = False,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Latency and peak memory of (a) the official dense model, (b) our best dense path, (c) SLA, (d) SLA + FP8,
@@ -141,7 +141,8 @@ def bench(
         kept_blocks=kept_blocks,
         repeats=repeats, warmup=warmup, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
-        dense_max_views=dense_max_views, weights=str(weights) if weights else None, student=str(student) if student else None, device=device)
+        dense_max_views=dense_max_views, weights=str(weights) if weights else None,
+        student=str(student) if student else None, device=device)
     _bench.main(target if special else "model", cfg, json_path=json_out, plot_path=plot, profile=profile,
                 overwrite=overwrite)
 

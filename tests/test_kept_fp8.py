@@ -112,3 +112,23 @@ def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     off = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
     assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32, kept_fp8=False).config.kept_fp8
     assert models.artifact_config(student)["backbone_config"]["kept_fp8"] is True
+
+
+@pytest.mark.gpu
+def test_kept_fp8_at_vggt_scale_gpu():
+    """A VGGT-1B kept layer at 128 views (halves [1, 128, 1374, 1024] bf16) packed on the GPU: reads equal lite3r's
+    quantisation of each half, and packing allocates the FP8 layer plus one chunk's temporaries, never a full-size
+    fp32 or concatenated copy (peak extra < 0.6 x the bf16 layer)."""
+    gen = torch.Generator("cuda").manual_seed(17)
+    halves = [torch.randn(1, 128, 1374, 1024, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    layer_bytes = 2 * halves[0].numel() * 2
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    kept = KeptFP8.pack(halves, 5, chunk=8)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra < 0.6 * layer_bytes, (extra / 2**20, layer_bytes / 2**20)
+    assert kept.nbytes < 0.51 * layer_bytes
+    want = reference_dequant([h[:, 40:48] for h in halves], 5)
+    assert torch.equal(kept[:, 40:48], want) and torch.equal(kept[:, :, 0], torch.cat([h[:, :, 0] for h in halves], -1))
