@@ -176,8 +176,9 @@ def estimated_row(variant: str, views: int, model: nn.Module, cfg: BenchConfig, 
 
 
 def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
-                log: Callable[[str], None] = print, profile: bool = False) -> tuple[list[dict], dict | None]:
-    """All selected paths at one view count: one row (dict) per path, and the profile of the last path."""
+                log: Callable[[str], None] = print, profile: bool = False) -> tuple[list[dict], dict]:
+    """All selected paths at one view count: one row (dict) per path, and with `profile` the profile of each path
+    that ran (path -> profile_breakdown)."""
     import torch
 
     from lite3r_recon import models
@@ -185,7 +186,7 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
 
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.rand(1, views, 3, cfg.res, cfg.res, generator=gen).to(device)
-    rows, ref, prof = [], None, None
+    rows, ref, prof = [], None, {}
     for variant in cfg.variants:
         log(f"[{name} x{views}] ({variant}) {VARIANTS[variant][1]}: building")
         free(device)
@@ -211,11 +212,11 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
         peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
         cams = _cameras(name, out, (cfg.res, cfg.res))
         del out
-        if profile and variant == cfg.variants[-1]:
+        if profile:
             log(f"[{name} x{views}] ({variant}) profiling one forward")
             from lite3r_cli.bench_profile import profile_breakdown
 
-            prof = profile_breakdown(model, images)
+            prof[variant] = profile_breakdown(model, images)
         del model
         row = {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": statistics.median(times),
                "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib,
@@ -245,7 +246,7 @@ def _add_ratios(rows: list[dict]) -> None:
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: bool = False) -> dict:
     """The whole benchmark: every view count of cfg.views, every path of cfg.variants. Returns a JSON-able dict;
-    with `profile`, also where the last path's forward spends its time at each view count."""
+    with `profile`, also where each path's forward spends its time at each view count (profile[views][path])."""
     from lite3r_recon import models
     from lite3r_recon.models import resolve_device
     from lite3r_recon.timing import environment
@@ -267,7 +268,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print, profile: boo
     for views in cfg.views:
         new, prof = bench_views(cfg, views, name, device, log, profile)
         rows += new
-        if prof is not None:
+        if prof:
             profiles[views] = prof
     out = {"config": dataclasses.asdict(cfg), "backbone": name, "note": note, "env": environment(device),
            "results": rows}
@@ -360,7 +361,7 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
 
     log = lambda msg: console.print(f"[dim]{escape(msg)}[/dim]")  # noqa: E731  ([vggt x8] is text, not markup)
     from lite3r_cli.bench_attention import attention_table, bench_attention
-    from lite3r_cli.bench_profile import profile_tables
+    from lite3r_cli.bench_profile import compare_table, profile_tables
 
     if target == "kernels":
         from lite3r_kernels import bench as kernel_bench
@@ -373,9 +374,12 @@ def main(target: str, cfg: BenchConfig, *, json_path: str | None = None, plot_pa
     else:
         result = run_bench(cfg, log=log, profile=profile)
         console.print(results_table(result))
-        for views, prof in result.get("profile", {}).items():
-            for table in profile_tables(prof, f"profile of ({cfg.variants[-1]}) at {views} views"):
-                console.print(table)
+        for views, by_path in result.get("profile", {}).items():
+            for variant, prof in by_path.items():
+                for table in profile_tables(prof, f"profile of ({variant}) at {views} views"):
+                    console.print(table)
+            if len(by_path) > 1:
+                console.print(compare_table(by_path, f"GPU time by kernel category at {views} views, path by path"))
         if plot_path:
             plot_sweep(result, plot_path, overwrite=overwrite)
     if json_path:
