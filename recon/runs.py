@@ -187,8 +187,8 @@ class RunDir:
         for folder in (self.out, self.ckpt):  # what a kill mid-write left (the run is ours: no live writer)
             remove_temporaries(folder)
         if resume and (self.ckpt / "latest.json").exists():
-            latest = json.loads((self.ckpt / "latest.json").read_text())
-            return json.loads((self.ckpt / f"{latest['name']}.json").read_text())
+            latest = _run_json(self.ckpt / "latest.json")
+            return _run_json(self.ckpt / f"{latest.get('name')}.json")
         if resume:
             if not self.out.is_dir():
                 raise MissingInput(f"--resume: --out {self.out} does not exist, there is no run to resume "
@@ -236,6 +236,18 @@ class RunDir:
         from lite3r_backbones.checkpoint import read_safetensors
 
         return read_safetensors(self.ckpt / f"step-{info['step']:06d}.safetensors", "training checkpoint")[1]
+
+
+def _run_json(path: Path) -> dict:
+    """A run's JSON file (latest.json, a checkpoint's), a missing or corrupt one as one line naming it."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidInput(f"--resume: {path} is not a readable checkpoint record ({err}); the run folder is "
+                           f"damaged: --overwrite starts over") from None
+    if not isinstance(data, dict):
+        raise InvalidInput(f"--resume: {path} is not a checkpoint record (a JSON object)")
+    return data
 
 
 def resume_config(run: RunDir, asked, *, resume: bool, overwrite: bool, explicit: set[str] | None,

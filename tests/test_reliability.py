@@ -92,6 +92,11 @@ def _fixtures(tmp: Path, text: str) -> dict[str, str]:
         made["run"] = tmp / "run"
         made["run"].mkdir()
         (made["run"] / "config.json").write_text("{}\n")
+    if "damaged" in need:  # a run folder whose latest checkpoint record is broken (killed in a bad moment, edited)
+        made["damaged"] = tmp / "damaged"
+        (made["damaged"] / "checkpoints").mkdir(parents=True)
+        (made["damaged"] / "config.json").write_text("{}\n")
+        (made["damaged"] / "checkpoints" / "latest.json").write_text("{bad")
     if "pickle" in need:  # a pickle that would run code: weights_only refuses it
         made["pickle"] = tmp / "evil.pt"
         torch.save({"w": torch.zeros(2), "x": _Evil()}, made["pickle"])
