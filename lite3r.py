@@ -862,7 +862,10 @@ def fuse_fp8_inputs(model: nn.Module) -> int:
     `dataflow_feeds = {"norm1": "attn", ...}` (that child's output is read by that other child alone) and, on a
     reader that is not itself the linear, `dataflow_input = "qkv"` (the child that alone reads its input);
     lite3r_backbones' Block / Mlp / Attention and SLAAttention declare them. The op modules keep their parameters
-    and keys (FusedLayerNorm, FusedGELU), so state dicts and artifacts do not change."""
+    and keys (FusedLayerNorm, FusedGELU), so state dicts and artifacts do not change. LITE3R_FUSE_FP8=0 turns it
+    off (A/B measurements)."""
+    if os.environ.get("LITE3R_FUSE_FP8", "1") == "0":
+        return 0
     n = 0
     for module in list(model.modules()):
         for op_name, reader_name in dict(getattr(module, "dataflow_feeds", None) or {}).items():
