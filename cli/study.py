@@ -155,6 +155,9 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
         ensure_writable(out / f, overwrite)
     device = models.resolve_device(device)
     con = make_console(quiet)
+    note = models.weights_note(cfg.model, cfg.weights)
+    if note:
+        con.print(f"[yellow]{note}[/]")
     teacher = models.dense_model(cfg.model, cfg.weights, seed=cfg.seed).to(device)
     if cfg.dataset == "synthetic" and not cfg.data:
         data = heldout_data(cfg.scenes, cfg.views, cfg.size)

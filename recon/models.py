@@ -396,16 +396,16 @@ def teacher_of(student: str | os.PathLike, *, weights: str | os.PathLike | None 
                        f"teacher's checkpoint with --weights FILE")
 
 
-def weights_note(name: str, weights: str | os.PathLike | None) -> str | None:
-    """The line a command prints when it runs backbone `name` on random weights (no --weights and none shipped, or
-    --weights random), so its numbers are not read as a model's; None otherwise."""
+def weights_note(name: str, weights: str | os.PathLike | None, *, flag: str = "--weights") -> str | None:
+    """The line a command prints when it runs backbone `name` on random weights (no `flag` and none shipped, or
+    `flag` random), so its numbers are not read as a model's; None otherwise."""
     from lite3r_backbones import shipped_weights
 
     if weights is not None and str(weights) != "random":
         return None
     if weights is None and shipped_weights(name) is not None:
         return None
-    return (f"{name} runs on random weights ({'--weights random' if weights else 'none shipped, no --weights'}): "
+    return (f"{name} runs on random weights ({f'{flag} random' if weights else f'none shipped, no {flag}'}): "
             f"a smoke test, not a model's results")
 
 

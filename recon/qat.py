@@ -241,6 +241,9 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
                   f"{qat.report.linear_swapped} linears FP8 fake-quant; trainable "
                   f"{qat.n_trainable:,} / {qat.n_total:,} parameters ({100 * qat.n_trainable / qat.n_total:.3f} %)"
                   + (f"; {qat.ckpt_blocks} blocks checkpointed" if qat.ckpt_blocks else ""))
+    note = models.weights_note(cfg.backbone, cfg.teacher, flag="--teacher")
+    if note:
+        console.print(f"[yellow]{note}[/]")
 
     eval_batches = [qat.data.batch([scene_seed(cfg.seed, -1 - i, 0)]) for i in range(cfg.eval_scenes)]
     eval_batches = [{k: v.to(d.device) for k, v in b.items()} for b in eval_batches]
