@@ -42,7 +42,7 @@ from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, rope_table
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_mlp_chunk, rope_table
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
 from lite3r_recon.errors import InvalidInput
 
@@ -74,6 +74,7 @@ class DA3Config:
     ref_view_strategy: str = "saddle_balanced"
     frames_chunk_size: int | None = 8
     kept_fp8: bool = False  # kept layers as FP8 + per-token scales (inference; backbones/kept.py, on when deployed)
+    mlp_chunk_tokens: int | None = None  # inference: block MLPs over at most this many tokens at a time (layers.Block)
     with_ray: bool = False  # also return the aux head's ray / ray_conf (the official net drops them)
     grad_checkpointing: bool = False  # recompute the trunk blocks in backward (training only)
 
@@ -87,6 +88,8 @@ class DA3Config:
                              f"got {self.alt_start}")
         if len(self.head_out_channels) != 4:
             raise InvalidInput(f"head_out_channels needs 4 entries, got {self.head_out_channels}")
+        if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens < 1:
+            raise InvalidInput(f"mlp_chunk_tokens must be >= 1 or None, got {self.mlp_chunk_tokens}")
 
 
 CONFIGS: dict[str, DA3Config] = {
@@ -242,8 +245,14 @@ class DA3(nn.Module):
         )
         self.cam_dec = CameraDec(2 * c.embed_dim)
         self.cam_enc = CameraEnc(c.embed_dim, depth=c.cam_enc_depth, num_heads=c.cam_enc_heads)
+        self._mlp_chunk: int | None = None  # what the blocks were last given (config.mlp_chunk_tokens)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
+
+    def _push_mlp_chunk(self, tokens: int | None) -> None:
+        if tokens != self._mlp_chunk:  # an inference option of the config, read at every forward like the others
+            set_mlp_chunk(self, tokens)
+            self._mlp_chunk = tokens
 
     def _make_block(self, i: int) -> Block:
         c = self.config
@@ -274,9 +283,9 @@ class DA3(nn.Module):
         if extrinsics is not None:
             with torch.autocast(images.device.type, enabled=False):
                 cam_tokens = self.cam_enc(extrinsics.float(), intrinsics.float(), (H, W))
-        x = normalize_images(images) if self.config.normalize else images
         head_dtype = self.head.norm.weight.dtype  # fp32 as the official net; bf16 once deployed (lite3r bench)
-        feats, cam_token = self._backbone(x, cam_tokens, head_dtype,
+        self._push_mlp_chunk(self.config.mlp_chunk_tokens)
+        feats, cam_token = self._backbone(images, cam_tokens, head_dtype,
                                           kept_fp8=self.config.kept_fp8 and not torch.is_grad_enabled())
         with torch.autocast(images.device.type, enabled=False):
             out = self.head(feats, (H, W), self.config.frames_chunk_size, self.config.with_ray)
@@ -287,12 +296,15 @@ class DA3(nn.Module):
 
     def _backbone(self, images: Tensor, cam_tokens: Tensor | None, feats_dtype: torch.dtype | None = None,
                   kept_fp8: bool = False) -> tuple[list[Tensor], Tensor]:
-        """-> (4 patch-token tensors [B, S, N_patch, 2C] in ``feats_dtype`` (default: as computed) - KeptFP8 with
-        ``kept_fp8`` -, last-layer camera token [B, S, 2C])."""
+        """images [B,S,3,H,W] (normalised here when ``config.normalize``) -> (4 patch-token tensors [B, S, N_patch,
+        2C] in ``feats_dtype`` (default: as computed) - KeptFP8 with ``kept_fp8`` -, last-layer camera token
+        [B, S, 2C])."""
         c, vit = self.config, self.backbone.pretrained
         B, S, _, H, W = images.shape
         h, w = H // c.patch_size, W // c.patch_size
-        x = vit.prepare_tokens(images.flatten(0, 1)).unflatten(0, (B, S))  # [B, S, 1 + h*w, C]
+        # the normalised copy lives only for the patch embedding (3 GB at 1024 views)
+        x = vit.prepare_tokens((normalize_images(images) if c.normalize else images).flatten(0, 1))
+        x = x.unflatten(0, (B, S))  # [B, S, 1 + h*w, C]
         N, C = x.shape[2:]
         pos_frame = patch_positions(B * S, h, w, 1, device=x.device)  # [B*S, N, 2]
         one = torch.ones(1, N, 2, dtype=pos_frame.dtype, device=x.device)

@@ -188,10 +188,29 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        # inference: the MLP half over at most this many tokens at a time (per token, so the same to rounding): its
+        # [tokens, 4C] hidden activations bounded (46 GB in bf16 at 1024 VGGT views); set by the model's config
+        self.mlp_chunk: int | None = None
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
-        return x + self.ls2(self.mlp(self.norm2(x)))
+        n = self.mlp_chunk
+        if n is None or x.shape[:-1].numel() <= n or torch.is_grad_enabled():
+            return x + self.ls2(self.mlp(self.norm2(x)))
+        flat, out = x.reshape(-1, x.shape[-1]), None
+        for i in range(0, flat.shape[0], n):
+            y = flat[i:i + n] + self.ls2(self.mlp(self.norm2(flat[i:i + n])))
+            if out is None:
+                out = y.new_empty((flat.shape[0], y.shape[-1]))
+            out[i:i + n] = y
+        return out.view(x.shape)
+
+
+def set_mlp_chunk(model: nn.Module, tokens: int | None) -> None:
+    """Every Block of `model` runs its MLP over at most `tokens` tokens at a time (None: all at once)."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.mlp_chunk = tokens
 
 
 class PatchEmbed(nn.Module):

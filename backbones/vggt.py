@@ -44,7 +44,7 @@ from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
 from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_mlp_chunk
 from .track_head import TrackHead
 from lite3r_recon.errors import InvalidInput
 
@@ -88,6 +88,7 @@ class VGGTConfig:
     lean: bool = True  # keep only the aggregator layers the heads read
     frames_chunk_size: int | None = 8  # DPT heads over this many frames at a time (None: all at once)
     kept_fp8: bool = False  # kept layers as FP8 + per-token scales (inference; backbones/kept.py, on when deployed)
+    mlp_chunk_tokens: int | None = None  # inference: block MLPs over at most this many tokens at a time (layers.Block)
     head_dtype: str = "float32"  # "float32" (official) or "bfloat16" (autocast, measured error in docs)
     grad_checkpointing: bool = False  # recompute aggregator blocks in backward (training only)
 
@@ -104,6 +105,8 @@ class VGGTConfig:
             raise InvalidInput(f"{self.name}: track_hidden_size must be divisible by 8 (heads), track_features even")
         if self.frames_chunk_size is not None and self.frames_chunk_size < 1:
             raise InvalidInput(f"{self.name}: frames_chunk_size must be >= 1 or None")
+        if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens < 1:
+            raise InvalidInput(f"mlp_chunk_tokens must be >= 1 or None, got {self.mlp_chunk_tokens}")
 
 
 CONFIGS: dict[str, VGGTConfig] = {
@@ -215,6 +218,7 @@ class Aggregator(nn.Module):
             (_first_and_rest(self.camera_token, B, S).to(dt), _first_and_rest(self.register_token, B, S).to(dt), patches),
             dim=1,
         )  # [B*S, P, C]
+        del x, patches  # the normalised images and patch tokens: 2 x 3 GB at 1024 views, needed no more
         P, C = tokens.shape[1:]
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
         pos_global = pos.reshape(B, S * P, 2)
@@ -334,8 +338,14 @@ class VGGT(nn.Module):
                       corr_levels=config.track_corr_levels)
             if config.enable_track else None
         )
+        self._mlp_chunk: int | None = None  # what the blocks were last given (config.mlp_chunk_tokens)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
+
+    def _push_mlp_chunk(self, tokens: int | None) -> None:
+        if tokens != self._mlp_chunk:  # an inference option of the config, read at every forward like the others
+            set_mlp_chunk(self, tokens)
+            self._mlp_chunk = tokens
 
     def reset_parameters(self) -> None:
         """Fresh init (official scheme): trunc-normal linears, tiny special tokens, LayerScale at init_values."""
@@ -359,6 +369,7 @@ class VGGT(nn.Module):
         if query_points is not None:
             query_points = self._check_queries(query_points, images.shape[0])
         cfg = self.config
+        self._push_mlp_chunk(cfg.mlp_chunk_tokens)
         tokens, patch_start_idx = self.aggregator(images, self.kept_layers, cfg.grad_checkpointing,
                                                   kept_fp8=cfg.kept_fp8 and not torch.is_grad_enabled(),
                                                   frames_chunk_size=cfg.frames_chunk_size)

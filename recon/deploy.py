@@ -163,22 +163,25 @@ def eager_sla(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_kept_fp8(model: nn.Module, on: bool) -> bool:
-    """Turn the backbone's `kept_fp8` inference option (aggregator layers kept for the heads as FP8 + per-token
-    scales, lite3r_backbones.kept) on or off, where its config has one. Returns whether it is on."""
+MLP_CHUNK_TOKENS = 1 << 18  # deployed blocks run their MLP over at most this many tokens at a time (issue 17)
+
+
+def set_option(model: nn.Module, name: str, value) -> bool:
+    """Set the backbone's inference option `name` (a field of its frozen config: kept_fp8, mlp_chunk_tokens, ...)
+    where its config has one. Returns whether it did."""
     import dataclasses
 
     config = getattr(model, "config", None)
-    if not dataclasses.is_dataclass(config) or "kept_fp8" not in {f.name for f in dataclasses.fields(config)}:
+    if not dataclasses.is_dataclass(config) or name not in {f.name for f in dataclasses.fields(config)}:
         return False
-    model.config = dataclasses.replace(config, kept_fp8=bool(on))
-    return bool(on)
+    model.config = dataclasses.replace(config, **{name: value})
+    return True
 
 
 def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, dtype: torch.dtype = torch.bfloat16,
                  compile_mode: str | None = "default", regional: bool = True, compile_sla: bool = True,
                  keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile,
-                 kept_fp8: bool | None = None) -> nn.Module:
+                 kept_fp8: bool | None = None, mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS) -> nn.Module:
     """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
     `dtype` (whatever the inputs' dtype: `compute_in`); onto `device`; then compiled (compile_mode=None: eager). The
     SLA kernels are traced into the compiled blocks (triton_op); `compile_sla=False` runs the SLA modules eagerly
@@ -186,10 +189,11 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     if device is not None:  # first: quantising and casting run faster there
         model = model.to(device)
     model = lite3r.to_fp8_inference(model)
-    # the layers the heads read kept in FP8 (half their memory; docs/benchmarks.md issue 17): by default on the FP8
-    # deploy path (a student with FP8 linears), off for dense models
-    set_kept_fp8(model, any(isinstance(m, lite3r.FP8Linear) for m in model.modules()) if kept_fp8 is None
-                 else kept_fp8)
+    # memory (docs/benchmarks.md, issue 17): the layers the heads read kept in FP8 (half their bytes) by default on
+    # the FP8 deploy path (a student with FP8 linears), not for dense models; block MLPs over bounded token chunks
+    set_option(model, "kept_fp8", any(isinstance(m, lite3r.FP8Linear) for m in model.modules()) if kept_fp8 is None
+               else bool(kept_fp8))
+    set_option(model, "mlp_chunk_tokens", mlp_chunk_tokens)
     keep = [m for fqn, m in model.named_modules() if keep_fp32 is not None and keep_fp32(m, fqn)]
     for module in keep:
         run_in_fp32(module)

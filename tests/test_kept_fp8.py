@@ -1,6 +1,7 @@
-"""The kept aggregator layers in FP8 (issue 17, backbones/kept.py): packing and reads vs lite3r's FP8 quantisation,
-the heads' outputs with `kept_fp8` vs without (cameras exact, dense maps within the FP8 error), the outputs written
-chunk by chunk equal to one batch, and the deploy path turning it on for FP8 students only."""
+"""Memory at many views (issue 17): the kept aggregator layers in FP8 (backbones/kept.py) - packing and reads vs
+lite3r's FP8 quantisation, the heads' outputs with `kept_fp8` vs without (cameras exact, dense maps within the FP8
+error), outputs written chunk by chunk equal to one batch -, block MLPs over token chunks, and the deploy path
+turning them on (kept_fp8 for FP8 students only)."""
 import dataclasses
 
 import pytest
@@ -99,6 +100,31 @@ def test_kept_fp8_is_inference_only():
     assert model.aggregator.global_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["vggt-tiny", "da3-tiny"])
+def test_mlp_chunks_equal_one_call(name):
+    """mlp_chunk_tokens=16: every block's MLP runs over 16-token pieces of its 75 (VGGT) / 63 (DA3) tokens - the
+    MLP is called ceil(tokens / 16) times per block - and the outputs equal one call per block to fp32 rounding;
+    changing the option on model.config takes effect at the next forward."""
+    from lite3r_backbones.layers import Block
+
+    model = build_backbone(name).eval()
+    images = torch.rand(1, 3, 3, 56, 70, generator=torch.Generator().manual_seed(3))
+    ref = _outputs(model, images, mlp_chunk_tokens=None)
+    calls = []
+    hooks = [m.mlp.register_forward_hook(lambda *a: calls.append(1)) for m in model.modules() if isinstance(m, Block)]
+    got = _outputs(model, images, mlp_chunk_tokens=16)
+    chunked = len(calls)
+    calls.clear()
+    _outputs(model, images, mlp_chunk_tokens=None)
+    for h in hooks:
+        h.remove()
+    assert chunked >= 4 * len(calls) > 0  # >= 4 pieces per block call
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5 * float(v.abs().max()))
+    with pytest.raises(ValueError, match="mlp_chunk_tokens"):
+        dataclasses.replace(model.config, mlp_chunk_tokens=0)
+
+
 def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     """deploy_model: kept_fp8 on for an FP8 student (the deploy path's default), off for a dense model or when
     asked; it travels in the artifact's backbone config."""
@@ -112,6 +138,8 @@ def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     off = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
     assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32, kept_fp8=False).config.kept_fp8
     assert models.artifact_config(student)["backbone_config"]["kept_fp8"] is True
+    assert student.config.mlp_chunk_tokens == plain.config.mlp_chunk_tokens == 1 << 18  # every deployed model
+    assert models.artifact_config(student)["backbone_config"]["mlp_chunk_tokens"] == 1 << 18
 
 
 @pytest.mark.gpu
