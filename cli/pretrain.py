@@ -224,12 +224,11 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     console = make_console(quiet)
     trainer = Pretrainer(cfg, d.device)
     n_params = sum(p.numel() for p in trainer.params.values())
-    run.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run.out / "config.json", json.dumps(cfg.to_json(), indent=1), overwrite=True)
     H, W = cfg.res
     console.print(f"[bold]lite3r pretrain[/] {cfg.backbone} ({n_params:,} parameters) on {d.device}: {cfg.steps} steps "
                   f"x {cfg.batch} new scenes x {cfg.views} views at {H}x{W}, lr {cfg.lr}")
-    data = heldout_data(max(cfg.eval_scenes, 1), cfg.views, cfg.res)
+    data = heldout_data(max(cfg.eval_scenes, 1), cfg.views, cfg.res, device=d.device)
     n_curve = min(4, cfg.eval_scenes)
 
     def curve_point(step: int) -> dict:

@@ -160,7 +160,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
         con.print(f"[yellow]{note}[/]")
     teacher = models.dense_model(cfg.model, cfg.weights, seed=cfg.seed).to(device)
     if cfg.dataset == "synthetic" and not cfg.data:
-        data = heldout_data(cfg.scenes, cfg.views, cfg.size)
+        data = heldout_data(cfg.scenes, cfg.views, cfg.size, device=device)
     else:
         data = datasets.open_dataset(cfg.dataset, cfg.data, size=cfg.size)
     n = min(cfg.scenes, len(data))
@@ -236,7 +236,6 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     result = {"config": cfg.to_json(), "tokens": tokens, "key_blocks": blocks,
               "kept_blocks": {f"{k:g}": min(blocks, max(1, math.ceil(k * blocks))) for k in cfg.topks},
               "scenes": n, "device": str(device), "rows": rows, "summary": summary, "runs": runs}
-    out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "study.json", result, overwrite=True)
     atomic_write_bytes(out / "study.png", _plot(rows, cfg, tokens, blocks), overwrite=True)
     con.print(_table(rows, cfg, n))

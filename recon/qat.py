@@ -234,7 +234,6 @@ def train(cfg: TrainConfig, out: str | os.PathLike, *, resume: bool = False, ove
     if d.main:
         from lite3r_recon.io import atomic_write_text
 
-        run.out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.out / "config.json", json.dumps(cfg.to_json(), indent=1), overwrite=True)
     console.print(f"[bold]lite3r train[/] {cfg.backbone} on {d.device} x{d.world}: "
                   f"{qat.report.attention_swapped} attention -> SLA (topk {cfg.topk}), "

@@ -223,7 +223,6 @@ class RunDir:
         from lite3r_recon.io import atomic_write_bytes, atomic_write_text
 
         name = f"step-{step:06d}"
-        self.ckpt.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.ckpt / f"{name}.safetensors",
                            save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}), overwrite=True)
         atomic_write_text(self.ckpt / f"{name}.json", json.dumps(info), overwrite=True)

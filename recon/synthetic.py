@@ -340,14 +340,14 @@ def write_scene(out: str | os.PathLike, seed: int, views: int = 16, size: int | 
     from PIL import Image
 
     from lite3r_recon import formats
-    from lite3r_recon.io import atomic_write_bytes
+    from lite3r_recon.io import atomic_write_bytes, check_writable
 
     out = Path(out)
     if image_format not in ("jpg", "png"):
         raise InvalidInput(f"image_format must be jpg or png, got {image_format!r}")
     scene = make_scene(seed, views, size)
     for sub in ("blended_images", "cams", "rendered_depth_maps"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        check_writable(out / sub, folder=True, create=True)
     for i in range(views):
         img, depth = render_view(scene, i)
         arr = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)

@@ -78,8 +78,7 @@ def extract_frames(path: str | os.PathLike, out_dir: str | os.PathLike, fps: flo
 
     from lite3r_recon.io import atomic_path
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # made by the first atomic write (ensure_writable), its failure one line
     files = []
     for i, frame in enumerate(sample_frames(path, fps, max_views)):
         f = out_dir / f"{Path(path).stem}_{i:06d}.png"
