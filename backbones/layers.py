@@ -189,7 +189,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         # inference: the MLP half over at most this many tokens at a time (per token, so the same to rounding): its
-        # [tokens, 4C] hidden activations bounded (46 GB in bf16 at 1024 VGGT views); set by the model's config
+        # [tokens, 4C] hidden activations bounded (11.5 GB in bf16 at 1024 VGGT views, x2 with GELU); set by the model's config
         self.mlp_chunk: int | None = None
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
