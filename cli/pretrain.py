@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import time
 
 import torch
@@ -252,6 +253,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
         run.save(step, tensors, info)
 
     t0, done, saved_at = time.perf_counter(), 0, start
+    previous = _stop_on_sigterm()
     try:
         with progress(console, cfg.steps, start, "pretrain") as (bar, task):
             for step in range(start, cfg.steps):
@@ -273,6 +275,9 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
             checkpoint(history[-1]["step"])
         console.print(f"interrupted; checkpoint in {run.ckpt} (continue with --resume)")
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - t0
 
     weights = trainer.weights_fp16()
@@ -313,6 +318,18 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     console.print(f"wrote {run.out}/teacher.safetensors (+ teacher.json), metrics.json, loss.png in {seconds:.0f} s")
     summary["history"] = history
     return summary
+
+
+def _stop_on_sigterm():
+    """SIGTERM (a scheduler's pre-emption, `timeout`) stops the run like Ctrl-C: it checkpoints the steps done.
+    Returns the previous handler (None where no handler can be installed: not the main thread)."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:
+        return None
 
 
 def reproduce_command(cfg: PretrainConfig) -> str:

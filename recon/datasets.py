@@ -210,14 +210,17 @@ class SceneDataset:
 
 
 class SyntheticScenes:
-    """Procedural scenes rendered in memory (recon.synthetic): scene k has seed `seed + k`."""
+    """Procedural scenes rendered in memory (recon.synthetic): scene k has seed `seed + k`, ray cast on `device`
+    (default CPU) and returned on the CPU like every dataset's samples. `keep`: remember each rendered sample (a held-out set scored again and again during training)."""
 
     kind = "synthetic"
 
-    def __init__(self, num: int = 4, size: int | tuple[int, int] = (126, 168), seed: int = 0):
+    def __init__(self, num: int = 4, size: int | tuple[int, int] = (126, 168), seed: int = 0, *, device=None,
+                 keep: bool = False):
         if num < 1:
             raise InvalidInput(f"need at least 1 synthetic scene, got {num}")
-        self.num, self.size, self.seed = num, size, seed
+        self.num, self.size, self.seed, self.device = num, size, seed, device
+        self._kept: dict | None = {} if keep else None
 
     def __len__(self) -> int:
         return self.num
@@ -231,9 +234,15 @@ class SyntheticScenes:
 
         if not 0 <= index < self.num:
             raise IndexError(f"scene index {index} out of range ({self.num} scenes)")
+        if self._kept is not None and (index, views, normalize) in self._kept:
+            return self._kept[index, views, normalize]
         size = self.size if not isinstance(self.size, int) else (self.size, self.size)
-        out = {**render_sample(self.seed + index, views=views, size=size), "names": [], "scene": f"seed{self.seed + index}"}
-        return normalize_sample(out) if normalize else out
+        cast = render_sample(self.seed + index, views=views, size=size, device=self.device)
+        out = {**{k: v.cpu() for k, v in cast.items()}, "names": [], "scene": f"seed{self.seed + index}"}
+        out = normalize_sample(out) if normalize else out
+        if self._kept is not None:
+            self._kept[index, views, normalize] = out
+        return out
 
 
 # ---------------------------------------------------------------------------------------------- scanning
