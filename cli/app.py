@@ -370,8 +370,8 @@ def pretrain(
     weight_decay: Annotated[Optional[float], typer.Option(help="AdamW weight decay (default 0.05)")] = None,
     arc: Annotated[Optional[str], typer.Option(help="MIN,MAX degrees the cameras of a training scene span (default "
                                                     "90,200; held-out scenes keep the default)")] = None,
-    sky: Annotated[Optional[str], typer.Option(help="sky of the training scenes: compass (fixed to the world, the "
-                                                    "default; held-out scenes keep it) or plain (no heading)")] = None,
+    sky: Annotated[Optional[str], typer.Option(help="sky of the training scenes: plain (the default and the "
+                                                    "held-out scenes') or compass (fixed to the world: a heading cue)")] = None,
     fov_init: Annotated[Optional[float], typer.Option(help="VGGT: the field of view (radians) the camera head starts "
                                                          "at, keeping its ReLU'd fov outputs alive; 0: plain init "
                                                          "(default 1.0)")] = None,

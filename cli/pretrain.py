@@ -56,7 +56,7 @@ class PretrainConfig:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     arc: tuple[float, float] = ARC  # degrees the cameras of a training scene span; held-out scenes keep ARC
-    sky: str = "compass"  # the training scenes' sky (recon.synthetic.SKIES); held-out scenes keep the default
+    sky: str = "plain"  # the training scenes' sky (recon.synthetic.SKIES); held-out scenes keep the default
     fov_init: float = 1.0  # VGGT: the camera head starts predicting this field of view (radians; 0: the plain init)
     w_camera: float = LossWeights.camera
     w_depth: float = LossWeights.depth
@@ -338,7 +338,7 @@ def reproduce_command(cfg: PretrainConfig) -> str:
             f"{cfg.views} --res {cfg.res[0]},{cfg.res[1]} --lr {cfg.lr} --warmup {cfg.warmup} --weight-decay "
             f"{cfg.weight_decay} --w-camera {cfg.w_camera:g} --w-depth {cfg.w_depth:g} --w-point {cfg.w_point:g} "
             f"--seed {cfg.seed} --fov-init {cfg.fov_init:g}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC
-                                                                 else "") + (f" --sky {cfg.sky}" if cfg.sky != "compass" else ""))
+                                                                 else "") + (f" --sky {cfg.sky}" if cfg.sky != "plain" else ""))
 
 
 def _table(cfg: PretrainConfig, init: dict, final: dict):

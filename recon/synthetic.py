@@ -6,10 +6,10 @@ Cameras sit on an orbit arc around the scene at one or two elevations, looking a
 DTU captures. Every pixel ray (pixel centres at integer coordinates, OpenCV camera: x right, y down, z forward) is
 intersected with every primitive at once; the nearest hit gives the z-depth, the surface normal and the texture
 colour, shaded Lambertian (ambient + one directional light). Rays that miss everything are background: depth 0,
-invalid, sky in the image. The default sky ("compass") is fixed to the world, like a real sky with its sun side:
+invalid, sky in the image. The "compass" sky (an option) is fixed to the world, like a real sky with its sun side:
 its horizon hue turns once around the azimuth and it fades to a zenith blue with elevation, so a view's heading can
 be read from its sky, and the heading relative to view 0 only across views (the world's azimuth is random for each
-scene). "plain": the sky of the first scenes, a vertical gradient in image space that carries no heading.
+scene). "plain" (the default, the held-out scenes' sky): a vertical gradient in image space that carries no heading.
 
     sample = render_sample(seed, views=4, size=(126, 168))   # in memory: images [S,3,H,W], depth, mask, cameras
     write_scene("scenes/scene_0000", seed=0, views=16, size=518)   # BlendedMVS format on disk
@@ -32,7 +32,7 @@ from lite3r_recon.errors import InvalidInput, WouldOverwrite
 AMBIENT = 0.35
 BACKGROUND_TOP, BACKGROUND_BOTTOM = (0.55, 0.70, 0.95), (0.85, 0.90, 1.0)
 ZENITH = (0.35, 0.50, 0.90)
-SKIES = ("compass", "plain")
+SKIES = ("plain", "compass")
 GROUND_HALF = 6.0  # the ground plane is the square |x|, |y| <= GROUND_HALF
 TEXTURES = ("checker", "stripes", "noise")
 
@@ -57,7 +57,7 @@ class Scene:
     extrinsics: np.ndarray  # [S,3,4] world-to-camera, float64
     intrinsics: np.ndarray  # [S,3,3] pixels, float64
     size: tuple[int, int]  # (H, W)
-    sky: str = "compass"  # compass | plain (see the module docstring)
+    sky: str = "plain"  # plain | compass (see the module docstring)
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -82,7 +82,7 @@ ARC = (90.0, 200.0)  # degrees of azimuth the cameras of a scene span (drawn uni
 
 
 def make_scene(seed: int, views: int = 16, size: int | tuple[int, int] = 518, *,
-               arc: tuple[float, float] = ARC, sky: str = "compass") -> Scene:
+               arc: tuple[float, float] = ARC, sky: str = "plain") -> Scene:
     """The scene and cameras of `seed` (numpy Generator; nothing global is touched). `arc`: the range of the azimuth
     span of the cameras in degrees (narrower: smaller baselines between neighbouring views); `sky`: SKIES."""
     if sky not in SKIES:
@@ -299,7 +299,7 @@ def render_view(scene: Scene, i: int) -> tuple[Tensor, Tensor]:
 
 def render_batch(seeds: list[int], views: int = 4, size: int | tuple[int, int] = (126, 168), *,
                  device: str | torch.device | None = None, arc: tuple[float, float] = ARC,
-                 sky: str = "compass") -> dict[str, Tensor]:
+                 sky: str = "plain") -> dict[str, Tensor]:
     """The scenes of `seeds` rendered together on `device`: images [B,S,3,H,W], depth [B,S,H,W], mask, extrinsics
     [B,S,3,4] w2c, intrinsics [B,S,3,3] (float32, metric world), all on `device`."""
     scenes = [make_scene(s, views, size, arc=arc, sky=sky) for s in seeds]
