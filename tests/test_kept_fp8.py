@@ -126,17 +126,17 @@ def test_mlp_chunks_equal_one_call(name):
 
 
 def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
-    """deploy_model: kept_fp8 on for an FP8 student (the deploy path's default), off for a dense model or when
-    asked; it travels in the artifact's backbone config."""
+    """deploy_model: kept_fp8 on for an FP8 student when asked (opt-in), never for a dense model, off by default;
+    it travels in the artifact's backbone config."""
     from lite3r_recon import models
 
     dense = models.dense_model("vggt-tiny")
     student = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
-    assert models.deploy_model(student, compile_mode=None, dtype=torch.float32).config.kept_fp8
+    assert models.deploy_model(student, compile_mode=None, dtype=torch.float32, kept_fp8=True).config.kept_fp8
     plain = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=False)
-    assert not models.deploy_model(plain, compile_mode=None, dtype=torch.float32).config.kept_fp8
+    assert not models.deploy_model(plain, compile_mode=None, dtype=torch.float32, kept_fp8=True).config.kept_fp8
     off = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
-    assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32, kept_fp8=False).config.kept_fp8
+    assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32).config.kept_fp8  # opt-in
     assert models.artifact_config(student)["backbone_config"]["kept_fp8"] is True
     assert student.config.mlp_chunk_tokens == plain.config.mlp_chunk_tokens == 1 << 18  # every deployed model
     assert models.artifact_config(student)["backbone_config"]["mlp_chunk_tokens"] == 1 << 18
