@@ -56,7 +56,8 @@ def _op_fp8_rows_kernel(X, W, B, Y, S, C, stride_x, stride_y, eps,
         mean = tl.math.div_rn(tl.sum(b_x, axis=0), n)
         b_d = tl.where(m_c, b_x - mean, 0.0)
         var = tl.math.div_rn(tl.sum(b_d * b_d, axis=0), n)
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+        # eps is fp32 here but Inductor hands a Python float to a user kernel as fp64: div_rn takes fp32 only
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn((var + eps).to(tl.float32)))
         b_y = b_d * rstd
         if HAS_W:
             b_y = b_y * tl.load(W + o_c, mask=m_c, other=0.0).to(tl.float32)

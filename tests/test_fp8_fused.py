@@ -208,11 +208,11 @@ def _w8a8(net):
 def test_fused_w8a8_path_matches_unfused(monkeypatch):
     """W8A8 with the kernels (the interpreter on CPU): fused LayerNorm / GELU quantisation against the unfused
     module + fp8_quantize kernel, under autocast as deploy runs it, in bf16 on the GPU."""
-    monkeypatch.setenv("LITE3R_BACKEND", "triton")
     torch.manual_seed(0)
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
-    plain = _w8a8(deployed(Net()).to(DEVICE, dtype))
+    plain = _w8a8(deployed(Net()).to(DEVICE, dtype))  # deployed on the CPU: before the backend is forced
     fused = copy.deepcopy(plain)
+    monkeypatch.setenv("LITE3R_BACKEND", "triton")
     assert lite3r.fuse_fp8_inputs(fused) == 6
     x = torch.randn(2, 37, 32, device=DEVICE, dtype=dtype)
     calls = []
