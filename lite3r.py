@@ -599,6 +599,10 @@ class SLAAttention(nn.Module):
                                 dtype=w.dtype if w.dtype.itemsize > 1 else None)
         nn.init.zeros_(self.proj_l.weight)
         nn.init.zeros_(self.proj_l.bias)
+        # inference: the per-token work around the attention (qkv projection, q/k norms, RoPE, output projection)
+        # over at most this many tokens at a time, into q/k/v and output buffers in the attention's dtype: at 1024
+        # VGGT views the whole-sequence qkv and its fp32 norm / RoPE temporaries are ~30 GB, one chunk's are small
+        self.chunk_tokens: int | None = None
 
     def _arguments(self, args: tuple, kwargs: dict) -> tuple[Tensor, dict]:
         if len(args) > len(self._arg_names):
@@ -647,7 +651,26 @@ class SLAAttention(nn.Module):
             raise Lite3rError(f"SLAAttention takes tokens [B, N, C] (or [B, ..., C]); got shape {tuple(shape)}")
         x = x.flatten(1, -2) if x.dim() > 3 else x
         B, N, _ = x.shape
+        n = self.chunk_tokens
+        if n is not None and N > n and self.gate is None and rope is None and cos_sin is None and \
+                not torch.is_grad_enabled():
+            o = self._attend(*self._qkv_chunked(x, pos, n))
+            out = None
+            for i in range(0, N, n):  # [B, H, n, D] -> [B, n, H * D] -> output projection, a chunk at a time
+                y = self._output_of(o[:, :, i:i + n].transpose(1, 2).reshape(B, -1, self.num_heads * self.head_dim))
+                out = y.new_empty((B, N, y.shape[-1])) if out is None else out
+                out[:, i:i + n] = y
+            out = out.reshape(*shape[:-1], out.shape[-1])
+            return (out, None) if self._returns_tuple else out
         gate = self.gate(x).sigmoid() if self.gate is not None else None
+        o = self._attend(*self._qkv(x, pos, rope, cos_sin))
+        o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        o = self._output_of(o, gate)
+        o = o.reshape(*shape[:-1], o.shape[-1])
+        return (o, None) if self._returns_tuple else o
+
+    def _qkv(self, x: Tensor, pos, rope, cos_sin) -> tuple[Tensor, Tensor, Tensor]:
+        """x [B, N, C] -> q [B, H, N, D], k, v [B, H_kv, N, D]: projection, q/k norms, RoPE."""
         q, k, v = self._project(x)  # [B, H, N, D]; k, v: [B, H_kv, N, D]
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -664,13 +687,36 @@ class SLAAttention(nn.Module):
             q, k = _apply_cos_sin(q, *cos_sin), _apply_cos_sin(k, *cos_sin)
         elif self.rope is not None and pos is not None:
             q, k = self.rope(q, pos), self.rope(k, pos)
+        return q, k, v
+
+    def _qkv_chunked(self, x: Tensor, pos: Tensor | None, n: int) -> tuple[Tensor, Tensor, Tensor]:
+        """_qkv over token chunks of n into buffers allocated once, in the dtype the attention takes them
+        (_common_dtype: per-token work, so the same values as the whole sequence at once, to GEMM rounding).
+        pos: raw positions [B, N, 2] or a RoPE table with the tokens on its third-from-last axis."""
+        N = x.shape[1]
+        bufs: list[Tensor] = []
+        for i in range(0, N, n):
+            p = None if pos is None else pos.narrow(1 if pos.dim() == 3 else pos.dim() - 3, i, min(n, N - i))
+            parts = self._qkv(x[:, i:i + n], p, None, None)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+                else parts[2].dtype
+            if not bufs:
+                bufs = [t.new_empty((*t.shape[:2], N, t.shape[-1]), dtype=dtype) for t in parts]
+            for buf, t in zip(bufs, parts):
+                buf[:, :, i:i + n] = t
+        return bufs[0], bufs[1], bufs[2]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """SLA of q [B, H, N, D] and k, v [B, H_kv, N, D] -> [B, H, N, D]."""
         if self.num_kv_heads != self.num_heads:  # grouped keys / values: head h reads kv head h // group
             k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
             v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        o = sla_attention(q, k, v, topk=self.topk, block_q=self.block_q, block_k=self.block_k,
-                          feature_map=self.feature_map, proj_l=self.proj_l,
-                          kept_blocks=self.kept_blocks, branches=self.branches)  # [B, H, N, D]
-        o = o.transpose(1, 2).reshape(B, N, self.num_heads * self.head_dim)
+        return sla_attention(q, k, v, topk=self.topk, block_q=self.block_q, block_k=self.block_k,
+                             feature_map=self.feature_map, proj_l=self.proj_l,
+                             kept_blocks=self.kept_blocks, branches=self.branches)
+
+    def _output_of(self, o: Tensor, gate: Tensor | None = None) -> Tensor:
+        """Attention output tokens [B, n, H * D] -> (norm, gate,) output projection (and its dropout)."""
         if self.norm is not None:
             o = self.norm(o)
         if gate is not None:
@@ -679,8 +725,7 @@ class SLAAttention(nn.Module):
             o = getattr(self, self._output)(o)
         if self.proj_drop is not None:
             o = self.proj_drop(o)
-        o = o.reshape(*shape[:-1], o.shape[-1])
-        return (o, None) if self._returns_tuple else o
+        return o
 
     @property
     def dataflow_input(self) -> str | None:

@@ -42,7 +42,7 @@ from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_mlp_chunk, rope_table
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_token_chunk, rope_table
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
 from lite3r_recon.errors import InvalidInput
 
@@ -245,14 +245,8 @@ class DA3(nn.Module):
         )
         self.cam_dec = CameraDec(2 * c.embed_dim)
         self.cam_enc = CameraEnc(c.embed_dim, depth=c.cam_enc_depth, num_heads=c.cam_enc_heads)
-        self._mlp_chunk: int | None = None  # what the blocks were last given (config.mlp_chunk_tokens)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    def _push_mlp_chunk(self, tokens: int | None) -> None:
-        if tokens != self._mlp_chunk:  # an inference option of the config, read at every forward like the others
-            set_mlp_chunk(self, tokens)
-            self._mlp_chunk = tokens
 
     def _make_block(self, i: int) -> Block:
         c = self.config
@@ -284,7 +278,7 @@ class DA3(nn.Module):
             with torch.autocast(images.device.type, enabled=False):
                 cam_tokens = self.cam_enc(extrinsics.float(), intrinsics.float(), (H, W))
         head_dtype = self.head.norm.weight.dtype  # fp32 as the official net; bf16 once deployed (lite3r bench)
-        self._push_mlp_chunk(self.config.mlp_chunk_tokens)
+        set_token_chunk(self, self.config.mlp_chunk_tokens)
         feats, cam_token = self._backbone(images, cam_tokens, head_dtype,
                                           kept_fp8=self.config.kept_fp8 and not torch.is_grad_enabled())
         with torch.autocast(images.device.type, enabled=False):

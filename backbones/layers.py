@@ -206,11 +206,18 @@ class Block(nn.Module):
         return out.view(x.shape)
 
 
-def set_mlp_chunk(model: nn.Module, tokens: int | None) -> None:
-    """Every Block of `model` runs its MLP over at most `tokens` tokens at a time (None: all at once)."""
+def set_token_chunk(model: nn.Module, tokens: int | None) -> None:
+    """Inference: every Block of `model` runs its MLP, and every attention with a `chunk_tokens` option (lite3r's
+    SLAAttention) its projections, over at most `tokens` tokens at a time (None: all at once). The models call it
+    at every eager forward with their config's value (so modules swapped in later get it too); under torch.compile
+    it is a no-op (the values of the last eager call or of deploy hold)."""
+    if torch.compiler.is_compiling():
+        return
     for m in model.modules():
         if isinstance(m, Block):
             m.mlp_chunk = tokens
+        if hasattr(m, "chunk_tokens"):
+            m.chunk_tokens = tokens
 
 
 class PatchEmbed(nn.Module):

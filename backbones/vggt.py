@@ -44,7 +44,7 @@ from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
 from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_mlp_chunk
+from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_token_chunk
 from .track_head import TrackHead
 from lite3r_recon.errors import InvalidInput
 
@@ -88,7 +88,7 @@ class VGGTConfig:
     lean: bool = True  # keep only the aggregator layers the heads read
     frames_chunk_size: int | None = 8  # DPT heads over this many frames at a time (None: all at once)
     kept_fp8: bool = False  # kept layers as FP8 + per-token scales (inference; backbones/kept.py, on when deployed)
-    mlp_chunk_tokens: int | None = None  # inference: block MLPs over at most this many tokens at a time (layers.Block)
+    mlp_chunk_tokens: int | None = None  # inference: per-token work (MLPs, SLA projections, frame blocks) in chunks
     head_dtype: str = "float32"  # "float32" (official) or "bfloat16" (autocast, measured error in docs)
     grad_checkpointing: bool = False  # recompute aggregator blocks in backward (training only)
 
@@ -196,7 +196,7 @@ class Aggregator(nn.Module):
 
     def forward(
         self, images: Tensor, keep: Sequence[int] | None = None, checkpointing: bool = False, kept_fp8: bool = False,
-        frames_chunk_size: int | None = 8,
+        frames_chunk_size: int | None = 8, chunk_tokens: int | None = None,
     ) -> tuple[list[Tensor | None], int]:
         """images [B,S,3,H,W] in [0,1] -> (outputs, patch_start_idx).
 
@@ -204,7 +204,9 @@ class Aggregator(nn.Module):
         None for the others; P = patch_start_idx + (H/14)(W/14). ``checkpointing`` recomputes each frame/global
         block in backward (while training with grad enabled) instead of storing its activations. ``kept_fp8``:
         the outputs are ``KeptFP8`` (patch tokens FP8, packed ``frames_chunk_size`` frames at a time; the special
-        tokens exact), indexed like the tensors.
+        tokens exact), indexed like the tensors. ``chunk_tokens`` (inference): the frame blocks run over chunks of
+        frames of at most that many tokens, in place (frame attention is per frame; the global blocks chunk their
+        per-token work themselves, layers.set_token_chunk).
         """
         B, S, _, H, W = images.shape
         depth = len(self.frame_blocks)
@@ -230,12 +232,22 @@ class Aggregator(nn.Module):
                 return torch.utils.checkpoint.checkpoint(blk, x, p, use_reentrant=False)
             return blk(x, pos=p)
 
+        frames = None if chunk_tokens is None or torch.is_grad_enabled() else max(1, chunk_tokens // P)
+
+        def run_frames(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
+            if frames is None or frames >= x.shape[0]:
+                return run(blk, x, p)
+            for f in range(0, x.shape[0], frames):  # x: the last global output, already kept where it is kept
+                n = min(frames, x.shape[0] - f)
+                x[f:f + n] = blk(x[f:f + n], pos=p.narrow(0 if p.dim() == 3 else 1, f, n))
+            return x
+
         outputs: list[Tensor | None] = [None] * depth
         for i in range(depth):
-            tokens = run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
-            frame_out = tokens
+            tokens = run_frames(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
+            frame_out = tokens if i in keep else None  # held through the global block only where it is kept
             tokens = run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
-            if i in keep:
+            if frame_out is not None:
                 outputs[i] = kept_layer((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)),
                                         self.patch_start_idx, fp8=kept_fp8, chunk=frames_chunk_size)
             del frame_out
@@ -338,14 +350,8 @@ class VGGT(nn.Module):
                       corr_levels=config.track_corr_levels)
             if config.enable_track else None
         )
-        self._mlp_chunk: int | None = None  # what the blocks were last given (config.mlp_chunk_tokens)
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
-
-    def _push_mlp_chunk(self, tokens: int | None) -> None:
-        if tokens != self._mlp_chunk:  # an inference option of the config, read at every forward like the others
-            set_mlp_chunk(self, tokens)
-            self._mlp_chunk = tokens
 
     def reset_parameters(self) -> None:
         """Fresh init (official scheme): trunc-normal linears, tiny special tokens, LayerScale at init_values."""
@@ -369,10 +375,11 @@ class VGGT(nn.Module):
         if query_points is not None:
             query_points = self._check_queries(query_points, images.shape[0])
         cfg = self.config
-        self._push_mlp_chunk(cfg.mlp_chunk_tokens)
+        set_token_chunk(self, cfg.mlp_chunk_tokens)
         tokens, patch_start_idx = self.aggregator(images, self.kept_layers, cfg.grad_checkpointing,
                                                   kept_fp8=cfg.kept_fp8 and not torch.is_grad_enabled(),
-                                                  frames_chunk_size=cfg.frames_chunk_size)
+                                                  frames_chunk_size=cfg.frames_chunk_size,
+                                                  chunk_tokens=cfg.mlp_chunk_tokens)
         out: dict[str, Tensor] = {}
         with self._head_precision(images.device):
             if self.camera_head is not None:

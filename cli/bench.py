@@ -63,6 +63,7 @@ class BenchConfig:
     # dense paths (a, b, bf16-*) above this many views are not run: their latency is estimated from the measured
     # per-layer cost (lite3r_recon.layer_cost) and marked so; None: always run them
     dense_max_views: int | None = 256
+    kept_fp8: bool = False  # (d): the aggregator layers the heads read kept in FP8 (half the memory, unmeasured error)
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -121,7 +122,7 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
         model = models.make_student(model, SLAConfig(topk=cfg.topk, kept_blocks=cfg.kept_blocks), fp8=variant == "d",
                                     inplace=True)
     return models.deploy_model(model, device=device, dtype=models.compute_dtype(device), compile_mode=compile_mode,
-                               compile_sla=cfg.compile_sla)
+                               compile_sla=cfg.compile_sla, kept_fp8=cfg.kept_fp8 and variant == "d")
 
 
 def watch_sparsity(model: nn.Module) -> Callable[[], dict]:
@@ -220,7 +221,7 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
         del model
         row = {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": statistics.median(times),
                "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib,
-               **sparsity()}
+               "kept_fp8": cfg.kept_fp8 and variant == "d", **sparsity()}
         if ref is None:
             ref = (variant, cams)
         row["err_ref"] = ref[0]
@@ -288,9 +289,11 @@ def results_table(result: dict):
 
     cfg = result["config"]
     kept = f"kept_blocks={cfg['kept_blocks']}" if cfg.get("kept_blocks") else f"topk={cfg['topk']}"
-    title = f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
+    title = (f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
+             + (", (d) kept layers FP8" if cfg.get("kept_fp8") else ""))
     env = result["env"]
-    legend = "; ".join(f"({v}) {VARIANTS[v][1]}" for v in cfg["variants"])
+    compiled = f"compiled ({cfg['compile_mode']})" if cfg.get("compile_mode") else "eager (--compile-mode none)"
+    legend = "; ".join(f"({v}) {VARIANTS[v][1]}".replace("compiled", compiled) for v in cfg["variants"])
     ref = next((r["err_ref"] for r in result["results"] if r.get("err_ref")), "-")
     caption = (f"{env.get('gpu', env['device'])}, torch {env['torch']}. {legend}. x: speed-up, mem: peak-memory "
                f"ratio; err: |out - ref| / |ref| vs ({ref}) of depth and extrinsics; "

@@ -246,13 +246,19 @@ def test_gpu_real_shapes(M, C, op):
 
 @pytest.mark.gpu
 def test_gpu_compiled_fused_block_matches_eager():
-    """The fused ops trace into torch.compile (fullgraph: no graph break) and give what eager gives."""
+    """The fused ops trace into torch.compile (fullgraph: no graph break) and compiled gives what eager gives, as
+    closely as the unfused FP8 net does compiled vs eager (Inductor rounds its fused bf16 chains once, eager at every
+    op, and FP8 codes on a rounding boundary flip either way)."""
     torch.manual_seed(0)
-    net = deployed(Net(64, 4)).to("cuda", torch.bfloat16)
-    lite3r.fuse_fp8_inputs(net)
+    plain = deployed(Net(64, 4)).to("cuda", torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    assert lite3r.fuse_fp8_inputs(fused) == 6
     x = torch.randn(4, 300, 64, device="cuda", dtype=torch.bfloat16)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        eager = net(x)
-        compiled = torch.compile(net, fullgraph=True, dynamic=False)(x)
-    err = float((compiled.float() - eager.float()).norm() / eager.float().norm())
-    assert err < 1e-2, err
+    errs = []
+    for net in (plain, fused):
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            eager = net(x)
+            compiled = torch.compile(net, fullgraph=True, dynamic=False)(x)
+        errs.append(float((compiled.float() - eager.float()).norm() / eager.float().norm()))
+        torch._dynamo.reset()
+    assert errs[1] < max(2 * errs[0], 2e-3), errs

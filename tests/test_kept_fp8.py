@@ -125,6 +125,28 @@ def test_mlp_chunks_equal_one_call(name):
         dataclasses.replace(model.config, mlp_chunk_tokens=0)
 
 
+@pytest.mark.parametrize("name", ["vggt-tiny", "da3-tiny"])
+def test_token_chunks_of_sla_attention_equal_one_call(name):
+    """With SLA in every global attention and mlp_chunk_tokens=16, each SLAAttention projects q/k/v and its output
+    16 tokens at a time (its qkv called once per piece) and VGGT's frame blocks run one frame at a time: the outputs
+    equal the unchunked model's to fp32 rounding (the block map sees the same q/k)."""
+    model = build_backbone(name).eval()
+    lite3r.swap_attention(model, topk=0.5, block_q=16, block_k=16, filter=lambda m, fqn: m.scope == "global")
+    sla = [m for m in model.modules() if isinstance(m, lite3r.SLAAttention)]
+    assert sla
+    images = torch.rand(1, 3, 3, 56, 70, generator=torch.Generator().manual_seed(4))
+    ref = _outputs(model, images, mlp_chunk_tokens=None)
+    calls = []
+    hooks = [m.qkv.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[1])) for m in sla]
+    got = _outputs(model, images, mlp_chunk_tokens=16)
+    for h in hooks:
+        h.remove()
+    assert max(calls) <= 16 and len(calls) >= 4 * len(sla)
+    assert all(m.chunk_tokens == 16 for m in sla)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5 * float(v.abs().max()))
+
+
 def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     """deploy_model: kept_fp8 on for an FP8 student when asked (opt-in), never for a dense model, off by default;
     it travels in the artifact's backbone config."""
@@ -146,7 +168,8 @@ def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
 def test_kept_fp8_at_vggt_scale_gpu():
     """A VGGT-1B kept layer at 128 views (halves [1, 128, 1374, 1024] bf16) packed on the GPU: reads equal lite3r's
     quantisation of each half, and packing allocates the FP8 layer plus one chunk's temporaries, never a full-size
-    fp32 or concatenated copy (peak extra < 0.6 x the bf16 layer)."""
+    fp32 or concatenated copy (peak extra < the FP8 layer + 4 x one 8-frame chunk in bf16: its fp32 and concatenated
+    temporaries; measured on the H200: 475 MiB = 344 + 131)."""
     gen = torch.Generator("cuda").manual_seed(17)
     halves = [torch.randn(1, 128, 1374, 1024, generator=gen, device="cuda").to(torch.bfloat16) for _ in range(2)]
     layer_bytes = 2 * halves[0].numel() * 2
@@ -156,7 +179,8 @@ def test_kept_fp8_at_vggt_scale_gpu():
     kept = KeptFP8.pack(halves, 5, chunk=8)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra < 0.6 * layer_bytes, (extra / 2**20, layer_bytes / 2**20)
     assert kept.nbytes < 0.51 * layer_bytes
+    chunk_bytes = layer_bytes * 8 // 128
+    assert extra < kept.nbytes + 4 * chunk_bytes, (extra / 2**20, kept.nbytes / 2**20, chunk_bytes / 2**20)
     want = reference_dequant([h[:, 40:48] for h in halves], 5)
     assert torch.equal(kept[:, 40:48], want) and torch.equal(kept[:, :, 0], torch.cat([h[:, :, 0] for h in halves], -1))
