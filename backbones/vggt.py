@@ -237,10 +237,14 @@ class Aggregator(nn.Module):
         def run_frames(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
             if frames is None or frames >= x.shape[0]:
                 return run(blk, x, p)
-            for f in range(0, x.shape[0], frames):  # x: the last global output, already kept where it is kept
+            out = None
+            for f in range(0, x.shape[0], frames):
                 n = min(frames, x.shape[0] - f)
-                x[f:f + n] = blk(x[f:f + n], pos=p.narrow(0 if p.dim() == 3 else 1, f, n))
-            return x
+                y = blk(x[f:f + n], pos=p.narrow(0 if p.dim() == 3 else 1, f, n))
+                # in place where the dtype allows (x: the last global output, already kept where it is kept)
+                out = (x if y.dtype == x.dtype else y.new_empty(x.shape)) if out is None else out
+                out[f:f + n] = y
+            return out
 
         outputs: list[Tensor | None] = [None] * depth
         for i in range(depth):

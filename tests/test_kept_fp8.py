@@ -160,8 +160,12 @@ def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     off = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
     assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32).config.kept_fp8  # opt-in
     assert models.artifact_config(student)["backbone_config"]["kept_fp8"] is True
-    assert student.config.mlp_chunk_tokens == plain.config.mlp_chunk_tokens == 1 << 18  # every deployed model
-    assert models.artifact_config(student)["backbone_config"]["mlp_chunk_tokens"] == 1 << 18
+    from lite3r_recon.deploy import HEAD_FRAMES, MLP_CHUNK_TOKENS
+
+    for model in (student, plain):  # every deployed model: per-token work and the heads in chunks
+        assert (model.config.mlp_chunk_tokens, model.config.frames_chunk_size) == (MLP_CHUNK_TOKENS, HEAD_FRAMES)
+    saved = models.artifact_config(student)["backbone_config"]
+    assert (saved["mlp_chunk_tokens"], saved["frames_chunk_size"]) == (MLP_CHUNK_TOKENS, HEAD_FRAMES)
 
 
 @pytest.mark.gpu
