@@ -127,6 +127,9 @@ def bench(
     kept_fp8: Annotated[bool, typer.Option(help="(d): the aggregator layers the heads read kept in FP8 with "
                                                 "per-token scales (half their memory; error QAT did not train for)")] =
         _BENCH["kept_fp8"],
+    head_frames: Annotated[Optional[int], typer.Option(help="(b)-(d): the DPT heads over this many frames at a time "
+                                                           "(default: the model's 8; fewer: less memory, more "
+                                                           "launches)")] = _BENCH["head_frames"],
     device: DeviceOpt = _BENCH["device"],
     json_out: JsonOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of latency and memory against views")] = None,
@@ -144,7 +147,8 @@ def bench(
         kept_blocks=kept_blocks,
         repeats=repeats, warmup=warmup, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
-        dense_max_views=dense_max_views, kept_fp8=kept_fp8, weights=str(weights) if weights else None,
+        dense_max_views=dense_max_views, kept_fp8=kept_fp8, head_frames=head_frames,
+        weights=str(weights) if weights else None,
         student=str(student) if student else None, device=device)
     _bench.main(target if special else "model", cfg, json_path=json_out, plot_path=plot, profile=profile,
                 overwrite=overwrite)

@@ -64,6 +64,7 @@ class BenchConfig:
     # per-layer cost (lite3r_recon.layer_cost) and marked so; None: always run them
     dense_max_views: int | None = 256
     kept_fp8: bool = False  # (d): the aggregator layers the heads read kept in FP8 (half the memory, unmeasured error)
+    head_frames: int | None = None  # (b)-(d): DPT heads over this many frames at a time (None: the model's 8)
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -71,6 +72,8 @@ class BenchConfig:
             raise InvalidInput(f"unknown variant(s) {bad}; choose from {list(VARIANTS)}")
         if not self.views or min(self.views) < 1:
             raise InvalidInput(f"--views must be positive integers, got {self.views}")
+        if self.head_frames is not None and self.head_frames < 1:
+            raise InvalidInput(f"--head-frames must be at least 1, got {self.head_frames}")
         if self.res is not None and (self.res % 14 or self.res < 14):
             raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
         check_sparsity(self.topk, self.kept_blocks)
@@ -122,7 +125,8 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
         model = models.make_student(model, SLAConfig(topk=cfg.topk, kept_blocks=cfg.kept_blocks), fp8=variant == "d",
                                     inplace=True)
     return models.deploy_model(model, device=device, dtype=models.compute_dtype(device), compile_mode=compile_mode,
-                               compile_sla=cfg.compile_sla, kept_fp8=cfg.kept_fp8 and variant == "d")
+                               compile_sla=cfg.compile_sla, kept_fp8=cfg.kept_fp8 and variant == "d",
+                               head_frames=cfg.head_frames)
 
 
 def watch_sparsity(model: nn.Module) -> Callable[[], dict]:
@@ -290,7 +294,8 @@ def results_table(result: dict):
     cfg = result["config"]
     kept = f"kept_blocks={cfg['kept_blocks']}" if cfg.get("kept_blocks") else f"topk={cfg['topk']}"
     title = (f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
-             + (", (d) kept layers FP8" if cfg.get("kept_fp8") else ""))
+             + (", (d) kept layers FP8" if cfg.get("kept_fp8") else "")
+             + (f", heads {cfg['head_frames']} frames at a time" if cfg.get("head_frames") else ""))
     env = result["env"]
     compiled = f"compiled ({cfg['compile_mode']})" if cfg.get("compile_mode") else "eager (--compile-mode none)"
     legend = "; ".join(f"({v}) {VARIANTS[v][1]}".replace("compiled", compiled) for v in cfg["variants"])

@@ -6,9 +6,10 @@
 Bit for bit the definition of lite3r.fp8_quantize as torch evaluates it on the same device: scale =
 max(amax |x| in fp32, 1e-12) / 448 (torch on CUDA turns a division by a Python scalar into a multiply by the fp32
 reciprocal, on CPU it divides; the kernel does the same per device) and
-x_fp8 = (x.float() / scale).clamp(-448, 448).to(e4m3), with a correctly rounded fp32 division (`div_rn`: Triton's
-plain `/` on fp32 may be approximate on the GPU) and round-to-nearest-even casts. A NaN counts as an infinite amax
-so the row's scale is inf and the caller's finiteness check catches it (Triton's max may skip NaNs).
+x_fp8 = (x.float() / scale).clamp(-448, 448).to(e4m3), with the correctly rounded fp32 division (`_div_scale`: a
+reciprocal per row and an FMA correction per element, exact where it matters; Triton's plain `/` on fp32 may be
+approximate on the GPU) and round-to-nearest-even casts. A NaN counts as an infinite amax so the row's scale is inf
+and the caller's finiteness check catches it (Triton's max may skip NaNs).
 """
 import torch
 import triton
@@ -37,6 +38,34 @@ def _to_e4m3(b_y, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _div_scale(b_x, scale):
+    """b_x / scale (fp32, scale > 0 broadcastable to b_x: a scalar, or [ROWS, 1]) for the e4m3 cast, as
+    tl.math.div_rn would round it: one correctly rounded reciprocal per row and two FMAs per element instead of a
+    division per element (kernels/fp8_fused.py uses it too).
+
+    Why it is exact (Markstein 1990; Muller et al., Handbook of Floating-Point Arithmetic, "Markstein's theorem"):
+    with inv = RN(1/s) and q0 = RN(x * inv), the remainder r = x - q0 * s is exact in an FMA whenever q0 is a
+    faithful quotient (one of the two floats around x/s), and then q0 + r * inv = x/s + (x/s - q0) * (s * inv - 1)
+    lies nearer x/s than the distance from x/s to any rounding midpoint of the fp32 grid, so fma(r, inv, q0) is
+    RN(x/s) bit for bit. q0 is faithful whenever x's significand is at least s's; below that it can sit 1.5 ulp off,
+    and the same bound (|x - m * s|, m a midpoint, is a nonzero multiple of 2^-48 on significands in [1, 2)) still
+    holds except for both significands within 6 ulp of 2, and at the binade edges of the quotient: those pairs were
+    checked exhaustively against RN(x/s) (all s for x near 1, 2 and s, all x for s near 2: no difference), and so
+    were all x for some 200 other s. It needs every operand and r normal, which holds for |q0| >= 2^-11 since
+    s >= 1e-12/448.
+    The small and zero case: where |q0| < 2^-11, q0 itself is kept. It has x's sign bit, -0.0 included, as RN(x/s)
+    has, and both lie below 2^-10, half the smallest e4m3 subnormal, so both cast to the same +-0 code. The FMAs
+    would get that wrong: for x = -0.0 (GELU of x << 0 is -0.0) -q0 * s + x is +0 + -0 = +0.0, which casts to the
+    code of +0, and in that range r can underflow, where the argument above no longer holds."""
+    inv = tl.math.div_rn(1.0, scale)  # per row: scale is a scalar or [ROWS, 1]
+    b_s = tl.broadcast_to(scale, b_x.shape)
+    b_inv = tl.broadcast_to(inv, b_x.shape)
+    b_q = b_x * b_inv
+    b_fix = tl.fma(tl.fma(-b_q, b_s, b_x), b_inv, b_q)
+    return tl.where(tl.abs(b_q) < 0.00048828125, b_q, b_fix)  # 2^-11
+
+
+@triton.jit
 def _dequant(b_q, scale, OUT_TY: tl.constexpr, EMULATE: tl.constexpr):
     """fp8 * scale in fp32, cast to the output dtype (round to nearest even; EMULATE rounds bf16 by bit arithmetic
     first, since the interpreter truncates fp32 -> bf16)."""
@@ -50,14 +79,18 @@ def _dequant(b_q, scale, OUT_TY: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
                      BLOCK_C: tl.constexpr, ONE_PASS: tl.constexpr, DEQUANT: tl.constexpr, EMULATE: tl.constexpr,
-                     RECIPROCAL: tl.constexpr):
+                     RECIPROCAL: tl.constexpr, EVEN: tl.constexpr):
+    """One row a program. ONE_PASS: the row fits one tile of BLOCK_C; EVEN: and C == BLOCK_C, no column masks."""
     i_r = tl.program_id(0).to(tl.int64)
     p_x = X + i_r * stride_x
     p_y = Y + i_r * stride_y
     o_c = tl.arange(0, BLOCK_C)
     if ONE_PASS:
         m_c = o_c < C
-        b_x = tl.load(p_x + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
+        if EVEN:
+            b_x = tl.load(p_x + o_c).to(tl.float32)  # [BC]
+        else:
+            b_x = tl.load(p_x + o_c, mask=m_c, other=0.0).to(tl.float32)
         b_a = tl.where(b_x != b_x, float("inf"), tl.abs(b_x))  # NaN -> inf
         amax = tl.max(b_a, axis=0)
     else:
@@ -73,16 +106,18 @@ def _fp8_rows_kernel(X, Y, S, C, stride_x, stride_y,
         scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
     tl.store(S + i_r, scale)
     if ONE_PASS:
-        b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
+        b_q = _to_e4m3(tl.clamp(_div_scale(b_x, scale), -448.0, 448.0), EMULATE)
         if DEQUANT:
-            tl.store(p_y + o_c, _dequant(b_q, scale, Y.dtype.element_ty, EMULATE), mask=m_c)
+            b_q = _dequant(b_q, scale, Y.dtype.element_ty, EMULATE)
+        if EVEN:
+            tl.store(p_y + o_c, b_q)
         else:
             tl.store(p_y + o_c, b_q, mask=m_c)
     else:
         for c0 in range(0, C, BLOCK_C):
             m_c = (c0 + o_c) < C
             b_x = tl.load(p_x + c0 + o_c, mask=m_c, other=0.0).to(tl.float32)
-            b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_x, scale), -448.0, 448.0), EMULATE)
+            b_q = _to_e4m3(tl.clamp(_div_scale(b_x, scale), -448.0, 448.0), EMULATE)
             if DEQUANT:
                 tl.store(p_y + c0 + o_c, _dequant(b_q, scale, Y.dtype.element_ty, EMULATE), mask=m_c)
             else:
@@ -94,11 +129,19 @@ def _launch(x: Tensor, y: Tensor, scale: Tensor, dequant: bool) -> None:
     if R == 0 or C == 0:
         return
     block = min(triton.next_power_of_2(C), _MAX_TILE)
-    # H200, 43968 rows: 1024 columns 3.5 TB/s at 2 warps (2.9 at 4), 4096 columns 3.6 at 4 (3.5 at 8)
-    warps = 1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 4096 else 8
+    # H200, 43968 rows: 1024 columns 3.5 TB/s at 2 warps (2.9 at 4), 4096 columns 3.6 at 4 (3.5 at 8). Quantise at
+    # 1024 columns then 1 warp (benchmarks/gpu/fp8_rows_sweep.py, H200, torch 2.11, triton 3.6, bf16 [43968, 1024]:
+    # 1 warp with _div_scale and no masks 0.0397 ms against 0.0436 ms for 2 warps, div_rn and masks; the sweep tries
+    # those switches only at the old config and at the fastest of its warps x rows grid, run with div_rn and masks,
+    # so 1 warp led there too). Fake-quant (DEQUANT, not swept) keeps 2 warps there.
+    if block <= 1024:
+        warps = 2 if dequant and block > 512 else 1
+    else:
+        warps = 4 if block <= 4096 else 8
     wrap_triton(_fp8_rows_kernel)[(R,)](x, y, scale, C, x.stride(0), y.stride(0), BLOCK_C=block,
                                        ONE_PASS=block >= C, DEQUANT=dequant,
-                                       EMULATE=interpreting(), RECIPROCAL=x.is_cuda, num_warps=warps)
+                                       EMULATE=interpreting(), RECIPROCAL=x.is_cuda, EVEN=block == C,
+                                       num_warps=warps)
 
 
 @triton_op("lite3r::fp8_quantize_rows", mutates_args={})

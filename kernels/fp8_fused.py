@@ -1,4 +1,5 @@
-"""Per-token FP8 quantisation fused into the op before a linear: LayerNorm or GELU, one Triton program per row.
+"""Per-token FP8 quantisation fused into the op before a linear: LayerNorm or GELU, one Triton program per row (or
+per ROWS rows, a [ROWS, BLOCK_C] block, where that measured faster).
 
     layer_norm_fp8(x [M, C], weight [C] | None, bias [C] | None, *, eps, ln_dtype) -> (x_fp8 [M, C], scale [M, 1])
     gelu_fp8(x [M, C]) -> (x_fp8 [M, C], scale [M, 1])         x_fp8 float8_e4m3fn, scale fp32
@@ -21,7 +22,7 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from . import interpreting
-from .fp8 import FP8_MAX, _check_finite, _to_e4m3, fp8_quantize_torch
+from .fp8 import FP8_MAX, _check_finite, _div_scale, _to_e4m3, fp8_quantize_torch
 
 _MAX_C = 16384  # columns held in registers by one program; longer rows take the reference (no model here has them)
 _ROUND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -44,36 +45,85 @@ def _round_to(b_y, ROUND: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _op_fp8_rows_kernel(X, W, B, Y, S, C, stride_x, stride_y, eps,
-                        BLOCK_C: tl.constexpr, OP: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                        ROUND: tl.constexpr, EMULATE: tl.constexpr, RECIPROCAL: tl.constexpr):
-    i_r = tl.program_id(0).to(tl.int64)
+def _op_fp8_rows_kernel(X, W, B, Y, S, R, C, stride_x, stride_y, eps,
+                        BLOCK_C: tl.constexpr, ROWS: tl.constexpr, OP: tl.constexpr, HAS_W: tl.constexpr,
+                        HAS_B: tl.constexpr, ROUND: tl.constexpr, EMULATE: tl.constexpr, RECIPROCAL: tl.constexpr,
+                        EVEN: tl.constexpr, MASK_R: tl.constexpr):
+    """ROWS rows a program, one [ROWS, BLOCK_C] block. EVEN: C == BLOCK_C, no column masks. MASK_R: R % ROWS != 0,
+    rows past R are masked (the last program's)."""
+    o_r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     o_c = tl.arange(0, BLOCK_C)
-    m_c = o_c < C
-    b_x = tl.load(X + i_r * stride_x + o_c, mask=m_c, other=0.0).to(tl.float32)  # [BC]
-    if OP == 0:  # LayerNorm over the row, moments in fp32 (two passes over registers)
-        n = tl.sum(m_c.to(tl.float32), axis=0)  # C as fp32 (C itself may arrive as a constexpr 1)
-        mean = tl.math.div_rn(tl.sum(b_x, axis=0), n)
-        b_d = tl.where(m_c, b_x - mean, 0.0)
-        var = tl.math.div_rn(tl.sum(b_d * b_d, axis=0), n)
+    m_c = o_c < C  # [BC]
+    m_r = o_r < R  # [ROWS]
+    if EVEN:
+        m = m_r[:, None]  # used only with MASK_R
+    elif MASK_R:
+        m = m_r[:, None] & m_c[None, :]
+    else:
+        m = m_c[None, :]
+    p_x = X + o_r[:, None] * stride_x + o_c[None, :]
+    if EVEN and not MASK_R:
+        b_x = tl.load(p_x).to(tl.float32)  # [ROWS, BC]
+    else:
+        b_x = tl.load(p_x, mask=m, other=0.0).to(tl.float32)
+    if OP == 0:  # LayerNorm over each row, moments in fp32 (two passes over registers)
+        if EVEN:
+            n = tl.full([], BLOCK_C, tl.float32)
+        else:
+            n = tl.sum(m_c.to(tl.float32), axis=0)  # C as fp32 (C itself may arrive as a constexpr 1)
+        mean = tl.math.div_rn(tl.sum(b_x, axis=1), n)  # [ROWS]
+        b_d = b_x - mean[:, None]
+        if not EVEN:
+            b_d = tl.where(m_c[None, :], b_d, 0.0)
+        var = tl.math.div_rn(tl.sum(b_d * b_d, axis=1), n)
         # eps is fp32 here but Inductor hands a Python float to a user kernel as fp64: div_rn takes fp32 only
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn((var + eps).to(tl.float32)))
-        b_y = b_d * rstd
+        b_y = b_d * rstd[:, None]
         if HAS_W:
-            b_y = b_y * tl.load(W + o_c, mask=m_c, other=0.0).to(tl.float32)
+            if EVEN:
+                b_w = tl.load(W + o_c)
+            else:
+                b_w = tl.load(W + o_c, mask=m_c, other=0.0)
+            b_y = b_y * b_w.to(tl.float32)[None, :]
         if HAS_B:
-            b_y = b_y + tl.load(B + o_c, mask=m_c, other=0.0).to(tl.float32)
+            if EVEN:
+                b_b = tl.load(B + o_c)
+            else:
+                b_b = tl.load(B + o_c, mask=m_c, other=0.0)
+            b_y = b_y + b_b.to(tl.float32)[None, :]
     else:  # GELU, exact erf form
         b_y = 0.5 * b_x * (1.0 + tl.math.erf(b_x * 0.7071067811865476))
-    b_y = tl.where(m_c, _round_to(b_y, ROUND, EMULATE), 0.0)
-    amax = tl.max(tl.where(b_y != b_y, float("inf"), tl.abs(b_y)), axis=0)  # NaN -> inf, as fp8.py
+    b_y = _round_to(b_y, ROUND, EMULATE)
+    if not EVEN:
+        b_y = tl.where(m_c[None, :], b_y, 0.0)
+    amax = tl.max(tl.where(b_y != b_y, float("inf"), tl.abs(b_y)), axis=1)  # [ROWS]; NaN -> inf, as fp8.py
     if RECIPROCAL:  # torch on CUDA divides by a Python scalar as a multiply by its fp32 reciprocal
         scale = tl.maximum(amax, 1e-12) * (1.0 / 448.0)
     else:
         scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
-    tl.store(S + i_r, scale)
-    b_q = _to_e4m3(tl.clamp(tl.math.div_rn(b_y, scale), -448.0, 448.0), EMULATE)
-    tl.store(Y + i_r * stride_y + o_c, b_q, mask=m_c)
+    if MASK_R:
+        tl.store(S + o_r, scale, mask=m_r)
+    else:
+        tl.store(S + o_r, scale)
+    b_q = _to_e4m3(tl.clamp(_div_scale(b_y, scale[:, None]), -448.0, 448.0), EMULATE)
+    p_y = Y + o_r[:, None] * stride_y + o_c[None, :]
+    if EVEN and not MASK_R:
+        tl.store(p_y, b_q)
+    else:
+        tl.store(p_y, b_q, mask=m)
+
+
+def _config(op: int, block: int) -> tuple[int, int]:
+    """(num_warps, rows a program) for rows of `block` (next power of two of C) columns."""
+    # fp8.py's warp table as it was before its 1-warp quantise at 1024 columns (H200, 44k rows)
+    warps = 1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 4096 else 8
+    # benchmarks/gpu/fp8_rows_sweep.py on the H200 (torch 2.11, triton 3.6; [43968, C] bf16, both with _div_scale
+    # and no masks, 0 fp8 codes or scales different from the kernel before): LayerNorm at 1024 columns 2 warps and
+    # 2 rows a program 0.0572 ms against 0.0757 ms for 1 row (div_rn, masks; 2 x 2 was also the fastest of the
+    # sweep's warps x rows grid with div_rn and masks). GELU at 4096 stays 1 row, 4 warps (0.3174 ms against
+    # 0.3818). Other shapes were not swept: 1 row, as before.
+    rows = 2 if op == _OP_LAYER_NORM and block == 1024 else 1
+    return warps, rows
 
 
 def _launch(op: int, x: Tensor, weight, bias, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -83,11 +133,12 @@ def _launch(op: int, x: Tensor, weight, bias, eps: float, out_dtype: torch.dtype
     if R == 0 or C == 0:
         return y, scale
     block = triton.next_power_of_2(C)
-    warps = 1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 4096 else 8  # fp8.py's (H200, 44k rows)
-    wrap_triton(_op_fp8_rows_kernel)[(R,)](
-        x, x if weight is None else weight, x if bias is None else bias, y, scale, C, x.stride(0), y.stride(0),
-        float(eps), BLOCK_C=block, OP=op, HAS_W=weight is not None, HAS_B=bias is not None,
-        ROUND=_ROUND[out_dtype], EMULATE=interpreting(), RECIPROCAL=x.is_cuda, num_warps=warps)
+    warps, rows = _config(op, block)
+    wrap_triton(_op_fp8_rows_kernel)[(triton.cdiv(R, rows),)](
+        x, x if weight is None else weight, x if bias is None else bias, y, scale, R, C, x.stride(0), y.stride(0),
+        float(eps), BLOCK_C=block, ROWS=rows, OP=op, HAS_W=weight is not None, HAS_B=bias is not None,
+        ROUND=_ROUND[out_dtype], EMULATE=interpreting(), RECIPROCAL=x.is_cuda, EVEN=block == C,
+        MASK_R=rows > 1 and R % rows != 0, num_warps=warps)
     return y, scale
 
 

@@ -166,10 +166,10 @@ def eager_sla(model: nn.Module) -> nn.Module:
 # Inference memory (issue 17, docs/benchmarks.md): deployed blocks run their per-token work (MLP, SLA projections,
 # frame blocks) over at most this many tokens at a time - one 64k-token chunk's fp32 q/k norm and RoPE temporaries
 # are ~1.5 GB for VGGT-1B (262k tokens: ~7 GB, most of the live set at 256 views on the H200) and a GEMM of 64k rows
-# still fills the GPU - and the DPT heads run this many frames at a time (full-resolution features: ~0.3 GB a frame
-# for DA3-Large, the peak of its (d) at 32 views with 8 frames)
+# still fills the GPU. `head_frames` (None: the model's frames_chunk_size, 8): the DPT heads over that many frames at
+# a time - full-resolution features are ~0.3 GB a frame for DA3-Large (the peak of its (d) at 32 views with 8), but
+# 2 frames at a time cost VGGT-1B 0.05 s at 32 views (launch-bound heads, H200): a memory option, not the default
 MLP_CHUNK_TOKENS = 1 << 16
-HEAD_FRAMES = 2
 
 
 def set_option(model: nn.Module, name: str, value) -> bool:
@@ -188,7 +188,7 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
                  compile_mode: str | None = "default", regional: bool = True, compile_sla: bool = True,
                  keep_fp32: Callable[[nn.Module, str], bool] | None = geometry_fragile,
                  kept_fp8: bool | None = None, mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS,
-                 head_frames: int | None = HEAD_FRAMES) -> nn.Module:
+                 head_frames: int | None = None) -> nn.Module:
     """Fake quant -> FP8Linear; the modules `keep_fp32` selects compute in fp32 (`run_in_fp32`), the rest in
     `dtype` (whatever the inputs' dtype: `compute_in`); onto `device`; then compiled (compile_mode=None: eager). The
     SLA kernels are traced into the compiled blocks (triton_op); `compile_sla=False` runs the SLA modules eagerly
@@ -202,7 +202,8 @@ def deploy_model(model: nn.Module, *, device: str | torch.device | None = None, 
     fp8 = any(isinstance(m, lite3r.FP8Linear) for m in model.modules())
     set_option(model, "kept_fp8", fp8 and bool(kept_fp8))
     set_option(model, "mlp_chunk_tokens", mlp_chunk_tokens)
-    set_option(model, "frames_chunk_size", head_frames)
+    if head_frames is not None:
+        set_option(model, "frames_chunk_size", head_frames)
     keep = [m for fqn, m in model.named_modules() if keep_fp32 is not None and keep_fp32(m, fqn)]
     for module in keep:
         run_in_fp32(module)

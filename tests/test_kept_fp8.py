@@ -160,12 +160,15 @@ def test_deploy_turns_kept_fp8_on_for_fp8_students_only():
     off = models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True)
     assert not models.deploy_model(off, compile_mode=None, dtype=torch.float32).config.kept_fp8  # opt-in
     assert models.artifact_config(student)["backbone_config"]["kept_fp8"] is True
-    from lite3r_recon.deploy import HEAD_FRAMES, MLP_CHUNK_TOKENS
+    from lite3r_recon.deploy import MLP_CHUNK_TOKENS
 
-    for model in (student, plain):  # every deployed model: per-token work and the heads in chunks
-        assert (model.config.mlp_chunk_tokens, model.config.frames_chunk_size) == (MLP_CHUNK_TOKENS, HEAD_FRAMES)
+    for model in (student, plain):  # every deployed model: per-token work in chunks, the heads as configured
+        assert (model.config.mlp_chunk_tokens, model.config.frames_chunk_size) == (MLP_CHUNK_TOKENS, 8)
     saved = models.artifact_config(student)["backbone_config"]
-    assert (saved["mlp_chunk_tokens"], saved["frames_chunk_size"]) == (MLP_CHUNK_TOKENS, HEAD_FRAMES)
+    assert (saved["mlp_chunk_tokens"], saved["frames_chunk_size"]) == (MLP_CHUNK_TOKENS, 8)
+    small = models.deploy_model(models.make_student(dense, lite3r.SLAConfig(topk=0.5), fp8=True), compile_mode=None,
+                                dtype=torch.float32, head_frames=2)
+    assert small.config.frames_chunk_size == 2
 
 
 @pytest.mark.gpu
