@@ -42,7 +42,8 @@ from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_token_chunk, rope_table
+from .layers import (Block, DinoViT, Mlp, RoPE2D, chunk_frames, frame_chunks, init_vit_weights, patch_positions,
+                     rope_table, set_token_chunk)
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
 from lite3r_recon.errors import InvalidInput
 
@@ -311,6 +312,7 @@ class DA3(nn.Module):
         local_x = x
         feats, cam_token = [], None
         ckpt = c.grad_checkpointing and self.training and torch.is_grad_enabled()
+        frames = chunk_frames(c.mlp_chunk_tokens, N)  # inference: the frame blocks a chunk of frames at a time
 
         def run(blk: nn.Module, t: Tensor, pos: Tensor) -> Tensor:
             if ckpt:
@@ -330,8 +332,11 @@ class DA3(nn.Module):
                 x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
             if blk.attn.scope == "global":
                 x = run(blk, x.reshape(B, S * N, C), pos_global).reshape(B, S, N, C)
-            else:
+            elif frames is None:
                 x = run(blk, x.reshape(B * S, N, C), pos_frame).reshape(B, S, N, C)
+                local_x = x
+            else:  # in place in chunks: x is the last block's output, already kept where it is kept
+                x = frame_chunks(blk, x.reshape(B * S, N, C), pos_frame, frames).reshape(B, S, N, C)
                 local_x = x
             if i in c.out_layers:  # concat(frame, normed layer) of the patches, in input order
                 lx, gx = local_x, x

@@ -206,6 +206,29 @@ class Block(nn.Module):
         return out.view(x.shape)
 
 
+def frame_chunks(blk: nn.Module, x: Tensor, pos: Tensor | None, frames: int | None) -> Tensor:
+    """blk(x, pos) of a per-frame block (frame attention) over chunks of `frames` frames of x [F, N, C]: the same
+    result, a chunk's activations at a time (inference; None or >= F: one call). Written into x where the output
+    dtype is x's, so the caller must not need x afterwards. pos: positions [F, N, 2] or a RoPE table with the frames
+    on its second axis."""
+    if frames is None or frames >= x.shape[0]:
+        return blk(x, pos)
+    out = None
+    for f in range(0, x.shape[0], frames):
+        n = min(frames, x.shape[0] - f)
+        y = blk(x[f:f + n], None if pos is None else pos.narrow(0 if pos.dim() == 3 else 1, f, n))
+        out = (x if y.dtype == x.dtype else y.new_empty(x.shape)) if out is None else out
+        out[f:f + n] = y
+    return out
+
+
+def chunk_frames(chunk_tokens: int | None, tokens_per_frame: int) -> int | None:
+    """Frames per chunk for frame_chunks at inference (None: training, or no chunking asked)."""
+    if chunk_tokens is None or torch.is_grad_enabled():
+        return None
+    return max(1, chunk_tokens // tokens_per_frame)
+
+
 def set_token_chunk(model: nn.Module, tokens: int | None) -> None:
     """Inference: every Block of `model` runs its MLP, and every attention with a `chunk_tokens` option (lite3r's
     SLAAttention) its projections, over at most `tokens` tokens at a time (None: all at once). The models call it

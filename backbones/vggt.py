@@ -44,7 +44,8 @@ from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
 from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
 from .kept import kept_layer
-from .layers import Block, DinoViT, Mlp, RoPE2D, init_vit_weights, patch_positions, set_token_chunk
+from .layers import (Block, DinoViT, Mlp, RoPE2D, chunk_frames, frame_chunks, init_vit_weights, patch_positions,
+                     set_token_chunk)
 from .track_head import TrackHead
 from lite3r_recon.errors import InvalidInput
 
@@ -232,23 +233,12 @@ class Aggregator(nn.Module):
                 return torch.utils.checkpoint.checkpoint(blk, x, p, use_reentrant=False)
             return blk(x, pos=p)
 
-        frames = None if chunk_tokens is None or torch.is_grad_enabled() else max(1, chunk_tokens // P)
-
-        def run_frames(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
-            if frames is None or frames >= x.shape[0]:
-                return run(blk, x, p)
-            out = None
-            for f in range(0, x.shape[0], frames):
-                n = min(frames, x.shape[0] - f)
-                y = blk(x[f:f + n], pos=p.narrow(0 if p.dim() == 3 else 1, f, n))
-                # in place where the dtype allows (x: the last global output, already kept where it is kept)
-                out = (x if y.dtype == x.dtype else y.new_empty(x.shape)) if out is None else out
-                out[f:f + n] = y
-            return out
-
+        frames = chunk_frames(chunk_tokens, P)  # None in training: run() handles checkpointing there
         outputs: list[Tensor | None] = [None] * depth
         for i in range(depth):
-            tokens = run_frames(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos)
+            # (in place in chunks: tokens is the last global output, already kept where it is kept)
+            tokens = (run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos) if frames is None else
+                      frame_chunks(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos, frames))
             frame_out = tokens if i in keep else None  # held through the global block only where it is kept
             tokens = run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
             if frame_out is not None:
