@@ -229,7 +229,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     H, W = cfg.res
     console.print(f"[bold]lite3r pretrain[/] {cfg.backbone} ({n_params:,} parameters) on {d.device}: {cfg.steps} steps "
                   f"x {cfg.batch} new scenes x {cfg.views} views at {H}x{W}, lr {cfg.lr}")
-    data = heldout_data(max(cfg.eval_scenes, 1), cfg.views, cfg.res, device=d.device)
+    data = heldout_data(max(cfg.eval_scenes, 1), cfg.res, device=d.device)
     n_curve = min(4, cfg.eval_scenes)
 
     def curve_point(step: int) -> dict:

@@ -160,7 +160,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
         con.print(f"[yellow]{note}[/]")
     teacher = models.dense_model(cfg.model, cfg.weights, seed=cfg.seed).to(device)
     if cfg.dataset == "synthetic" and not cfg.data:
-        data = heldout_data(cfg.scenes, cfg.views, cfg.size, device=device)
+        data = heldout_data(cfg.scenes, cfg.size, device=device)
     else:
         data = datasets.open_dataset(cfg.dataset, cfg.data, size=cfg.size)
     n = min(cfg.scenes, len(data))

@@ -60,7 +60,7 @@ def heldout_seeds(n: int) -> list[int]:
     return [HELDOUT + k for k in range(n)]
 
 
-def heldout_data(n: int, views: int, size: tuple[int, int], device=None):
+def heldout_data(n: int, size: tuple[int, int], device=None):
     """The held-out synthetic scenes as a dataset (datasets.SyntheticScenes: scene k is seed HELDOUT + k), ray cast
     on `device` and kept once rendered: training scores them every few hundred steps, and casting 16 views of
     252x252 on a busy CPU takes longer than a GPU's training step by far."""

@@ -236,7 +236,7 @@ def compass_sky(d: Tensor) -> Tensor:
     """Sky colour [N,3] of world ray directions d [N,3] (z up): a horizon hue that turns once over the azimuth,
     fading to ZENITH as the ray rises (rays below the horizon keep a darker horizon colour)."""
     az = torch.atan2(d[:, 1], d[:, 0])[:, None]
-    horizon = 0.55 + 0.35 * torch.cos(az - torch.tensor([0.0, 2.0944, 4.1888], device=d.device))
+    horizon = 0.55 + 0.35 * torch.cos(az - torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3], device=d.device))
     elev = torch.asin((d[:, 2] / d.norm(dim=-1)).clamp(-1, 1))[:, None]
     up = (elev / (math.pi / 3)).clamp(0, 1)
     rgb = horizon * (1 - up) + torch.tensor(ZENITH, device=d.device) * up

@@ -13,7 +13,7 @@ NAMES = ("vggt-tiny", "da3-tiny")
 
 @pytest.fixture(scope="module")
 def data():
-    return heldout_data(3, 4, (126, 168))
+    return heldout_data(3, (126, 168))
 
 
 def _metrics(model, data):
