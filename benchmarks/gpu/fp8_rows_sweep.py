@@ -36,7 +36,7 @@ from lite3r_kernels import fp8_fused, interpreting
 # The rounding helpers are imported, not copied, so the variants round exactly as the current kernel does, EMULATE
 # included (the CPU interpreter truncates fp32 -> bf16 and mis-rounds fp8 casts).
 from lite3r_kernels.fp8 import _to_e4m3
-from lite3r_kernels.fp8_fused import _round_to
+from lite3r_kernels.fp8_fused import _config, _round_to
 
 LN, GELU, QUANT = 0, 1, 2
 MAX_PER_THREAD = 128  # fp32 elements per thread above which a config would spill registers: skipped
@@ -129,10 +129,15 @@ def _sweep_kernel(X, W, B, Y, S, R, C, stride_x, stride_y, eps,
         tl.store(p_y, b_q, mask=m)
 
 
-def current_warps(C: int) -> int:
-    """The warps both kernels/fp8.py and kernels/fp8_fused.py launch with."""
+def current_config(op: int, C: int) -> tuple[int, int]:
+    """(warps, rows a program) the kernels launch rows of C columns with: kernels/fp8_fused.py's table for the fused
+    ops, kernels/fp8.py's (1 warp up to 1024 columns, 1 row) for quantise-only. The current ops divide with
+    _div_scale and drop the masks at power-of-two C: a variant computes what the op does, bit for bit, at the
+    op's (warps, rows) whatever its div / even switches (LayerNorm sums its moments in another order elsewhere)."""
     block = triton.next_power_of_2(C)
-    return 1 if block <= 512 else 2 if block <= 1024 else 4 if block <= 4096 else 8
+    if op in (LN, GELU):
+        return _config(op, block)
+    return (1 if block <= 1024 else 4 if block <= 4096 else 8), 1
 
 
 def launch(case: dict, *, warps: int, rows: int, div: int = 0, one_pass: bool = False, even: bool = False):
@@ -226,7 +231,7 @@ def main() -> int:
         codes, scales = mismatches(pub, ref)
         record(name, "op", "public fn (+ finite check)", nbytes, bench(case["public"]), mism_op=[codes, scales],
                expect="exact")
-        w0 = current_warps(C)
+        w0, r0 = current_config(case["op"], C)
         base_out = {}  # (warps, rows) -> output of the div_rn two-pass variant, for the "vs base" counts
 
         def variant(warps, rows, div=0, one_pass=False, even=False):
@@ -235,7 +240,7 @@ def main() -> int:
             out = launch(case, warps=warps, rows=rows, div=div, one_pass=one_pass, even=even)
             if div == 1 or one_pass:
                 expect = "approx"
-            elif case["op"] == LN and (warps, rows, even) != (w0, 1, False):
+            elif case["op"] == LN and (warps, rows) != (w0, r0):
                 expect = "order"
             else:
                 expect = "exact"
@@ -262,7 +267,7 @@ def main() -> int:
                     grid.append(variant(warps, rows))
         # (iii) + (iv) + no masks, at the current config and at the fastest of the grid (in --smoke, no timings:
         # the grid's last config, to run the switches on a 2D block)
-        anchors = [(w0, 1)]
+        anchors = [(w0, r0)]
         if grid:
             best = min(grid, key=lambda r: r["ms"]) if timed else grid[-1]
             anchors.append((best["warps"], best["rows"]))
