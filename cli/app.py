@@ -428,7 +428,8 @@ def study(
                                                      "last is the trained rows')")] = None,
     block: Annotated[Optional[int], typer.Option(help="SLA block size in tokens (default 64)")] = None,
     student: Annotated[Optional[Path], typer.Option(help="a trained student (lite3r train's folder or "
-                                                         "student.safetensors) for the QAT row")] = None,
+                                                         "student.safetensors, or a `lite3r export` artifact) for "
+                                                         "the QAT row")] = None,
     train_steps: Annotated[Optional[int], typer.Option(help="steps of each short lite3r train run (default 60)")] = None,
     train_batch: Annotated[Optional[int], typer.Option(help="scenes per step of those runs (default 2)")] = None,
     ablations: Annotated[bool, typer.Option(help="also the ablation rows (distill only, task only, sparse only, "

@@ -198,6 +198,11 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
                 model = teacher
             elif how[0] == "sla":
                 model = _student(teacher, cfg, how[1], how[2]).to(device)
+            elif how[0] == "train" and name == "qat" and models.is_artifact(cfg.student):
+                model = models.load_artifact(cfg.student, device=device)  # a `lite3r export` file, as deployed
+                if model.name != teacher.name:
+                    raise InvalidInput(f"--student {cfg.student} is a {model.name} artifact, not {teacher.name}")
+                runs[name] = str(cfg.student)
             elif how[0] == "train":
                 if name == "qat" and cfg.student:
                     path = Path(cfg.student)

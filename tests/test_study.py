@@ -1,5 +1,6 @@
 """lite3r study on the shipped tiny teacher: every row of the table on the same held-out scenes, JSON + PNG."""
 import json
+import math
 
 import pytest
 import torch
@@ -54,23 +55,32 @@ def test_config_errors(tmp_path):
         StudyConfig(topks=(0.0,))
 
 
-def test_cli_study_with_a_given_student(tmp_path):
+@pytest.mark.parametrize("given", ["run", "artifact"])
+def test_cli_study_with_a_given_student(tmp_path, given):
+    """--student: lite3r train's run folder, or that student exported (`lite3r export`: deployed, no teacher)."""
     import os
     import subprocess
     import sys
 
+    from lite3r_cli.export import export
     from lite3r_recon.qat import train
     from lite3r_recon.train_config import TrainConfig
 
     train(TrainConfig(steps=1, batch=1, views=2, res=(42, 56), block=16, topk=0.25, eval_scenes=0), tmp_path / "qat",
           quiet=True, device="cpu")
+    student = tmp_path / "qat"
+    if given == "artifact":
+        student = tmp_path / "qat.lite3r.safetensors"
+        export(tmp_path / "qat", out=student)
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run([sys.executable, "-m", "lite3r_cli", "study", "vggt-tiny", "--scenes", "1", "--views", "2",
-                        "--size", "42,56", "--topk", "0.5,0.25", "--block", "16", "--student", str(tmp_path / "qat"),
+                        "--size", "42,56", "--topk", "0.5,0.25", "--block", "16", "--student", str(student),
                         "--no-ablations", "--out", str(tmp_path / "s"), "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "sla 0.25 + fp8" in r.stdout and "AbsRel" in r.stdout  # the rich table
     saved = json.loads((tmp_path / "s" / "study.json").read_text())
-    assert [row["row"] for row in saved["rows"]][-1] == "qat" and saved["runs"]["qat"] == str(tmp_path / "qat")
+    rows = {row["row"]: row for row in saved["rows"]}
+    assert list(rows)[-1] == "qat" and saved["runs"]["qat"] == str(student)
+    assert math.isfinite(rows["qat"]["abs_rel"]) and rows["qat"]["abs_rel"] < 1
     assert not (tmp_path / "s" / "qat").exists()  # the given student: no training run
