@@ -461,7 +461,19 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main() -> None:
     """Console entry point: the project's own errors (bad input) become one red line and exit code 2; anything
-    else is a bug and shows its traceback. LITE3R_DEBUG=1 shows the traceback of every error."""
+    else is a bug and shows its traceback. LITE3R_DEBUG=1 shows the traceback of every error. UserWarnings (lite3r's:
+    a skipped scene, an old student file) print as one yellow `warning:` line, not as Python's file:line report."""
+    import warnings
+
+    python_report = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if category is UserWarning and not os.environ.get("LITE3R_DEBUG"):
+            typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+        else:
+            python_report(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
     try:
         app()
     except Exception as err:
@@ -470,3 +482,5 @@ def main() -> None:
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    finally:
+        warnings.showwarning = python_report
