@@ -33,14 +33,18 @@ p.add_argument("--ls", type=float, default=0)
 p.add_argument("--tok", type=float, default=0)
 p.add_argument("--sky", default="plain")
 p.add_argument("--threads", type=int, default=2)
+p.add_argument("--save", default=None, help="write the model's state dict here at the end")
+p.add_argument("--load", default=None, help="start from this state dict (a curriculum: --fixed first, then not)")
 p.add_argument("--fixed", action="store_true")
+p.add_argument("--pool", type=int, default=0, help="like --fixed, the content drawn from a pool of this many scenes")
 p.add_argument("--oracle", action="store_true")
 a = p.parse_args()
-if a.fixed:
+if a.fixed or a.pool:
     import dataclasses, lite3r_recon.synthetic as syn
     _orig = syn.make_scene
     def fixed_scene(seed, views=16, size=518, **kw):
-        sc, base = _orig(seed, views, size, **kw), _orig(11, views, size, **kw)
+        content = 11 + 1000 * (seed % a.pool) if a.pool else 11
+        sc, base = _orig(seed, views, size, **kw), _orig(content, views, size, **kw)
         return dataclasses.replace(sc, primitives=base.primitives, light=base.light)
     syn.make_scene = fixed_scene
 if a.oracle:  # fixed scene, view 0 fixed, only the span varies: view 1's image alone gives the relative pose
@@ -62,6 +66,8 @@ arc = tuple(float(x) for x in a.arc.split(",")); res = tuple(int(x) for x in a.r
 cfg = PretrainConfig(views=a.views, res=res, batch=a.batch, lr=a.lr, warmup=50, steps=a.steps, eval_scenes=0,
                      arc=arc, sky=a.sky, w_camera=a.wcam, w_depth=a.wdepth, w_point=a.wpoint)
 tr = Pretrainer(cfg, torch.device("cpu"))
+if a.load:
+    tr.model.load_state_dict(torch.load(a.load))
 if a.tok:
     with torch.no_grad():
         g = torch.Generator().manual_seed(1)
@@ -102,3 +108,5 @@ for s in range(a.steps):
         c, ps, ts, err, terr = ev()
         print(f"{s+1} {time.time()-t0:.0f}s cam {o['camera']:.3f} depth {o.get('depth', 0):.3f} | held corr {c:.2f} "
               f"pred std {ps:.1f} true std {ts:.1f} |err| {err:.1f} deg  T err {terr:.3f}", flush=True)
+if a.save:
+    torch.save(tr.model.state_dict(), a.save)
