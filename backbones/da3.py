@@ -332,11 +332,10 @@ class DA3(nn.Module):
                 x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
             if blk.attn.scope == "global":
                 x = run(blk, x.reshape(B, S * N, C), pos_global).reshape(B, S, N, C)
-            elif frames is None:
-                x = run(blk, x.reshape(B * S, N, C), pos_frame).reshape(B, S, N, C)
-                local_x = x
-            else:  # in place in chunks: x is the last block's output, already kept where it is kept
-                x = frame_chunks(blk, x.reshape(B * S, N, C), pos_frame, frames).reshape(B, S, N, C)
+            else:  # (in place in chunks: x is the last block's output, already kept where it is kept)
+                t = x.reshape(B * S, N, C)
+                x = (run(blk, t, pos_frame) if frames is None else frame_chunks(blk, t, pos_frame, frames))
+                x = x.reshape(B, S, N, C)
                 local_x = x
             if i in c.out_layers:  # concat(frame, normed layer) of the patches, in input order
                 lx, gx = local_x, x

@@ -222,10 +222,11 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
             from lite3r_cli.bench_profile import profile_breakdown
 
             prof[variant] = profile_breakdown(model, images)
+        kept_fp8 = bool(getattr(getattr(model, "config", None), "kept_fp8", False))  # what the model ran with
         del model
         row = {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": statistics.median(times),
                "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib,
-               "kept_fp8": cfg.kept_fp8 and variant == "d", **sparsity()}
+               "kept_fp8": kept_fp8, **sparsity()}
         if ref is None:
             ref = (variant, cams)
         row["err_ref"] = ref[0]

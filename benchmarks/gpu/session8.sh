@@ -3,15 +3,8 @@
 # sweep (fp8_rows_sweep.py), what is alive at the peak of (d) (memory_peak.py: DA3-Large at 32 views, VGGT-1B at 256),
 # then VGGT-1B (d) at 1024 views with the token-chunked inference (kept layers bf16, then FP8) and at 512 (FP8).
 # Eager (--compile-mode none), K = 64 kept key blocks per query block. Every step has its own timeout (~420 s).
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-deps --no-build-isolation .whl/*.whl >/dev/null 2>&1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-export LITE3R_TYPECHECK=0
-O="$OUT/s8"
-mkdir -p "$O"
+source "$(dirname "$0")/common.sh" s8
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
-t0=$(date +%s)
-step() { echo "== $1 (rc $2, $(( $(date +%s) - t0 )) s so far)"; }
 
 timeout 70 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_fused.py tests/test_kept_fp8.py -k "gpu" \
   > "$O/pytest.log" 2>&1

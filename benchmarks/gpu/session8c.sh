@@ -3,35 +3,7 @@
 # program for LayerNorm (GPU tests, then the sweep's current ops), VGGT-1B (c) / (d) at 32 views compiled (heads 8
 # frames at a time again), (d) at 1024 views (kept FP8, eager), DA3-Large (a) / (d) at 32 / 128 views in the memory
 # configuration (kept FP8, heads 2 frames at a time). ~330 s.
-cd "$(dirname "$0")/../.."
-python3 -m pip install -q --no-deps --no-build-isolation .whl/*.whl >/dev/null 2>&1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-export LITE3R_TYPECHECK=0
-O="$OUT/s8c"
-mkdir -p "$O"
-t0=$(date +%s)
-step() { echo "== $1 (rc $2, $(( $(date +%s) - t0 )) s so far)"; }
-summ() { python3 - "$@" <<'PY'
-import json, sys
-for f in sys.argv[1:]:
-    try:
-        d = json.load(open(f))
-    except Exception as e:
-        print(f"{f}: no JSON ({e})"); continue
-    for r in d["results"]:
-        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f} GiB"
-        print(f"{d['backbone']} x{r['views']} ({r['variant']}{' kept fp8' if r.get('kept_fp8') else ''}) "
-              f"{r['latency_s']:.4f} s (runs {', '.join(f'{t:.4f}' for t in r.get('latencies_s', []))}), peak {peak}, "
-              f"x a {r.get('speedup_vs_a') or 0:.2f}, mem a/x {r.get('mem_ratio_vs_a') or 0:.2f}, "
-              f"depth err {r.get('depth_rel', 0):.2e}, extr err {r.get('extrinsics_rel', 0):.2e}")
-    for views, by_path in d.get("profile", {}).items():
-        cats = list(dict.fromkeys(k for p in by_path.values() for k in p["categories_s"]))
-        for k in cats:
-            print(f"  {k:26s} " + "  ".join(f"({v}) {p['categories_s'].get(k, 0.0):.4f}" for v, p in by_path.items()))
-        for v, p in by_path.items():
-            print(f"  ({v}) top kernels: " + "; ".join(f"{k['kernel'][:34]} {k['s']:.4f}" for k in p["top_kernels"][:6]))
-PY
-}
+source "$(dirname "$0")/common.sh" s8c
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_fp8_fused.py tests/test_kernels_fp8.py -k "gpu" \
   > "$O/pytest.log" 2>&1
 step "pytest -k gpu: FP8 row kernels" $?
