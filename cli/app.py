@@ -385,6 +385,10 @@ def pretrain(
     w_camera: Annotated[Optional[float], typer.Option(help="camera loss weight (default 5)")] = None,
     w_depth: Annotated[Optional[float], typer.Option(help="depth loss weight (default 1)")] = None,
     w_point: Annotated[Optional[float], typer.Option(help="point loss weight (default 1)")] = None,
+    w_track: Annotated[Optional[float], typer.Option(help="VGGT: tracking loss weight, a correspondence signal from "
+                                                          "the scenes' exact tracks (default 0: off)")] = None,
+    track_points: Annotated[Optional[int], typer.Option(help="VGGT: query pixels of view 0 per scene for the "
+                                                             "tracking loss (default 64)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="init and data seed (default 0)")] = None,
     ckpt_every: Annotated[Optional[int], typer.Option(help="checkpoint every N steps (default 250)")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="held-out curve point every N steps (default 250)")] = None,
@@ -401,7 +405,8 @@ def pretrain(
 
     _pretrain.main(family.value, size=size, out=str(out) if out else None, resume=resume, overwrite=overwrite,
                    device=device, quiet=quiet, steps=steps, batch=batch, views=views, res=res, lr=lr,
-                   warmup=warmup, weight_decay=weight_decay, arc=arc, sky=sky, fov_init=fov_init, w_camera=w_camera, w_depth=w_depth, w_point=w_point,
+                   warmup=warmup, weight_decay=weight_decay, arc=arc, sky=sky, fov_init=fov_init,
+                   w_camera=w_camera, w_depth=w_depth, w_point=w_point, w_track=w_track, track_points=track_points,
                    seed=seed, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
 
 

@@ -61,6 +61,8 @@ class PretrainConfig:
     w_camera: float = LossWeights.camera
     w_depth: float = LossWeights.depth
     w_point: float = LossWeights.point
+    w_track: float = 0.0  # VGGT: the tracking loss (a correspondence signal: tracks of frame-0 pixels, exact from the scene)
+    track_points: int = 64  # query pixels of frame 0 per scene for the tracking loss
     seed: int = 0
     ckpt_every: int = 250
     eval_every: int = 250  # held-out AUC@30 / AbsRel on a few scenes every N steps (the curve in heldout.png)
@@ -92,7 +94,11 @@ class PretrainConfig:
             raise InvalidInput("--warmup and --eval-scenes must be non-negative")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise InvalidInput(f"--lr must be positive, got {self.lr}")
-        if min(self.w_camera, self.w_depth, self.w_point, self.weight_decay) < 0:
+        if self.w_track and self.family != "vggt":
+            raise InvalidInput("--w-track: only VGGT has a tracking head")
+        if self.track_points < 1:
+            raise InvalidInput(f"--track-points must be at least 1, got {self.track_points}")
+        if min(self.w_camera, self.w_depth, self.w_point, self.w_track, self.weight_decay) < 0:
             raise InvalidInput("the task loss weights and --weight-decay must be non-negative")
 
     @property
@@ -140,6 +146,8 @@ class Pretrainer:
         # DA3 in training takes view 0 as its reference: the loss puts the world in view 0 (relative poses, and so
         # the metrics, do not depend on which view the reference is at inference)
         extra = {"ref_view_strategy": "first"} if cfg.family == "da3" else {}
+        if cfg.w_track:
+            extra["enable_track"] = True  # vggt-small is built without its tracking head otherwise
         # the heads over all frames at once: fewer kernel launches (a tiny teacher's step is launch-bound)
         self.model = random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, frames_chunk_size=None,
                                   **extra).to(device).train()
@@ -148,7 +156,7 @@ class Pretrainer:
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95), eps=1e-8)
         self.loss_fn = TASK_LOSSES[cfg.family]
-        self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point)
+        self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point, track=cfg.w_track)
 
     def batch(self, step: int) -> dict[str, Tensor]:
         from lite3r_recon.synthetic import render_batch
@@ -158,15 +166,20 @@ class Pretrainer:
                             sky=self.cfg.sky)
 
     def step(self, step: int) -> dict[str, float]:
-        from lite3r_backbones.cameras import normalize_scene
+        from lite3r_backbones.cameras import normalize_scene, project_tracks
 
         b = self.batch(step)
         gt = normalize_scene(b["extrinsics"], b["intrinsics"], b["depth"], b["mask"])
+        query = None
+        if self.cfg.w_track:
+            query = self.track_queries(step, gt["mask"][:, 0])
+            gt["tracks"], gt["track_vis"] = project_tracks(query, gt["depth"], gt["extrinsics"], gt["intrinsics"],
+                                                           gt["mask"])
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device):
-            out = self.model(b["images"])
+            out = self.model(b["images"], query_points=query) if query is not None else self.model(b["images"])
             terms = self.loss_fn(out, gt, self.weights)
         loss = terms["task"]
         loss.backward()
@@ -181,8 +194,17 @@ class Pretrainer:
                 raise InvalidInput(f"pretrain: {self.skipped} steps in a row had a non-finite loss or "
                                          f"gradient (step {step}); lower --lr")
         out = {"loss": loss.item(), "grad_norm": float(gnorm), "lr": lr_at(step, self.cfg), "skipped": float(not ok)}
-        out.update({k: terms[k].item() for k in ("camera", "depth", "point") if k in terms})
+        out.update({k: terms[k].item() for k in ("camera", "depth", "point", "track") if k in terms})
         return out
+
+    def track_queries(self, step: int, valid: Tensor) -> Tensor:
+        """`track_points` random pixels (x, y) [B,N,2] of frame 0 with valid depth (valid [B,H,W]), drawn from
+        (seed, step) on the CPU so every device draws the same; a scene with fewer valid pixels repeats some."""
+        g = torch.Generator().manual_seed(train_seed(self.cfg.seed, step, self.cfg.batch))
+        B, H, W = valid.shape
+        score = torch.rand(B, H * W, generator=g).to(valid.device) + valid.flatten(1).float()  # valid ones first
+        idx = score.topk(self.cfg.track_points, dim=1).indices
+        return torch.stack([idx % W, idx // W], -1).float()
 
     def state(self, step: int, history: list[dict], extra: dict) -> tuple[dict[str, Tensor], dict]:
         tensors, resume = training_state(self.params, self.opt)
@@ -261,7 +283,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
                 history.append({"step": step + 1, **terms})
                 done += 1
                 vps = done * cfg.batch * cfg.views / (time.perf_counter() - t0)
-                bar.update(task, advance=1, losses=fmt_terms(terms, ("loss", "camera", "depth", "point")),
+                bar.update(task, advance=1, losses=fmt_terms(terms, ("loss", "camera", "depth", "point", "track")),
                            vps=f"{vps:.0f}")
                 if n_curve and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
                     evals.append(curve_point(step + 1))
@@ -306,7 +328,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
                          "heldout_plot": "heldout.png"}}
     atomic_write_text(run.out / "metrics.json", json.dumps({**summary, "history": history}, indent=1),
                       overwrite=True)
-    panels = [("task loss", ("loss",), True), ("terms", ("camera", "depth", "point"), True)]
+    panels = [("task loss", ("loss",), True), ("terms", ("camera", "depth", "point", "track"), True)]
     atomic_write_bytes(run.out / "loss.png", loss_plot(history, panels, f"lite3r pretrain {cfg.backbone}"),
                        overwrite=True)
     if evals:
@@ -337,6 +359,7 @@ def reproduce_command(cfg: PretrainConfig) -> str:
     return (f"lite3r pretrain {cfg.family} --size {cfg.size} --steps {cfg.steps} --batch {cfg.batch} --views "
             f"{cfg.views} --res {cfg.res[0]},{cfg.res[1]} --lr {cfg.lr} --warmup {cfg.warmup} --weight-decay "
             f"{cfg.weight_decay} --w-camera {cfg.w_camera:g} --w-depth {cfg.w_depth:g} --w-point {cfg.w_point:g} "
+            + (f"--w-track {cfg.w_track:g} --track-points {cfg.track_points} " if cfg.w_track else "") +
             f"--seed {cfg.seed} --fov-init {cfg.fov_init:g}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC
                                                                  else "") + (f" --sky {cfg.sky}" if cfg.sky != "plain" else ""))
 

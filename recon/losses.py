@@ -3,6 +3,7 @@
 VGGT (camera + depth + point, as in the official training code's multitask loss):
 
     L = w_cam * L_camera + w_depth * (L_conf + L_reg + L_grad)(depth) + w_point * (L_conf + L_reg + L_grad)(points)
+        + w_track * (L1 of the tracks + BCE of their visibility)       (w_track: 0 unless asked; pretraining uses it)
 
 - camera: L1 on the pose encoding `[t(3), quat xyzw(4), fov_h, fov_w]` of every refinement iteration, weighted
   `gamma ** (n - 1 - i)` (the last iteration weighs 1) and averaged; translation, rotation and field of view weighted
@@ -135,6 +136,23 @@ def camera_loss(pose_encs: list[Tensor], gt_enc: Tensor, valid_frames: Tensor, w
     return out
 
 
+def track_loss(tracks: list[Tensor], vis: Tensor, gt_tracks: Tensor, gt_vis: Tensor, w: LossWeights
+               ) -> dict[str, Tensor]:
+    """Tracks [B,S,N,2] of each refinement iteration (pixels), visibility [B,S,N] in (0, 1) vs the ground truth ->
+    per-sample terms [B]: L1 of the visible points' pixel error (later iterations weigh more, `track_gamma`) and the
+    visibility's binary cross-entropy, over frames 1.. (frame 0 is the query itself)."""
+    n = len(tracks)
+    m = gt_vis[:, 1:]
+    err = 0
+    for i, tr in enumerate(tracks):
+        d = (tr[:, 1:].float() - gt_tracks[:, 1:]).abs().mean(-1)
+        err = err + w.track_gamma ** (n - 1 - i) * _masked_mean_per_sample(d, m)
+    bce = F.binary_cross_entropy(vis[:, 1:].float().clamp(1e-6, 1 - 1e-6), m.float(), reduction="none")
+    out = {"track_px": err / n, "track_vis": bce.flatten(1).mean(1)}
+    out["track"] = out["track_px"] + out["track_vis"]
+    return out
+
+
 def _dense_terms(name: str, pred: Tensor, gt: Tensor, mask: Tensor, conf: Tensor, w: LossWeights, grad_fn) -> dict:
     lc, lr = conf_regression_loss(pred, gt, mask, conf, gamma=w.conf_gamma, alpha=w.conf_alpha,
                                   valid_range=w.valid_range)
@@ -152,8 +170,9 @@ def _finish(terms: dict[str, Tensor], total: Tensor, sample_ok: Tensor) -> dict[
 
 def vggt_task_loss(pred: dict[str, Tensor], gt: dict[str, Tensor], w: LossWeights = LossWeights()) -> dict[str, Tensor]:
     """VGGT's training objective. pred: the model's dict (pose_enc or pose_enc_list, depth [B,S,H,W,1], depth_conf,
-    world_points [B,S,H,W,3], world_points_conf); gt: `normalize_scene` output (or a teacher's predictions in the
-    same keys, optionally with its `pose_enc`). Returns scalar terms + "task"."""
+    world_points [B,S,H,W,3], world_points_conf; track_list and vis with query points); gt: `normalize_scene`
+    output (or a teacher's predictions in the same keys, optionally with its `pose_enc`; tracks [B,S,N,2] and
+    track_vis [B,S,N] for the tracking term). Returns scalar terms + "task"."""
     H, W = gt["depth"].shape[-2:]
     mask = gt["mask"]
     sample_ok = mask.flatten(1).sum(1) >= w.min_valid
@@ -175,6 +194,10 @@ def vggt_task_loss(pred: dict[str, Tensor], gt: dict[str, Tensor], w: LossWeight
                          normal_loss)
         terms.update(p)
         total = total + w.point * p["point"]
+    if w.track and "track_list" in pred and "tracks" in gt:
+        t = track_loss(pred["track_list"], pred["vis"], gt["tracks"], gt["track_vis"], w)
+        terms.update(t)
+        total = total + w.track * t["track"]
     return _finish(terms, total, sample_ok)
 
 

@@ -35,10 +35,12 @@ class LossWeights:
     camera: float = 5.0
     depth: float = 1.0
     point: float = 1.0
+    track: float = 0.0  # tracking (VGGT, when the ground truth has tracks); the official training uses 0.05 at 518 px
     trans: float = 1.0
     rot: float = 1.0
     focal: float = 0.5
     camera_gamma: float = 0.6  # decay over the camera head's refinement iterations
+    track_gamma: float = 0.8  # decay over the tracker's refinement iterations
     conf_gamma: float = 1.0
     conf_alpha: float = 0.2  # weight of -log(conf)
     grad_scales: int = 3

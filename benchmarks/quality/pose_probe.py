@@ -4,6 +4,8 @@
         [--fixed]    every scene has scene 11's content (only the cameras vary): relative pose = a comparison of views
         [--oracle]   scene 11's content and view 0 at azimuth 0: view 1's image alone gives the relative pose
         [--ls X] [--tok X]   LayerScale gammas / special tokens (camera, register) set to X at init
+        [--wtrack X] the tracking loss at weight X (exact tracks of view-0 pixels: a correspondence signal)
+        [--device cuda] [--minutes M]   train on a GPU; stop after M minutes (the schedule stays --steps long)
 
 Trains lite3r pretrain's Pretrainer on fresh scenes (CPU) and prints, every 100 steps, the correlation and spread of the
 predicted vs true relative rotation angle (view 0 to the others) on held-out scenes of the same distribution, and
@@ -28,6 +30,9 @@ p.add_argument("--lr", type=float, default=1e-3)
 p.add_argument("--wcam", type=float, default=5)
 p.add_argument("--wdepth", type=float, default=1)
 p.add_argument("--wpoint", type=float, default=1)
+p.add_argument("--wtrack", type=float, default=0)
+p.add_argument("--device", default="cpu")
+p.add_argument("--minutes", type=float, default=0)
 p.add_argument("--eval", type=int, default=32)
 p.add_argument("--ls", type=float, default=0)
 p.add_argument("--tok", type=float, default=0)
@@ -64,8 +69,9 @@ if a.oracle:  # fixed scene, view 0 fixed, only the span varies: view 1's image 
 torch.set_num_threads(a.threads)
 arc = tuple(float(x) for x in a.arc.split(",")); res = tuple(int(x) for x in a.res.split(","))
 cfg = PretrainConfig(views=a.views, res=res, batch=a.batch, lr=a.lr, warmup=50, steps=a.steps, eval_scenes=0,
-                     arc=arc, sky=a.sky, w_camera=a.wcam, w_depth=a.wdepth, w_point=a.wpoint)
-tr = Pretrainer(cfg, torch.device("cpu"))
+                     arc=arc, sky=a.sky, w_camera=a.wcam, w_depth=a.wdepth, w_point=a.wpoint, w_track=a.wtrack)
+dev = torch.device(a.device)
+tr = Pretrainer(cfg, dev)
 if a.load:
     tr.model.load_state_dict(torch.load(a.load))
 if a.tok:
@@ -77,7 +83,7 @@ if a.ls:
     with torch.no_grad():
         for n, q in tr.model.named_parameters():
             if n.endswith(".gamma"): q.fill_(a.ls)
-held = render_batch([2**31 + 7919 * k for k in range(a.eval)], a.views, res, device=torch.device("cpu"), arc=arc, sky=a.sky)
+held = render_batch([2**31 + 7919 * k for k in range(a.eval)], a.views, res, device=dev, arc=arc, sky=a.sky)
 def angles(q):  # quaternion xyzw [.., 4] -> rotation angle deg
     q = torch.nn.functional.normalize(q, dim=-1)
     return torch.rad2deg(2 * torch.acos(q[..., 3].abs().clamp(max=1)))
@@ -89,7 +95,7 @@ def ev_batch(b):
     e = vggt_pose_encoding(g["extrinsics"], g["intrinsics"], res)
     with torch.no_grad():
         pe = tr.model(b["images"])["pose_enc"]
-    t, pr = angles(e[:, 1:, 3:7]).flatten(), angles(pe[:, 1:, 3:7]).flatten()
+    t, pr = angles(e[:, 1:, 3:7]).flatten().cpu(), angles(pe[:, 1:, 3:7]).flatten().float().cpu()
     return float(np.corrcoef(pr.numpy(), t.numpy())[0, 1]), float(pr.std()), float(t.std())
 def ev():
     tb = ev_batch(tr.batch(a.steps + 7))
@@ -98,15 +104,20 @@ def ev():
     with torch.no_grad():
         pe = tr.model(held["images"])["pose_enc"]
     tr.model.train()
-    pred = angles(pe[:, 1:, 3:7]).flatten()
-    c = float(np.corrcoef(pred.numpy(), true.numpy())[0, 1])
+    pred = angles(pe[:, 1:, 3:7]).flatten().float()
+    c = float(np.corrcoef(pred.cpu().numpy(), true.cpu().numpy())[0, 1])
     return c, float(pred.std()), float(true.std()), float((pred - true).abs().mean()), float((pe[:, 1:, :3]-enc[:, 1:, :3]).abs().mean())
 t0 = time.time()
 for s in range(a.steps):
     o = tr.step(s)
+    if a.minutes and time.time() - t0 > 60 * a.minutes:
+        c, ps, ts, err, terr = ev()
+        print(f"{s+1} {time.time()-t0:.0f}s (time up) held corr {c:.2f} pred std {ps:.1f} |err| {err:.1f} deg", flush=True)
+        break
     if (s + 1) % 100 == 0 or s == 0:
         c, ps, ts, err, terr = ev()
         print(f"{s+1} {time.time()-t0:.0f}s cam {o['camera']:.3f} depth {o.get('depth', 0):.3f} | held corr {c:.2f} "
-              f"pred std {ps:.1f} true std {ts:.1f} |err| {err:.1f} deg  T err {terr:.3f}", flush=True)
+              f"pred std {ps:.1f} true std {ts:.1f} |err| {err:.1f} deg  T err {terr:.3f}"
+              + (f" track {o['track']:.3f}" if "track" in o else ""), flush=True)
 if a.save:
     torch.save(tr.model.state_dict(), a.save)
