@@ -112,3 +112,31 @@ def test_valid_range_drops_the_worst_pixels(q):
     err = torch.arange(1000.0).reshape(1, 1, 10, 100)
     keep = L._quantile_mask(err, torch.ones_like(err, dtype=torch.bool), q)
     assert int(keep.sum()) == int(np.floor(q * 999 + 0.5)) + 1
+
+
+def test_project_tracks_land_on_the_same_surface_point_and_the_track_loss_is_zero_there():
+    """Ground-truth tracks (pretrain --w-track): frame 0 is the query; a visible track lands on a pixel whose world
+    point is the query's (to the pixel rounding); the tracking loss of the exact tracks is only the visibility term."""
+    from lite3r_backbones.cameras import normalize_scene, project_tracks
+    from lite3r_recon.losses import track_loss
+    from lite3r_recon.synthetic import render_batch
+    from lite3r_recon.train_config import LossWeights
+
+    b = render_batch([5], 3, (56, 70))
+    gt = normalize_scene(b["extrinsics"], b["intrinsics"], b["depth"], b["mask"])
+    v0, u0 = gt["mask"][0, 0].nonzero()[::7].unbind(-1)
+    q = torch.stack([u0, v0], -1)[None].float()
+    xy, vis = project_tracks(q, gt["depth"], gt["extrinsics"], gt["intrinsics"], gt["mask"])
+    assert torch.allclose(xy[:, 0], q, atol=1e-3) and bool(vis[:, 0].all())
+    assert 0 < int(vis[:, 1:].sum()) < vis[:, 1:].numel()  # some points hidden or out of view, some seen
+    pts = gt["world_points"][0]
+    for s in (1, 2):
+        m = vis[0, s]
+        u, v = xy[0, s, m].round().long().unbind(-1)
+        gap = (pts[s, v, u] - pts[0, v0[m], u0[m]]).norm(dim=-1)
+        assert float(gap.median()) < 0.03
+    vis_p = vis.float().clamp(0.01, 0.99)
+    exact = track_loss([xy], vis_p, xy, vis, LossWeights())
+    assert float(exact["track_px"]) == 0.0
+    moved = track_loss([xy + 2.0], vis_p, xy, vis, LossWeights())
+    assert abs(float(moved["track_px"]) - 2.0) < 1e-5
