@@ -43,36 +43,30 @@ def unproject_depth(depth: Tensor, extrinsics: Tensor, intrinsics: Tensor) -> Te
     return torch.einsum("...ji,...hwj->...hwi", R, cam - t[..., None, None, :])
 
 
-
 @torch.no_grad()
-def project_tracks(query: Tensor, depth: Tensor, extrinsics: Tensor, intrinsics: Tensor, mask: Tensor, *,
-                   occlusion_tol: float = 0.03) -> tuple[Tensor, Tensor]:
+def project_tracks(query: Tensor, world_points: Tensor, depth: Tensor, extrinsics: Tensor, intrinsics: Tensor,
+                   mask: Tensor, *, occlusion_tol: float = 0.03) -> tuple[Tensor, Tensor]:
     """Ground-truth tracks of pixels of frame 0 through every frame, from exact depth and cameras.
 
-    query [B,N,2] pixels (x, y; integer = pixel centre, as `unproject_depth`) of frame 0 with valid depth; depth and
-    mask [B,S,H,W]; extrinsics [B,S,3,4] w2c; intrinsics [B,S,3,3] -> (tracks [B,S,N,2] pixels, vis [B,S,N] bool).
-    A point is visible in frame s when it projects in front of the camera, inside the image, onto a valid pixel whose
-    depth agrees with the point's to `occlusion_tol` (relative): otherwise something nearer hides it."""
+    query [B,N,2] integer pixels (x, y) of frame 0; world_points [B,S,H,W,3] (`unproject_depth`), depth and mask
+    [B,S,H,W], extrinsics [B,S,3,4] w2c, intrinsics [B,S,3,3] -> (tracks [B,S,N,2] pixels, vis [B,S,N] bool). A point
+    is visible in frame s when it projects in front of the camera, inside the image, onto a valid pixel whose depth
+    agrees with the point's to `occlusion_tol` (relative): otherwise something nearer hides it. A query without
+    valid depth is visible nowhere."""
     B, S, H, W = depth.shape
-    depth, query = depth.float(), query.float()
-    u, v = query.unbind(-1)
+    u, v = query.long().unbind(-1)
     b = torch.arange(B, device=depth.device)[:, None]
-    z0 = depth[b, 0, v.round().long().clamp(0, H - 1), u.round().long().clamp(0, W - 1)]  # [B,N]
-    K0, E0 = intrinsics[:, 0].float(), extrinsics[:, 0].float()
-    rays = torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(K0).transpose(-1, -2)  # [B,N,3], z = 1
-    world = (rays * z0[..., None] - E0[:, None, :, 3]) @ E0[:, :, :3]  # R^T (x_cam - t)
-    R, t = extrinsics[..., :3].float(), extrinsics[..., 3].float()
-    cam = torch.einsum("bsij,bnj->bsni", R, world) + t[:, :, None]  # [B,S,N,3]
+    world, valid = world_points[b, 0, v, u].float(), mask[b, 0, v, u]  # [B,N,3], [B,N]
+    cam = torch.einsum("bsij,bnj->bsni", extrinsics[..., :3].float(), world) + extrinsics[:, :, None, :, 3].float()
     z = cam[..., 2]
-    pix = torch.einsum("bsij,bsnj->bsni", intrinsics.float(), cam)
-    xy = pix[..., :2] / z.clamp_min(1e-6)[..., None]
-    inside = (z > 1e-6) & (xy[..., 0] >= -0.5) & (xy[..., 0] <= W - 0.5) & (xy[..., 1] >= -0.5) & (xy[..., 1] <= H - 0.5)
-    ui, vi = xy[..., 0].round().long().clamp(0, W - 1), xy[..., 1].round().long().clamp(0, H - 1)
+    xy = torch.einsum("bsij,bsnj->bsni", intrinsics.float(), cam)[..., :2] / z.clamp_min(1e-6)[..., None]
+    x, y = xy.unbind(-1)
+    inside = (z > 1e-6) & (x >= -0.5) & (x <= W - 0.5) & (y >= -0.5) & (y <= H - 0.5)
+    ui, vi = x.round().long().clamp(0, W - 1), y.round().long().clamp(0, H - 1)
     s = torch.arange(S, device=depth.device)[None, :, None]
-    seen, ok = depth[b[:, :, None], s, vi, ui], mask[b[:, :, None], s, vi, ui]
-    vis = inside & ok & ((seen - z).abs() <= occlusion_tol * z) & (z0 > 0)[:, None]  # a query without depth: none
+    seen, ok = depth[b[:, :, None], s, vi, ui].float(), mask[b[:, :, None], s, vi, ui]
+    vis = inside & ok & ((seen - z).abs() <= occlusion_tol * z) & valid[:, None]
     return xy, vis
-
 
 @torch.no_grad()
 def normalize_scene(extrinsics: Tensor, intrinsics: Tensor, depth: Tensor, mask: Tensor) -> dict[str, Tensor]:

@@ -298,7 +298,8 @@ class VGGT(nn.Module):
     [B,S,H,W], ``world_points`` [B,S,H,W,3], ``world_points_conf`` [B,S,H,W], and ``images`` (the input, as the
     official model does at inference). H and W must be multiples of 14 (``load_images`` does that).
     With ``query_points`` [B,Q,2] or [Q,2] (pixels x, y of the input images, in frame 0) also ``track`` [B,S,Q,2]
-    (pixels, last iteration; frame 0 is the query; ``track_list``: every iteration), ``vis`` and ``conf`` [B,S,Q] in (0, 1), from the tracking head
+    (pixels, last iteration; frame 0 is the query; ``track_list``: every iteration), ``vis`` and ``conf`` [B,S,Q]
+    in (0, 1), from the tracking head
     (``track_head.*``, see track_head.py). The official VGGT-1B file loads strictly as it is; a model built with
     ``enable_track=False`` has no tracking head and skips those keys only when asked
     (``skip_prefixes=model.optional_checkpoint_prefixes``). The tracking head runs at the heads' precision

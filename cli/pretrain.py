@@ -61,7 +61,7 @@ class PretrainConfig:
     w_camera: float = LossWeights.camera
     w_depth: float = LossWeights.depth
     w_point: float = LossWeights.point
-    w_track: float = 0.0  # VGGT: the tracking loss (a correspondence signal: tracks of frame-0 pixels, exact from the scene)
+    w_track: float = 0.0  # VGGT: the tracking loss (a correspondence signal: exact tracks of frame-0 pixels)
     track_points: int = 64  # query pixels of frame 0 per scene for the tracking loss
     seed: int = 0
     ckpt_every: int = 250
@@ -173,13 +173,13 @@ class Pretrainer:
         query = None
         if self.cfg.w_track:
             query = self.track_queries(step, gt["mask"][:, 0])
-            gt["tracks"], gt["track_vis"] = project_tracks(query, gt["depth"], gt["extrinsics"], gt["intrinsics"],
-                                                           gt["mask"])
+            gt["tracks"], gt["track_vis"] = project_tracks(query, gt["world_points"], gt["depth"], gt["extrinsics"],
+                                                           gt["intrinsics"], gt["mask"])
         for g in self.opt.param_groups:
             g["lr"] = lr_at(step, self.cfg)
         self.opt.zero_grad(set_to_none=True)
         with autocast(self.device):
-            out = self.model(b["images"], query_points=query) if query is not None else self.model(b["images"])
+            out = self.model(b["images"]) if query is None else self.model(b["images"], query_points=query)  # DA3: none
             terms = self.loss_fn(out, gt, self.weights)
         loss = terms["task"]
         loss.backward()

@@ -125,9 +125,9 @@ def test_project_tracks_land_on_the_same_surface_point_and_the_track_loss_is_zer
     b = render_batch([5], 3, (56, 70))
     gt = normalize_scene(b["extrinsics"], b["intrinsics"], b["depth"], b["mask"])
     v0, u0 = gt["mask"][0, 0].nonzero()[::7].unbind(-1)
-    q = torch.stack([u0, v0], -1)[None].float()
-    xy, vis = project_tracks(q, gt["depth"], gt["extrinsics"], gt["intrinsics"], gt["mask"])
-    assert torch.allclose(xy[:, 0], q, atol=1e-3) and bool(vis[:, 0].all())
+    q = torch.stack([u0, v0], -1)[None]
+    xy, vis = project_tracks(q, gt["world_points"], gt["depth"], gt["extrinsics"], gt["intrinsics"], gt["mask"])
+    assert torch.allclose(xy[:, 0], q.float(), atol=1e-3) and bool(vis[:, 0].all())
     assert 0 < int(vis[:, 1:].sum()) < vis[:, 1:].numel()  # some points hidden or out of view, some seen
     pts = gt["world_points"][0]
     for s in (1, 2):
