@@ -147,7 +147,9 @@ def track_loss(tracks: list[Tensor], vis: Tensor, gt_tracks: Tensor, gt_vis: Ten
     for i, tr in enumerate(tracks):
         d = (tr[:, 1:].float() - gt_tracks[:, 1:]).abs().mean(-1)
         err = err + w.track_gamma ** (n - 1 - i) * _masked_mean_per_sample(d, m)
-    bce = F.binary_cross_entropy(vis[:, 1:].float().clamp(1e-6, 1 - 1e-6), m.float(), reduction="none")
+    # written out: F.binary_cross_entropy refuses to run under CUDA autocast, and the head gives probabilities
+    p, t = vis[:, 1:].float().clamp(1e-6, 1 - 1e-6), m.float()
+    bce = -(t * p.log() + (1 - t) * (1 - p).log())
     out = {"track_px": err / n, "track_vis": bce.flatten(1).mean(1)}
     out["track"] = out["track_px"] + out["track_vis"]
     return out
