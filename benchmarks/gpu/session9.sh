@@ -15,9 +15,13 @@ timeout -s TERM $(python3 -c "print(int($M * 60 + 20))") lite3r pretrain vggt --
   --w-track 0.2 --seed 0 --ckpt-every 250 --eval-every 100 --out runs/t9 --quiet > "$O/pretrain.log" 2>&1
 step "pretrain vggt-tiny + track" $?
 wait
-S=$(python3 -c "import json;print(json.load(open('runs/t9/checkpoints/latest.json'))['step'])")
-timeout 90 lite3r pretrain vggt --out runs/t9 --resume --steps $S --quiet >> "$O/pretrain.log" 2>&1  # finalise
-step "finalised at step $S" $?
+if [ -f runs/t9/checkpoints/latest.json ]; then  # finalise at the step reached
+  S=$(python3 -c "import json;print(json.load(open('runs/t9/checkpoints/latest.json'))['step'])")
+  timeout 90 lite3r pretrain vggt --out runs/t9 --resume --steps $S --quiet >> "$O/pretrain.log" 2>&1
+  step "finalised at step $S" $?
+else
+  step "no checkpoint to finalise" 1; tail -20 "$O/pretrain.log"
+fi
 step "all" 0
 summ "$O/da3_128_mem.json"
 tail -3 "$O/pretrain.log"; grep -h "held corr\|time up" "$O/probe_track.log" | tail -40
@@ -32,7 +36,7 @@ except Exception as e:
     print("no metrics", e)
 PY
 # back: the checkpoint (for --resume) in 15 MiB parts, everything else in one tar (at most 8 files come back)
-L=$(python3 -c "import json;print(json.load(open('runs/t9/checkpoints/latest.json'))['name'])")
+L=$(python3 -c "import json;print(json.load(open('runs/t9/checkpoints/latest.json'))['name'])" 2>/dev/null) && \
 tar -cf - runs/t9/config.json runs/t9/checkpoints/latest.json runs/t9/checkpoints/$L.* | split -b 15M - "$OUT/ckpt.tar.part"
 cp runs/t9/teacher.safetensors runs/t9/teacher.json runs/t9/metrics.json runs/t9/*.png "$O/" 2>/dev/null
 tar -cf "$OUT/s9.tar" -C "$OUT" s9 && rm -rf "$O"
