@@ -69,7 +69,7 @@ SHIPPED: dict[str, tuple[str, dict]] = {
 }
 # config fields that change no parameter: the shipped weights still fit when these are overridden
 INFERENCE_FIELDS = frozenset({"lean", "frames_chunk_size", "head_dtype", "grad_checkpointing", "camera_iterations",
-                              "with_ray", "normalize", "ref_view_strategy"})
+                              "with_ray", "normalize", "ref_view_strategy", "kept_fp8", "mlp_chunk_tokens"})
 
 
 def shipped_weights(name: str) -> Path | None:

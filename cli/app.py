@@ -390,6 +390,9 @@ def pretrain(
     track_points: Annotated[Optional[int], typer.Option(help="VGGT: query pixels of view 0 per scene for the "
                                                              "tracking loss (default 64)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="init and data seed (default 0)")] = None,
+    init: Annotated[Optional[str], typer.Option(help="start from these weights instead of a random init: a "
+                                                     "teacher.safetensors, or 'shipped' (the shipped tiny teacher); "
+                                                     "fresh optimizer and schedule, so pass a new --seed")] = None,
     ckpt_every: Annotated[Optional[int], typer.Option(help="checkpoint every N steps (default 250)")] = None,
     eval_every: Annotated[Optional[int], typer.Option(help="held-out curve point every N steps (default 250)")] = None,
     eval_scenes: Annotated[Optional[int], typer.Option(help="held-out scenes of the final metrics (default 16)")] = None,
@@ -407,7 +410,7 @@ def pretrain(
                    device=device, quiet=quiet, steps=steps, batch=batch, views=views, res=res, lr=lr,
                    warmup=warmup, weight_decay=weight_decay, arc=arc, sky=sky, fov_init=fov_init,
                    w_camera=w_camera, w_depth=w_depth, w_point=w_point, w_track=w_track, track_points=track_points,
-                   seed=seed, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
+                   seed=seed, init=init, ckpt_every=ckpt_every, eval_every=eval_every, eval_scenes=eval_scenes)
 
 
 class StudyDataset(str, Enum):

@@ -67,6 +67,7 @@ class PretrainConfig:
     ckpt_every: int = 250
     eval_every: int = 250  # held-out AUC@30 / AbsRel on a few scenes every N steps (the curve in heldout.png)
     eval_scenes: int = 16  # held-out scenes of the final metrics
+    init: str | None = None  # start from these weights (a teacher.safetensors, or "shipped") instead of a random draw
 
     def __post_init__(self):
         if self.family not in ("vggt", "da3"):
@@ -100,6 +101,8 @@ class PretrainConfig:
             raise InvalidInput(f"--track-points must be at least 1, got {self.track_points}")
         if min(self.w_camera, self.w_depth, self.w_point, self.w_track, self.weight_decay) < 0:
             raise InvalidInput("the task loss weights and --weight-decay must be non-negative")
+        if self.init is not None and self.init != "shipped" and not os.path.isfile(self.init):
+            raise InvalidInput(f"--init {self.init}: no such file (a teacher.safetensors, or 'shipped')")
 
     @property
     def backbone(self) -> str:
@@ -117,6 +120,19 @@ class PretrainConfig:
 def train_seed(seed: int, step: int, index: int) -> int:
     """The training scene of sample `index` at `step` (below HELDOUT: never a held-out scene)."""
     return scene_seed(seed, step, index) % HELDOUT
+
+
+def initial_model(cfg: PretrainConfig, **overrides) -> nn.Module:
+    """The model a run starts from: `cfg.init`'s weights loaded strictly (a teacher trained on, e.g. the shipped one
+    continued after a session's device time ran out: a fresh AdamW and schedule, so give it a new --seed for new
+    scenes), or a random draw from `cfg.seed`."""
+    if cfg.init is None:
+        return random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, **overrides)
+    from lite3r_backbones import build_backbone, shipped_weights
+
+    if cfg.init == "shipped" and shipped_weights(cfg.backbone) is None:
+        raise InvalidInput(f"--init shipped: {cfg.backbone} has no shipped weights (pass a teacher.safetensors)")
+    return build_backbone(cfg.backbone, weights=None if cfg.init == "shipped" else cfg.init, **overrides).float()
 
 
 def random_model(name: str, seed: int, *, fov_init: float = 0.0, **overrides) -> nn.Module:
@@ -149,8 +165,7 @@ class Pretrainer:
         if cfg.w_track:
             extra["enable_track"] = True  # vggt-small is built without its tracking head otherwise
         # the heads over all frames at once: fewer kernel launches (a tiny teacher's step is launch-bound)
-        self.model = random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, frames_chunk_size=None,
-                                  **extra).to(device).train()
+        self.model = initial_model(cfg, frames_chunk_size=None, **extra).to(device).train()
         self.skipped = 0  # consecutive steps skipped for a non-finite loss or gradient
         self.params = dict(self.model.named_parameters())
         self.opt = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -314,7 +329,7 @@ def pretrain(cfg: PretrainConfig, out: str | os.PathLike, *, resume: bool = Fals
     info = {"format": FORMAT, "backbone": cfg.backbone, "config": cfg.to_json(), "command": command,
             "seed": cfg.seed, "parameters": n_params, "dtype": "float16",
             "heldout": {"seeds": f"{HELDOUT} + k, k < {cfg.eval_scenes}", "views": cfg.views, "size": list(cfg.res)},
-            "metrics": {"random_init": init_metrics, "trained": final},
+            "metrics": {"random_init" if cfg.init is None else "init": init_metrics, "trained": final},
             "train_seconds": round(seconds, 1), "device": str(d.device),
             "gpu": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else None}
     from safetensors.torch import save
@@ -361,7 +376,8 @@ def reproduce_command(cfg: PretrainConfig) -> str:
             f"{cfg.weight_decay} --w-camera {cfg.w_camera:g} --w-depth {cfg.w_depth:g} --w-point {cfg.w_point:g} "
             + (f"--w-track {cfg.w_track:g} --track-points {cfg.track_points} " if cfg.w_track else "") +
             f"--seed {cfg.seed} --fov-init {cfg.fov_init:g}" + (f" --arc {cfg.arc[0]:g},{cfg.arc[1]:g}" if cfg.arc != ARC
-                                                                 else "") + (f" --sky {cfg.sky}" if cfg.sky != "plain" else ""))
+                                                                 else "") + (f" --sky {cfg.sky}" if cfg.sky != "plain" else "")
+            + (f" --init {cfg.init}" if cfg.init else ""))
 
 
 def _table(cfg: PretrainConfig, init: dict, final: dict):
@@ -370,7 +386,7 @@ def _table(cfg: PretrainConfig, init: dict, final: dict):
     table = Table(title=f"{cfg.backbone} on {cfg.eval_scenes} held-out synthetic scenes ({cfg.views} views, "
                         f"{cfg.res[0]}x{cfg.res[1]})")
     table.add_column("metric")
-    table.add_column("random init", justify="right")
+    table.add_column("random init" if cfg.init is None else "start (--init)", justify="right")
     table.add_column("pretrained", justify="right")
     for k in SHOW:
         if k in final or k in init:

@@ -161,3 +161,22 @@ def test_cli_runs_and_refuses_bad_options(tmp_path):
     r = _cli("pretrain", "vggt", "--res", "30", "--out", tmp_path / "bad")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         "error: --res must be H,W or one size, positive multiples of the patch size 14; got (30, 30)"]
+
+
+def test_init_starts_from_the_given_weights(tmp_path):
+    """--init: the run starts from a teacher's weights (loaded strictly), not from a draw of --seed; a missing file
+    or 'shipped' for a backbone without shipped weights is a one-line error."""
+    first = tmp_path / "first"
+    pretrain(PretrainConfig(**{**TINY, "steps": 2}), first, quiet=True, device="cpu")
+    start = load_file(str(first / "teacher.safetensors"))
+    cfg = PretrainConfig(**{**TINY, "steps": 1, "ckpt_every": 1, "seed": 5, "lr": 1e-12, "warmup": 0,
+                            "weight_decay": 0.0, "init": str(first / "teacher.safetensors")})
+    summary = pretrain(cfg, tmp_path / "cont", quiet=True, device="cpu")
+    after = load_file(str(tmp_path / "cont" / "teacher.safetensors"))  # one step at lr ~0: the start, fp16-rounded
+    assert after.keys() == start.keys() and all(torch.equal(after[k], start[k]) for k in start)
+    assert "--init" in summary["command"] and set(summary["metrics"]) == {"init", "trained"}
+    with pytest.raises(ValueError, match="--init .*no such file"):
+        PretrainConfig(**{**TINY, "init": str(tmp_path / "nope.safetensors")})
+    with pytest.raises(ValueError, match="no shipped weights"):
+        pretrain(PretrainConfig(**{**TINY, "size": "small", "init": "shipped"}), tmp_path / "s", quiet=True,
+                 device="cpu")

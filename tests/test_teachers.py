@@ -24,10 +24,12 @@ def _metrics(model, data):
 def test_shipped_teacher_beats_random_init(name, data):
     teacher = _metrics(build_backbone(name), data)
     random = _metrics(build_backbone(name, weights="random"), data)
-    assert teacher["abs_rel"] < 0.12 and random["abs_rel"] > 0.25  # the shipped files: 0.07 / 0.09 on 16 scenes
+    assert teacher["abs_rel"] < 0.12 and random["abs_rel"] > 0.25  # the shipped files: 0.05 / 0.09 on 16 scenes
     assert teacher["abs_rel"] < 0.5 * random["abs_rel"]
     assert teacher["delta1"] > random["delta1"] + 0.3
-    assert teacher["rot_err"] < random["rot_err"] - 10  # degrees: its cameras are far from learned, but not random
+    assert teacher["rot_err"] < random["rot_err"] - 10  # degrees
+    if name == "vggt-tiny":  # the session-11 teacher compares views: AUC@30 0.44 / rotation error 20 deg here
+        assert teacher["auc30"] > 0.25 and teacher["rot_err"] < 30 and random["auc30"] < 0.05
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -49,8 +51,9 @@ def test_default_weights_are_the_shipped_file_loaded_strictly(name):
 def test_random_and_overrides():
     a, b = build_backbone("vggt-tiny", weights="random"), build_backbone("vggt-tiny")
     assert not torch.equal(a.aggregator.camera_token, b.aggregator.camera_token)
-    lean = build_backbone("vggt-tiny", lean=False)  # an inference option: still the teacher
-    assert torch.equal(lean.aggregator.camera_token, b.aggregator.camera_token)
+    for option in ({"lean": False}, {"kept_fp8": True}, {"mlp_chunk_tokens": 64}):  # inference options: the teacher
+        same = build_backbone("vggt-tiny", **option)
+        assert torch.equal(same.aggregator.camera_token, b.aggregator.camera_token), option
     assert build_backbone("da3-tiny", ref_view_strategy="saddle_balanced").config.ref_view_strategy == "saddle_balanced"
     other = build_backbone("vggt-tiny", dpt_features=16)  # another architecture: random init, it builds
     assert other.depth_head.scratch.layer1_rn.weight.shape[0] == 16
