@@ -126,8 +126,11 @@ def test_vggt_1b_strict_load_and_track_parity(shared_reference, fx):
 
 @pytest.fixture(scope="module")
 def tiny():
+    # a seeded random init: these tests check the tracker's code paths to rounding. The shipped teacher's tracker is
+    # trained (session 11) and on noise images its refinements amplify rounding to pixels (1.9 px between batch
+    # sizes, 2.5 px dense vs SLA at topk 1); the file shipped before had this random tracking head.
     torch.manual_seed(0)
-    return build_backbone("vggt-tiny").eval()
+    return build_backbone("vggt-tiny", weights="random").eval()
 
 
 def test_tiny_model_tracks(tiny):
