@@ -1,6 +1,6 @@
 """`lite3r pretrain`: a dense teacher (VGGT or DA3) trained from scratch with its own task loss on synthetic scenes.
 
-    model = build_backbone(f"{family}-{size}", weights="random")   # drawn from --seed
+    model = build_backbone(f"{family}-{size}", weights="random")   # drawn from --seed (or --init's weights)
     loss  = TASK_LOSSES[family](model(images), normalize_scene(ground truth))   (recon.losses)
 
 Every sample is a new procedural scene (recon.synthetic), rendered on the training device a batch at a time: sample
@@ -101,7 +101,12 @@ class PretrainConfig:
             raise InvalidInput(f"--track-points must be at least 1, got {self.track_points}")
         if min(self.w_camera, self.w_depth, self.w_point, self.w_track, self.weight_decay) < 0:
             raise InvalidInput("the task loss weights and --weight-decay must be non-negative")
-        if self.init is not None and self.init != "shipped" and not os.path.isfile(self.init):
+        if self.init == "shipped":
+            from lite3r_backbones import shipped_weights
+
+            if shipped_weights(self.backbone) is None:
+                raise InvalidInput(f"--init shipped: {self.backbone} has no shipped weights (pass a teacher.safetensors)")
+        elif self.init is not None and not os.path.isfile(self.init):
             raise InvalidInput(f"--init {self.init}: no such file (a teacher.safetensors, or 'shipped')")
 
     @property
@@ -128,11 +133,9 @@ def initial_model(cfg: PretrainConfig, **overrides) -> nn.Module:
     scenes), or a random draw from `cfg.seed`."""
     if cfg.init is None:
         return random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, **overrides)
-    from lite3r_backbones import build_backbone, shipped_weights
+    from lite3r_backbones import build_backbone
 
-    if cfg.init == "shipped" and shipped_weights(cfg.backbone) is None:
-        raise InvalidInput(f"--init shipped: {cfg.backbone} has no shipped weights (pass a teacher.safetensors)")
-    return build_backbone(cfg.backbone, weights=None if cfg.init == "shipped" else cfg.init, **overrides).float()
+    return build_backbone(cfg.backbone, weights=None if cfg.init == "shipped" else cfg.init, **overrides)
 
 
 def random_model(name: str, seed: int, *, fov_init: float = 0.0, **overrides) -> nn.Module:

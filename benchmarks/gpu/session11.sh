@@ -9,15 +9,6 @@
 source "$(dirname "$0")/common.sh" s11$1
 M=${MINUTES:-7.5}
 T=$(python3 -c "print(int($M * 60))")
-finalise() {  # $1 run folder: finalise a SIGTERM'd pretrain at the step its last checkpoint holds
-  if [ -f $1/checkpoints/latest.json ]; then
-    S=$(python3 -c "import json;print(json.load(open('$1/checkpoints/latest.json'))['step'])")
-    timeout 120 lite3r pretrain vggt --out $1 --resume --steps $S --quiet >> "$O/$(basename $1).log" 2>&1
-    step "$1 finalised at step $S" $?
-  else
-    step "$1: no checkpoint to finalise" 1; tail -20 "$O/$(basename $1).log"
-  fi
-}
 evals() { python3 - $1 <<'PY'
 import json, os, sys
 run = sys.argv[1]
@@ -46,18 +37,13 @@ tiny() {  # $1: fresh | resume
     >> "$O/t11.log" 2>&1
   step "tiny $1" $?
 }
-tiny_back() {
-  L=$(python3 -c "import json;print(json.load(open('runs/t11/checkpoints/latest.json'))['name'])") && \
-  tar -cf - runs/t11/config.json runs/t11/checkpoints/latest.json runs/t11/checkpoints/$L.* \
-    runs/t11/metrics.json 2>/dev/null | split -b 15M - "$OUT/ckpt.tar.part"
-}
 case $1 in
 a)
   timeout -s TERM $T lite3r pretrain vggt --size small --steps ${STEPS:-1200} --batch 4 --views 16 --res 252,252 \
     --lr 0.001 --warmup 60 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --seed 0 --ckpt-every 100 \
     --eval-every 200 --eval-scenes 32 --out runs/s11 --quiet > "$O/s11.log" 2>&1
   step "pretrain vggt-small" $?
-  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11
+  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11 "$O/s11.log"
   evals runs/s11; tail -5 "$O/s11.log"
   cp runs/s11/teacher.json runs/s11/metrics.json runs/s11/*.png "$O/" 2>/dev/null
   tar -cf - runs/s11/teacher.safetensors runs/s11/teacher.json | split -b 15M - "$OUT/small.tar.part"
@@ -71,11 +57,11 @@ b)
   cat "$O/study.log" | tail -30
   cp runs/study-small/study.json runs/study-small/study.png "$O/" 2>/dev/null
   for r in runs/study-small/*/; do cp $r/metrics.json "$O/$(basename $r)-metrics.json" 2>/dev/null; done
-  wait; tiny_back; evals runs/t11
+  wait; ckpt_back runs/t11 ckpt runs/t11/metrics.json; evals runs/t11
   ;;
 c)
   tiny resume
-  finalise runs/t11; evals runs/t11
+  finalise runs/t11 "$O/t11.log"; evals runs/t11
   cp runs/t11/teacher.safetensors runs/t11/teacher.json runs/t11/metrics.json runs/t11/*.png "$O/" 2>/dev/null
   ;;
 esac

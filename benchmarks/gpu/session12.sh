@@ -14,13 +14,9 @@ fi
 timeout -s TERM $(python3 -c "print(int($M * 60))") lite3r pretrain vggt $A --ckpt-every 200 --eval-every 200 \
   --out runs/t12 --quiet > "$O/t12.log" 2>&1
 step "tiny continued" $?
-if [ ! -f runs/t12/teacher.safetensors ] && [ -f runs/t12/checkpoints/latest.json ]; then
-  S=$(python3 -c "import json;print(json.load(open('runs/t12/checkpoints/latest.json'))['step'])")
-  L=$(python3 -c "import json;print(json.load(open('runs/t12/checkpoints/latest.json'))['name'])")
-  tar -cf - runs/t12/config.json runs/t12/checkpoints/latest.json runs/t12/checkpoints/$L.* | \
-    split -b 15M - "$OUT/ckpt.tar.part"
-  timeout 120 lite3r pretrain vggt --out runs/t12 --resume --steps $S --quiet >> "$O/t12.log" 2>&1
-  step "finalised at step $S" $?
+if [ ! -f runs/t12/teacher.safetensors ]; then  # stopped by the time limit: checkpoint back, then finalise
+  ckpt_back runs/t12 ckpt
+  finalise runs/t12 "$O/t12.log"
 fi
 cp runs/t12/teacher.safetensors runs/t12/teacher.json runs/t12/metrics.json runs/t12/*.png "$O/" 2>/dev/null
 tail -15 "$O/t12.log"
