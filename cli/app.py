@@ -434,6 +434,8 @@ def study(
                                                      "small, 518 otherwise)")] = None,
     topk: Annotated[Optional[str], typer.Option(help="kept fractions, comma separated (default 0.3,0.1,0.05; the "
                                                      "last is the trained rows')")] = None,
+    kept_blocks: Annotated[Optional[str], typer.Option(help="also untrained rows keeping these counts of key blocks "
+                                                            "per query block, comma separated (e.g. 4,8,16)")] = None,
     block: Annotated[Optional[int], typer.Option(help="SLA block size in tokens (default 64)")] = None,
     student: Annotated[Optional[Path], typer.Option(help="a trained student (lite3r train's folder or "
                                                          "student.safetensors, or a `lite3r export` artifact) for "
@@ -454,7 +456,7 @@ def study(
 
     _study.main(model, out=str(out) if out else None, device=device, overwrite=overwrite, quiet=quiet,
                 weights=str(weights) if weights else None, dataset=dataset.value, data=str(data) if data else None,
-                scenes=scenes, views=views, size=size, topks=topk, block=block,
+                scenes=scenes, views=views, size=size, topks=topk, kept_blocks=kept_blocks, block=block,
                 student=str(student) if student else None, train_steps=train_steps, train_batch=train_batch,
                 ablations=ablations)
 

@@ -5,6 +5,8 @@ Rows, all on the same scenes (held-out synthetic scenes by default, or --dataset
     dense                  the teacher (the shipped tiny teacher, or --weights)
     sla K                  SLA on global attention at kept fraction K, untrained (proj_l = 0: the sparse branch alone)
     sla K + fp8            the same + FP8 fake quant on the linears
+    sla B blocks (+ fp8)   SLA keeping a count of B key blocks per query block (--kept-blocks: the sparsity whose cost
+                           grows linearly with the views, as `lite3r bench --kept-blocks` deploys it), untrained
     qat                    SLA at the last K + FP8 after QAT + partial distillation (a short `lite3r train` run with
                            task + attention-distillation loss, or the trained --student)
     distill only           the same training, task-loss weights 0 (attention distillation alone)
@@ -52,6 +54,7 @@ class StudyConfig:
     views: int = 4
     size: tuple[int, int] | None = None  # default: 126x168 tiny, 252x252 small, 518x518 otherwise
     topks: tuple[float, ...] = (0.3, 0.1, 0.05)
+    kept_blocks: tuple[int, ...] = ()  # also rows at these counts of kept key blocks per query block (untrained)
     block: int = 64
     student: str | None = None  # a trained student for the "qat" row (no training run then)
     train_steps: int = 60
@@ -77,6 +80,9 @@ class StudyConfig:
             raise MissingInput(f"--student {self.student}: no such file or run folder")
         if not self.topks or not all(0 < k <= 1 for k in self.topks):
             raise InvalidInput(f"--topk values are kept fractions in (0, 1], got {self.topks}")
+        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.kept_blocks):
+            raise InvalidInput(f"--kept-blocks values are counts of key blocks per query block, >= 1; got "
+                               f"{self.kept_blocks}")
         if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
             raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
         size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))
@@ -85,6 +91,7 @@ class StudyConfig:
             raise InvalidInput(f"--size must be multiples of the patch size 14, got {size}")
         object.__setattr__(self, "size", size)
         object.__setattr__(self, "topks", tuple(float(k) for k in self.topks))
+        object.__setattr__(self, "kept_blocks", tuple(self.kept_blocks))
 
     def to_json(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -104,11 +111,12 @@ def linear_only(student: nn.Module) -> int:
     return n
 
 
-def _student(teacher: nn.Module, cfg: StudyConfig, topk: float, fp8: bool) -> nn.Module:
+def _student(teacher: nn.Module, cfg: StudyConfig, topk: float, fp8: bool, kept_blocks: int | None = None
+             ) -> nn.Module:
     from lite3r_recon import models
 
-    return models.make_student(teacher, lite3r.SLAConfig(topk=topk, block_q=cfg.block, block_k=cfg.block),
-                               fp8=fp8).eval()
+    sla = lite3r.SLAConfig(topk=topk, block_q=cfg.block, block_k=cfg.block, kept_blocks=kept_blocks)
+    return models.make_student(teacher, sla, fp8=fp8).eval()
 
 
 def attention_tokens(model: nn.Module, images: Tensor) -> int:
@@ -175,6 +183,11 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
         plan.append((f"sla {k:g}", {"topk": k, "fp8": False, "trained": False}, ("sla", k, False)))
     for k in cfg.topks:
         plan.append((f"sla {k:g} + fp8", {"topk": k, "fp8": True, "trained": False}, ("sla", k, True)))
+    for fp8 in (False, True):
+        for b in cfg.kept_blocks:  # topk: the fraction that count is of this sequence's key blocks
+            plan.append((f"sla {b} blocks" + (" + fp8" if fp8 else ""),
+                         {"topk": min(b, blocks) / blocks, "kept_blocks": b, "fp8": fp8, "trained": False},
+                         ("sla", 1.0, fp8, b)))
     k_last = cfg.topks[-1]
     trained_rows = ["qat"] + (["distill only", "task only"] if cfg.ablations else [])
     for r in trained_rows:
@@ -197,7 +210,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
             if how is None:
                 model = teacher
             elif how[0] == "sla":
-                model = _student(teacher, cfg, how[1], how[2]).to(device)
+                model = _student(teacher, cfg, *how[1:]).to(device)
             elif how[0] == "train" and name == "qat" and models.is_artifact(cfg.student):
                 model = models.load_artifact(cfg.student, device=device)  # a `lite3r export` file, as deployed
                 if model.name != teacher.name:
@@ -239,7 +252,8 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     if "auc30" in dense:
         summary["trained_auc30_gap_points"] = 100 * (dense["auc30"] - trained["auc30"])
     result = {"config": cfg.to_json(), "tokens": tokens, "key_blocks": blocks,
-              "kept_blocks": {f"{k:g}": min(blocks, max(1, math.ceil(k * blocks))) for k in cfg.topks},
+              "kept_blocks": {**{f"{k:g}": min(blocks, max(1, math.ceil(k * blocks))) for k in cfg.topks},
+                              **{f"{b} blocks": min(b, blocks) for b in cfg.kept_blocks}},
               "scenes": n, "device": str(device), "rows": rows, "summary": summary, "runs": runs}
     atomic_write_json(out / "study.json", result, overwrite=True)
     atomic_write_bytes(out / "study.png", _plot(rows, cfg, tokens, blocks), overwrite=True)
@@ -283,6 +297,11 @@ def _plot(rows: list[dict], cfg: StudyConfig, tokens: int, blocks: int) -> bytes
             xs = [k for k in cfg.topks]
             ys = [by[f"sla {k:g}" + (" + fp8" if fp8 else "")].get(key, math.nan) for k in xs]
             ax.plot(xs, ys, style, label="SLA untrained" + (" + FP8" if fp8 else ""))
+        for fp8, marker in ((False, "D"), (True, "P")):
+            counted = [r for r in rows if "kept_blocks" in r and r["fp8"] == fp8 and key in r]
+            if counted:
+                ax.plot([r["topk"] for r in counted], [r[key] for r in counted], marker, ls="none", ms=7,
+                        label="SLA kept-block count untrained" + (" + FP8" if fp8 else ""))
         ax.axhline(by["dense"][key], color="k", lw=1, label="dense teacher")
         for name, marker in (("qat", "*"), ("distill only", "^"), ("task only", "v"), ("linear only", "x")):
             if name in by and key in by[name]:
@@ -312,6 +331,12 @@ def main(model: str, *, out: str | None = None, device: str | None = None, overw
         except ValueError:
             raise InvalidInput(f"--topk takes comma-separated kept fractions like 0.3,0.1,0.05; got "
                              f"{given['topks']!r}") from None
+    if "kept_blocks" in given and isinstance(given["kept_blocks"], str):
+        try:
+            given["kept_blocks"] = tuple(int(t) for t in given["kept_blocks"].split(",") if t.strip())
+        except ValueError:
+            raise InvalidInput(f"--kept-blocks takes comma-separated counts like 4,8,16; got "
+                               f"{given['kept_blocks']!r}") from None
     if "size" in given and isinstance(given["size"], str):
         from lite3r_recon.train_config import parse_res
 

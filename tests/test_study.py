@@ -55,6 +55,24 @@ def test_config_errors(tmp_path):
         StudyConfig(topks=(0.0,))
 
 
+def test_study_rows_at_a_kept_block_count(tmp_path):
+    """--kept-blocks: untrained rows keeping a count of key blocks; a count >= the key blocks is dense attention."""
+    cfg = StudyConfig(scenes=1, views=2, size=(42, 56), topks=(0.25,), kept_blocks=(1, 3), block=16, train_steps=1,
+                      ablations=False)
+    r = study(cfg, tmp_path / "s", device="cpu", quiet=True)
+    by = {row["row"]: row for row in r["rows"]}
+    assert [n for n in by if "blocks" in n] == ["sla 1 blocks", "sla 3 blocks", "sla 1 blocks + fp8",
+                                                "sla 3 blocks + fp8"]
+    assert r["kept_blocks"] == {"0.25": 1, "1 blocks": 1, "3 blocks": 3}  # 3 key blocks: 3 keeps them all
+    assert by["sla 3 blocks"]["kept_blocks"] == 3 and by["sla 3 blocks"]["topk"] == 1.0
+    for m in ("abs_rel", "auc30", "chamfer"):
+        assert by["sla 1 blocks"][m] == by["sla 0.25"][m]  # 1 of 3 blocks either way: the same student
+        assert by["sla 3 blocks"][m] == pytest.approx(by["dense"][m], rel=1e-3, abs=1e-4)
+    assert by["sla 1 blocks"]["abs_rel"] != by["dense"]["abs_rel"]
+    with pytest.raises(ValueError, match="counts of key blocks"):
+        StudyConfig(kept_blocks=(0,))
+
+
 @pytest.mark.parametrize("given", ["run", "artifact"])
 def test_cli_study_with_a_given_student(tmp_path, given):
     """--student: lite3r train's run folder, or that student exported (`lite3r export`: deployed, no teacher)."""
@@ -74,7 +92,7 @@ def test_cli_study_with_a_given_student(tmp_path, given):
         export(tmp_path / "qat", out=student)
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
     r = subprocess.run([sys.executable, "-m", "lite3r_cli", "study", "vggt-tiny", "--scenes", "1", "--views", "2",
-                        "--size", "42,56", "--topk", "0.5,0.25", "--block", "16", "--student", str(student),
+                        "--size", "42,56", "--topk", "0.5,0.25", "--kept-blocks", "2", "--block", "16", "--student", str(student),
                         "--no-ablations", "--out", str(tmp_path / "s"), "--device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -82,5 +100,6 @@ def test_cli_study_with_a_given_student(tmp_path, given):
     saved = json.loads((tmp_path / "s" / "study.json").read_text())
     rows = {row["row"]: row for row in saved["rows"]}
     assert list(rows)[-1] == "qat" and saved["runs"]["qat"] == str(student)
+    assert rows["sla 2 blocks + fp8"]["kept_blocks"] == 2  # --kept-blocks parsed
     assert math.isfinite(rows["qat"]["abs_rel"]) and rows["qat"]["abs_rel"] < 1
     assert not (tmp_path / "s" / "qat").exists()  # the given student: no training run
