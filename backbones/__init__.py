@@ -88,14 +88,16 @@ def build_backbone(name: str, *, device: str | torch.device | None = None,
     """Build a registered backbone.
 
     weights: None -> the shipped weights when `name` has them (the tiny teachers) and no override changes a
-    parameter, else a random init; "random" -> a random init; a path -> that checkpoint, loaded strictly.
+    parameter (an override equal to the config's own value changes nothing), else a random init; "random" -> a random init; a path -> that checkpoint, loaded strictly.
     ``device="meta"`` builds it without allocating and loads nothing (then ``load_checkpoint``)."""
     cls, _ = _REGISTRY.get(name, (None, None))
     cfg = get_config(name, **overrides)
     meta = device is not None and torch.device(device).type == "meta"
     path = None
     if weights is None:
-        if not meta and set(overrides) <= INFERENCE_FIELDS:
+        base = get_config(name)
+        changed = {k for k, v in overrides.items() if getattr(base, k) != v}
+        if not meta and changed <= INFERENCE_FIELDS:
             path = shipped_weights(name)
         if path is not None:
             cfg = get_config(name, **{**SHIPPED[name][1], **overrides})

@@ -133,9 +133,12 @@ def initial_model(cfg: PretrainConfig, **overrides) -> nn.Module:
     scenes), or a random draw from `cfg.seed`."""
     if cfg.init is None:
         return random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, **overrides)
-    from lite3r_backbones import build_backbone
+    from lite3r_backbones import SHIPPED, build_backbone, shipped_weights
 
-    return build_backbone(cfg.backbone, weights=None if cfg.init == "shipped" else cfg.init, **overrides)
+    if cfg.init == "shipped":  # the file itself, loaded strictly: an override that changes the architecture fails
+        return build_backbone(cfg.backbone, weights=shipped_weights(cfg.backbone),
+                              **{**SHIPPED[cfg.backbone][1], **overrides})
+    return build_backbone(cfg.backbone, weights=cfg.init, **overrides)
 
 
 def random_model(name: str, seed: int, *, fov_init: float = 0.0, **overrides) -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from lite3r_backbones import build_backbone
-from lite3r_cli.pretrain import PretrainConfig, pretrain, train_seed
+from lite3r_cli.pretrain import PretrainConfig, Pretrainer, pretrain, train_seed
 from lite3r_recon.scoring import HELDOUT, heldout_seeds
 
 TINY = dict(steps=4, batch=1, views=2, res=(28, 42), warmup=1, ckpt_every=2, eval_every=2, eval_scenes=0)
@@ -177,6 +177,13 @@ def test_init_starts_from_the_given_weights(tmp_path):
     assert "--init" in summary["command"] and set(summary["metrics"]) == {"init", "trained"}
     with pytest.raises(ValueError, match="--init .*no such file"):
         PretrainConfig(**{**TINY, "init": str(tmp_path / "nope.safetensors")})
+    # 'shipped' with the tracking loss on (enable_track, the shipped config's own value): the shipped weights, not a
+    # random init (session 12's GPU run started from random weights that way)
+    shipped = build_backbone("vggt-tiny").state_dict()
+    for w_track in (0.0, 0.2):
+        got = Pretrainer(PretrainConfig(**{**TINY, "init": "shipped", "w_track": w_track}),
+                         torch.device("cpu")).model.state_dict()
+        assert got.keys() == shipped.keys() and all(torch.equal(got[k], shipped[k]) for k in shipped)
     with pytest.raises(ValueError, match="no shipped weights"):
         pretrain(PretrainConfig(**{**TINY, "size": "small", "init": "shipped"}), tmp_path / "s", quiet=True,
                  device="cpu")
