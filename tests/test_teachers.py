@@ -24,12 +24,12 @@ def _metrics(model, data):
 def test_shipped_teacher_beats_random_init(name, data):
     teacher = _metrics(build_backbone(name), data)
     random = _metrics(build_backbone(name, weights="random"), data)
-    assert teacher["abs_rel"] < 0.12 and random["abs_rel"] > 0.25  # the shipped files: 0.05 / 0.09 on 16 scenes
+    assert teacher["abs_rel"] < 0.12 and random["abs_rel"] > 0.25  # the shipped files: 0.04 / 0.09 on 16 scenes
     assert teacher["abs_rel"] < 0.5 * random["abs_rel"]
     assert teacher["delta1"] > random["delta1"] + 0.3
     assert teacher["rot_err"] < random["rot_err"] - 10  # degrees
-    if name == "vggt-tiny":  # the session-11 teacher compares views: AUC@30 0.44 / rotation error 20 deg here
-        assert teacher["auc30"] > 0.25 and teacher["rot_err"] < 30 and random["auc30"] < 0.05
+    if name == "vggt-tiny":  # the session-12 teacher resolves poses: AUC@30 0.59 / rotation error 9 deg here
+        assert teacher["auc30"] > 0.45 and teacher["rot_err"] < 15 and random["auc30"] < 0.05
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -44,7 +44,11 @@ def test_default_weights_are_the_shipped_file_loaded_strictly(name):
         assert getattr(model.config, k) == v
     info = json.loads(path.with_suffix(".json").read_text())
     assert info["backbone"] == name and info["command"].startswith(f"lite3r pretrain {name.split('-')[0]} ")
-    assert info["seed"] == 0 and info["metrics"]["trained"]["abs_rel"] <= 0.10
+    assert isinstance(info["seed"], int) and info["metrics"]["trained"]["abs_rel"] <= 0.10
+    for stage in info.get("stages", []):  # a teacher continued from earlier weights: every stage's recipe
+        assert stage["command"].startswith(f"lite3r pretrain {name.split('-')[0]} ") and stage["step"] > 0
+    if "stages" in info:
+        assert info["stages"][-1]["command"] == info["command"] and "--init" in info["command"]
     assert str(HELDOUT) in info["heldout"]["seeds"]
 
 

@@ -8,8 +8,8 @@ M=${MINUTES:-8}
 if ls .cache/s12/ckpt.tar.part* >/dev/null 2>&1; then
   mkdir -p runs && cat .cache/s12/ckpt.tar.part* | tar -xf - && A="--resume"
 else
-  A="--init shipped --seed 1 --size tiny --steps ${STEPS:-4000} --batch 48 --views 4 --res 126,168 --lr 0.0008
-     --warmup 50 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --w-track 0.2"
+  A="--init shipped --seed ${SEED:-1} --size tiny --steps ${STEPS:-4000} --batch 48 --views 4 --res 126,168
+     --lr ${LR:-0.0008} --warmup ${WARMUP:-50} --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --w-track 0.2"
 fi
 timeout -s TERM $(python3 -c "print(int($M * 60))") lite3r pretrain vggt $A --ckpt-every 200 --eval-every 200 \
   --out runs/t12 --quiet > "$O/t12.log" 2>&1
