@@ -41,7 +41,7 @@ from .cameras import da3_pose_decoding as pose_encoding_to_extri_intri  # camera
 from .cameras import da3_pose_encoding as extri_intri_to_pose_encoding
 from .cameras import mat_to_quat, quat_to_mat, se3_inverse  # noqa: F401
 from .heads_da3 import DualDPT
-from .kept import kept_layer
+from .kept import KeptLayer
 from .layers import (Block, DinoViT, Mlp, RoPE2D, chunk_frames, frame_chunks, init_vit_weights, patch_positions,
                      rope_table, set_token_chunk)
 from .vggt import IMAGENET_MEAN, IMAGENET_STD
@@ -211,6 +211,10 @@ def _take_views(x: Tensor, order: Tensor) -> Tensor:
     return x[torch.arange(x.shape[0], device=x.device)[:, None], order]
 
 
+def _views_back(x: Tensor, back: Tensor | None) -> Tensor:
+    return x if back is None else _take_views(x, back)
+
+
 # ----------------------------------------------------------------------------------------------- model
 
 
@@ -308,8 +312,7 @@ class DA3(nn.Module):
         if c.rope_start < len(vit.blocks):  # cos/sin once per forward, shared by every RoPE block
             pos_frame = rope_table(pos_frame, C // c.num_heads, c.rope_freq)
             pos_global = rope_table(pos_global, C // c.num_heads, c.rope_freq)
-        order = None
-        local_x = x
+        back = None  # the view order back to the input's, once the reference view is moved to the front
         feats, cam_token = [], None
         ckpt = c.grad_checkpointing and self.training and torch.is_grad_enabled()
         frames = chunk_frames(c.mlp_chunk_tokens, N)  # inference: the frame blocks a chunk of frames at a time
@@ -317,12 +320,12 @@ class DA3(nn.Module):
         def run(blk: nn.Module, t: Tensor, pos: Tensor) -> Tensor:
             if ckpt:
                 return torch.utils.checkpoint.checkpoint(blk, t, pos, use_reentrant=False)
-            return blk(t, pos)
+            return blk(t, pos, inplace=True)  # (inference: t is overwritten; grad enabled: a new tensor)
 
         for i, blk in enumerate(vit.blocks):
             if i == c.alt_start - 1 and S >= REF_SELECTION_MIN_VIEWS and cam_tokens is None:
                 order = reference_order(select_reference_view(x, c.ref_view_strategy), S)
-                x, local_x = _take_views(x, order), _take_views(local_x, order)
+                x, back = _take_views(x, order), torch.argsort(order, dim=1)
             if i == c.alt_start:
                 if cam_tokens is None:
                     tok = vit.camera_token.to(x.dtype)
@@ -330,22 +333,27 @@ class DA3(nn.Module):
                 else:
                     cam = cam_tokens.to(x.dtype)
                 x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
+            # a kept layer is concat(last frame-block output, normed layer output) of the patches, in input order;
+            # its frame half is stored before a global block overwrites x (in place) - after a frame block it is x
+            layer = None
+            if i in c.out_layers:
+                layer = KeptLayer(2, 0, fp8=kept_fp8, chunk=c.frames_chunk_size, dtype=feats_dtype, order=back)
             if blk.attn.scope == "global":
+                if layer is not None:
+                    layer.put(x[:, :, 1:])  # (x here is the last frame-block output: blocks alternate)
+                    cam_local = _views_back(x[:, :, 0], back).clone()
                 x = run(blk, x.reshape(B, S * N, C), pos_global).reshape(B, S, N, C)
             else:  # (in place in chunks: x is the last block's output, already kept where it is kept)
                 t = x.reshape(B * S, N, C)
                 x = (run(blk, t, pos_frame) if frames is None else frame_chunks(blk, t, pos_frame, frames))
                 x = x.reshape(B, S, N, C)
-                local_x = x
-            if i in c.out_layers:  # concat(frame, normed layer) of the patches, in input order
-                lx, gx = local_x, x
-                if order is not None:
-                    back = torch.argsort(order, dim=1)
-                    lx, gx = _take_views(lx, back), _take_views(gx, back)
-                feats.append(kept_layer((lx[:, :, 1:], gx[:, :, 1:]), 0, fp8=kept_fp8, chunk=c.frames_chunk_size,
-                                        maps=(None, vit.norm), dtype=feats_dtype))
-                cam_token = torch.cat((lx[:, :, 0], gx[:, :, 0]), dim=-1)
-                del lx, gx
+                if layer is not None:
+                    layer.put(x[:, :, 1:])
+                    cam_local = _views_back(x[:, :, 0], back)
+            if layer is not None:
+                layer.put(x[:, :, 1:], vit.norm)
+                feats.append(layer.result())
+                cam_token = torch.cat((cam_local, _views_back(x[:, :, 0], back)), dim=-1)
         return feats, cam_token
 
     @staticmethod

@@ -44,20 +44,8 @@ class KeptFP8:
         """halves: G tensors [B, S, P, C] -> their concatenation over the last dim, kept as FP8. ``maps[g]`` (e.g. a
         LayerNorm, per token) is applied to half g first. Frames are packed ``chunk`` at a time, so the only
         temporaries are one chunk's (never an fp32 or concatenated copy of the whole layer). ``dtype``: what reads
-        return (default: the concatenation's dtype, as torch.cat would give it)."""
-        maps = maps or [None] * len(halves)
-        B, S, P, C = halves[0].shape
-        G = len(halves)
-        first = [h[:, :, :prefix] if f is None else f(h[:, :, :prefix]) for h, f in zip(halves, maps)]
-        special = torch.cat(first, dim=-1)
-        body = torch.empty((B, S, P - prefix, G, C), dtype=FP8, device=halves[0].device)
-        scale = torch.empty((B, S, P - prefix, G), dtype=torch.float32, device=halves[0].device)
-        step = S if not chunk else chunk
-        for s0 in range(0, S, step):
-            for g, (h, f) in enumerate(zip(halves, maps)):
-                x = h[:, s0:s0 + step, prefix:]
-                body[:, s0:s0 + step, :, g], scale[:, s0:s0 + step, :, g] = quantize_rows(x if f is None else f(x))
-        return cls(body.flatten(-2), scale, special if dtype is None else special.to(dtype), dtype or special.dtype)
+        return (default: the first half's, after its map)."""
+        return kept_layer(halves, prefix, fp8=True, chunk=chunk, maps=maps, dtype=dtype)
 
     @property
     def nbytes(self) -> int:
@@ -104,16 +92,77 @@ def frames(x: Tensor | KeptFP8, i0: int, i1: int) -> Tensor:
     return x.frames(i0, i1) if isinstance(x, KeptFP8) else x.flatten(0, 1)[i0:i1]
 
 
+class KeptLayer:
+    """One kept layer [B, S, P, G*C] built a half at a time: ``put`` half g (through its per-token map, frames in
+    ``order``), then ``result()``. So the frame half can be stored before the global block overwrites it in place
+    (layers.Block's ``inplace``). At inference the halves go into the layer (a tensor in ``dtype``, default the first
+    half's after its map, or with ``fp8`` a KeptFP8) ``chunk`` frames at a time: no whole-half temporary (a mapped
+    or reordered copy) ever exists. With grad enabled the halves are concatenated, differentiably."""
+
+    def __init__(self, groups: int, prefix: int, *, fp8: bool, chunk: int | None, dtype: torch.dtype | None = None,
+                 order: Tensor | None = None) -> None:
+        self.groups, self.prefix, self.fp8, self.chunk, self.dtype, self.order = groups, prefix, fp8, chunk, dtype, order
+        self.halves: list[Tensor] = []  # with grad: the mapped halves, concatenated by result()
+        self.layer: Tensor | None = None  # at inference: the tensor layer, or the KeptFP8's body / scale / special
+        self.scale: Tensor | None = None
+        self.special: Tensor | None = None
+        self.filled = 0
+
+    def _frames(self, h: Tensor, s0: int, s1: int) -> Tensor:
+        if self.order is None:
+            return h[:, s0:s1]
+        return h[torch.arange(h.shape[0], device=h.device)[:, None], self.order[:, s0:s1]]
+
+    def put(self, half: Tensor, map: Callable[[Tensor], Tensor] | None = None) -> None:
+        """Half number ``filled`` of the layer: [B, S, P, C]."""
+        if self.filled >= self.groups:
+            raise RuntimeError(f"KeptLayer: all {self.groups} halves are in already")
+        g, f = self.filled, map or (lambda t: t)
+        self.filled += 1
+        B, S, P, C = half.shape
+        if torch.is_grad_enabled() and not self.fp8:
+            self.halves.append(f(self._frames(half, 0, S)))
+            return
+        step, pre = self.chunk or S, self.prefix
+        for s0 in range(0, S, step):
+            x = self._frames(half, s0, s0 + step)
+            if self.fp8:
+                special = f(x[:, :, :pre])
+                if self.layer is None:
+                    self.layer = torch.empty((B, S, P - pre, self.groups * C), dtype=FP8, device=half.device)
+                    self.scale = torch.empty((B, S, P - pre, self.groups), dtype=torch.float32, device=half.device)
+                    self.dtype = self.dtype or special.dtype
+                    self.special = special.new_empty((B, S, pre, self.groups * C), dtype=self.dtype)
+                body = self.layer.view(B, S, P - pre, self.groups, C)
+                body[:, s0:s0 + step, :, g], self.scale[:, s0:s0 + step, :, g] = quantize_rows(f(x[:, :, pre:]))
+                self.special[:, s0:s0 + step, :, g * C:(g + 1) * C] = special
+            else:
+                y = f(x)
+                if self.layer is None:
+                    self.dtype = self.dtype or y.dtype
+                    self.layer = y.new_empty((B, S, P, self.groups * C), dtype=self.dtype)
+                self.layer[:, s0:s0 + step, :, g * C:(g + 1) * C] = y
+
+    def result(self) -> Tensor | KeptFP8:
+        if self.filled != self.groups:
+            raise RuntimeError(f"KeptLayer: {self.filled} of {self.groups} halves put")
+        if self.halves:
+            out = torch.cat(self.halves, dim=-1)
+            return out if self.dtype is None else out.to(self.dtype)
+        if self.fp8:
+            return KeptFP8(self.layer, self.scale, self.special, self.dtype)
+        return self.layer
+
+
 def kept_layer(halves: Sequence[Tensor], prefix: int, *, fp8: bool, chunk: int | None,
                maps: Sequence[Callable[[Tensor], Tensor] | None] | None = None,
                dtype: torch.dtype | None = None) -> Tensor | KeptFP8:
     """One kept layer: concat(halves) over channels (each through its map), as a tensor (in ``dtype`` when given)
-    or, with ``fp8``, a KeptFP8."""
-    if fp8:
-        return KeptFP8.pack(halves, prefix, chunk=chunk, maps=maps, dtype=dtype)
-    maps = maps or [None] * len(halves)
-    out = torch.cat([h if f is None else f(h) for h, f in zip(halves, maps)], dim=-1)
-    return out if dtype is None else out.to(dtype)
+    or, with ``fp8``, a KeptFP8 (KeptLayer with every half at once)."""
+    layer = KeptLayer(len(halves), prefix, fp8=fp8, chunk=chunk, dtype=dtype)
+    for h, f in zip(halves, maps or [None] * len(halves)):
+        layer.put(h, f)
+    return layer.result()
 
 
 def kept_fp8_error(model, images: Tensor, **inputs) -> dict[str, tuple[float, float]]:

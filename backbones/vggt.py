@@ -43,7 +43,7 @@ from .cameras import mat_to_quat, quat_to_mat  # noqa: F401  (camera geometry: b
 from .cameras import vggt_pose_decoding as pose_encoding_to_extri_intri
 from .cameras import vggt_pose_encoding as extri_intri_to_pose_encoding
 from .heads import DPTHead
-from .kept import kept_layer
+from .kept import KeptLayer
 from .layers import (Block, DinoViT, Mlp, RoPE2D, chunk_frames, frame_chunks, init_vit_weights, patch_positions,
                      set_token_chunk)
 from .track_head import TrackHead
@@ -231,20 +231,21 @@ class Aggregator(nn.Module):
         def run(blk: nn.Module, x: Tensor, p: Tensor) -> Tensor:
             if checkpointing and self.training and torch.is_grad_enabled():
                 return torch.utils.checkpoint.checkpoint(blk, x, p, use_reentrant=False)
-            return blk(x, pos=p)
+            return blk(x, pos=p, inplace=True)  # (inference: x is overwritten; grad enabled: a new tensor)
 
         frames = chunk_frames(chunk_tokens, P)  # None in training: run() handles checkpointing there
         outputs: list[Tensor | None] = [None] * depth
         for i in range(depth):
-            # (in place in chunks: tokens is the last global output, already kept where it is kept)
+            # (in place: tokens is the last global output, already kept where it is kept)
             tokens = (run(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos) if frames is None else
                       frame_chunks(self.frame_blocks[i], tokens.reshape(B * S, P, C), pos, frames))
-            frame_out = tokens if i in keep else None  # held through the global block only where it is kept
+            if i in keep:  # the frame half stored before the global block overwrites tokens
+                layer = KeptLayer(2, self.patch_start_idx, fp8=kept_fp8, chunk=frames_chunk_size)
+                layer.put(tokens.reshape(B, S, P, C))
             tokens = run(self.global_blocks[i], tokens.reshape(B, S * P, C), pos_global)
-            if frame_out is not None:
-                outputs[i] = kept_layer((frame_out.reshape(B, S, P, C), tokens.reshape(B, S, P, C)),
-                                        self.patch_start_idx, fp8=kept_fp8, chunk=frames_chunk_size)
-            del frame_out
+            if i in keep:
+                layer.put(tokens.reshape(B, S, P, C))
+                outputs[i] = layer.result()
         return outputs, self.patch_start_idx
 
 

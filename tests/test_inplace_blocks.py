@@ -1,0 +1,120 @@
+"""Memory at many views (issue 17): at inference the transformer blocks add into the residual stream in place
+(layers.Block's ``inplace``) and a kept layer is stored a half at a time (kept.KeptLayer), so no copy of the
+stream or of a mapped / reordered half exists - with the same outputs as the out-of-place computation."""
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lite3r_backbones import build_backbone
+from lite3r_backbones.kept import KeptFP8, KeptLayer, kept_layer
+from lite3r_backbones.layers import Block
+
+
+@pytest.mark.parametrize("mlp_chunk", [None, 7])
+@pytest.mark.parametrize("init_values", [None, 0.5])
+def test_block_inplace_equals_out_of_place(mlp_chunk, init_values):
+    torch.manual_seed(0)
+    blk = Block(32, 4, init_values=init_values).eval()
+    blk.mlp_chunk = mlp_chunk
+    x = torch.randn(2, 20, 32)
+    with torch.no_grad():
+        want = blk(x.clone())
+        given_x = x.clone()
+        got = blk(given_x, inplace=True)
+    assert got is given_x  # written into its input: no second residual stream
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # with grad the flag is ignored: a new tensor, differentiable
+    x.requires_grad_(True)
+    y = blk(x, inplace=True)
+    assert y is not x and y.grad_fn is not None
+    torch.testing.assert_close(y.detach(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_inplace_add_keeps_out_of_place_dtype_rules():
+    """x + ls(y) would be fp32 for a bf16 stream and an fp32 LayerScale: then nothing is written into x."""
+    from lite3r_backbones.layers import LayerScale, _add_scaled_
+
+    x, y = torch.randn(3, 8).to(torch.bfloat16), torch.randn(3, 8).to(torch.bfloat16)
+    keep = x.clone()
+    assert not _add_scaled_(x, y, LayerScale(8, 0.5)) and torch.equal(x, keep)
+    x32 = x.float()
+    assert _add_scaled_(x32, y, LayerScale(8, 0.5)) and torch.equal(x32, x.float() + y * torch.full((8,), 0.5))
+    assert _add_scaled_(x32, y, torch.nn.Identity())
+
+
+@settings(max_examples=20, deadline=None)
+@given(S=st.integers(1, 6), chunk=st.sampled_from([None, 1, 2, 4]), fp8=st.booleans(), prefix=st.integers(0, 2),
+       seed=st.integers(0, 2**16))
+def test_kept_layer_half_at_a_time_with_a_view_order(S, chunk, fp8, prefix, seed):
+    """KeptLayer with frames in `order` == kept_layer of the reordered halves (the second through a LayerNorm)."""
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, S, 5, 8, generator=gen), torch.randn(2, S, 5, 8, generator=gen)
+    order = torch.stack([torch.randperm(S, generator=gen) for _ in range(2)])
+    norm = torch.nn.LayerNorm(8)
+    take = lambda t: t[torch.arange(2)[:, None], order]  # noqa: E731
+    with torch.no_grad():
+        want = kept_layer((take(a), take(b)), prefix, fp8=fp8, chunk=None, maps=(None, norm))
+        layer = KeptLayer(2, prefix, fp8=fp8, chunk=chunk, order=order)
+        layer.put(a)
+        a.zero_()  # the first half may be overwritten once it is put (the in-place global block)
+        layer.put(b, norm)
+        got = layer.result()
+    assert isinstance(got, KeptFP8) == fp8
+    assert torch.equal(got[:, :, :], want[:, :, :])
+    with pytest.raises(RuntimeError, match="already"):
+        layer.put(b)
+
+
+@pytest.mark.parametrize("name", ["vggt-tiny", "da3-tiny"])
+def test_models_inplace_equal_out_of_place(name, monkeypatch):
+    """The whole model at inference (views reordered by DA3's reference choice, token chunks, kept layers in FP8 and
+    not) equals the same model with every block out of place."""
+    torch.manual_seed(0)
+    model = build_backbone(name).eval()
+    images = torch.rand(1, 4, 3, 42, 56)
+    opts = {"mlp_chunk_tokens": 40}
+    if name == "da3-tiny":
+        opts["ref_view_strategy"] = "saddle_balanced"
+    for kept_fp8 in (False, True):
+        model.config = dataclasses.replace(model.config, kept_fp8=kept_fp8, **opts)
+        with torch.no_grad():
+            got = model(images)
+            with monkeypatch.context() as m:
+                forward = Block.forward
+                m.setattr(Block, "forward", lambda self, x, pos=None, inplace=False: forward(self, x, pos))
+                want = model(images)
+        for k, v in want.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-5, msg=f"{name} {k} kept_fp8={kept_fp8}")
+
+
+def test_da3_reference_view_reorder_puts_the_kept_layers_back(monkeypatch):
+    """DA3 moves its reference view to the front before the cross-view blocks and stores each kept layer's frames
+    back in input order (half by half, in place): its per-view outputs on the input order must equal those of the
+    same views given reference-first with ref_view_strategy="first", put back in input order."""
+    from lite3r_backbones import da3
+
+    torch.manual_seed(0)
+    model = build_backbone("da3-tiny").eval()
+    images = torch.rand(1, 5, 3, 42, 56)
+    for kept_fp8 in (False, True):
+        model.config = dataclasses.replace(model.config, ref_view_strategy="saddle_balanced", kept_fp8=kept_fp8,
+                                           mlp_chunk_tokens=60, frames_chunk_size=2)
+        with torch.no_grad():
+            got = model(images)
+            chosen = []
+            select = da3.select_reference_view
+            monkeypatch.setattr(da3, "select_reference_view", lambda x, s: chosen.append(select(x, s)) or chosen[-1])
+            model(images)
+            monkeypatch.undo()
+            ref = int(chosen[0][0])
+            assert ref != 0  # the case under test: a real reorder
+            order = [ref] + [i for i in range(5) if i != ref]
+            model.config = dataclasses.replace(model.config, ref_view_strategy="first")
+            first = model(images[:, order])
+        back = torch.argsort(torch.tensor(order))
+        for k in ("depth", "depth_conf"):
+            torch.testing.assert_close(got[k], first[k][:, back], rtol=1e-4, atol=1e-5, msg=f"{k} fp8={kept_fp8}")
