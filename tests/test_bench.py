@@ -35,7 +35,9 @@ def test_cli_bench_tiny_on_cpu(tmp_path):
     assert by["a"]["depth_rel"] == 0.0 and by["a"]["extrinsics_rel"] == 0.0  # (a) is the reference
     # (b) is dense attention too (fp32 on CPU): the same cameras and depth up to rounding; (c) and (d) keep 1 of 4
     # key blocks per query block on global attention, which must show in the cameras - else SLA did not run
-    assert by["b"]["extrinsics_rel"] < 1e-3 and by["b"]["depth_rel"] < 1e-3
+    # (depth 1.0e-3 with the session-12 teacher on this noise scene, with and without the in-place stream; 2e-5 on
+    # cameras): its trained depth head amplifies fp32 rounding where the old one did not
+    assert by["b"]["extrinsics_rel"] < 1e-3 and by["b"]["depth_rel"] < 3e-3
     for v in ("c", "d"):
         assert by[v]["extrinsics_rel"] > 10 * by["b"]["extrinsics_rel"] + 1e-4, by[v]
     # the same file again is refused before anything runs
