@@ -325,18 +325,13 @@ def main(model: str, *, out: str | None = None, device: str | None = None, overw
          quiet: bool = False, **fields) -> dict:
     """The CLI's entry: `fields` are StudyConfig fields the user gave (None: not given)."""
     given = {k: v for k, v in fields.items() if v is not None}
-    if "topks" in given and isinstance(given["topks"], str):
-        try:
-            given["topks"] = tuple(float(t) for t in given["topks"].split(",") if t.strip())
-        except ValueError:
-            raise InvalidInput(f"--topk takes comma-separated kept fractions like 0.3,0.1,0.05; got "
-                             f"{given['topks']!r}") from None
-    if "kept_blocks" in given and isinstance(given["kept_blocks"], str):
-        try:
-            given["kept_blocks"] = tuple(int(t) for t in given["kept_blocks"].split(",") if t.strip())
-        except ValueError:
-            raise InvalidInput(f"--kept-blocks takes comma-separated counts like 4,8,16; got "
-                               f"{given['kept_blocks']!r}") from None
+    for key, cast, flag, example in (("topks", float, "--topk", "kept fractions like 0.3,0.1,0.05"),
+                                     ("kept_blocks", int, "--kept-blocks", "counts like 4,8,16")):
+        if isinstance(given.get(key), str):
+            try:
+                given[key] = tuple(cast(t) for t in given[key].split(",") if t.strip())
+            except ValueError:
+                raise InvalidInput(f"{flag} takes comma-separated {example}; got {given[key]!r}") from None
     if "size" in given and isinstance(given["size"], str):
         from lite3r_recon.train_config import parse_res
 
