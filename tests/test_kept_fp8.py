@@ -135,11 +135,13 @@ def test_token_chunks_of_sla_attention_equal_one_call(name):
     16 tokens at a time (its qkv called once per piece) and VGGT's frame blocks run one frame at a time: the outputs
     equal the unchunked model's to fp32 rounding (the block map sees the same q/k)."""
     model = build_backbone(name).eval()
-    lite3r.swap_attention(model, topk=0.5, block_q=16, block_k=16, filter=lambda m, fqn: m.scope == "global")
+    # fp8=False: FP8 fake quant is discontinuous, so a rounding-level change of a linear's input can move an FP8
+    # code, which a trained teacher amplifies (1e-2 on pose_enc at seed 5, even at topk 1); without it every seed
+    # tried (4-6) agrees to 1e-6
+    lite3r.swap_attention(model, topk=0.5, block_q=16, block_k=16, fp8=False,
+                          filter=lambda m, fqn: m.scope == "global")
     sla = [m for m in model.modules() if isinstance(m, lite3r.SLAAttention)]
     assert sla
-    # seed 5: with seed 4 two key blocks of the session-11 vggt-tiny tie to fp32 rounding, and the chunked q/k pick
-    # the other one (max error 1e-4; 1e-7 at topk 1, where nothing is selected)
     images = torch.rand(1, 3, 3, 56, 70, generator=torch.Generator().manual_seed(5))
     ref = _outputs(model, images, mlp_chunk_tokens=None)
     calls = []
