@@ -237,6 +237,9 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
             row = {"row": name, **meta, **{k: m[k] for k in METRICS if k in m}}
             rows.append(row)
             by_name[name] = row
+            # the rows so far survive a kill or a timeout (a GPU call's limit): study.partial.json, gone at the end
+            atomic_write_json(out / "study.partial.json", {"config": cfg.to_json(), "rows": rows, "runs": runs},
+                              overwrite=True)
             bar.advance(task)
             if model is not teacher:
                 del model
@@ -257,6 +260,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
               "scenes": n, "device": str(device), "rows": rows, "summary": summary, "runs": runs}
     atomic_write_json(out / "study.json", result, overwrite=True)
     atomic_write_bytes(out / "study.png", _plot(rows, cfg, tokens, blocks), overwrite=True)
+    (out / "study.partial.json").unlink(missing_ok=True)
     con.print(_table(rows, cfg, n))
     con.print(f"wrote {out}/study.json and study.png")
     return result

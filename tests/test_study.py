@@ -21,6 +21,7 @@ def test_study_writes_table_json_and_plot(tmp_path):
     assert saved["rows"] == r["rows"] and saved["tokens"] == 2 * (3 * 4 + 5)  # 2 views x (patches + 5 special)
     assert saved["key_blocks"] == 3 and saved["kept_blocks"] == {"0.5": 2, "0.25": 1}
     assert (tmp_path / "s" / "study.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "s" / "study.partial.json").exists()  # a finished study leaves only study.json
     by = {row["row"]: row for row in r["rows"]}
     for row in r["rows"]:
         assert {"auc30", "auc5", "rra5", "rta5", "abs_rel", "delta1", "chamfer", "fscore"} <= set(row), row["row"]
@@ -30,6 +31,27 @@ def test_study_writes_table_json_and_plot(tmp_path):
         assert (tmp_path / "s" / row.replace(" ", "-") / "student.safetensors").is_file()
     with pytest.raises(FileExistsError):
         study(cfg, tmp_path / "s", device="cpu", quiet=True)
+
+
+def test_study_killed_midway_keeps_its_rows(tmp_path, monkeypatch):
+    """A study stopped after its third row (a kill, a GPU call's limit) leaves those rows in study.partial.json."""
+    import lite3r_recon.scoring as scoring
+
+    real, calls = scoring.heldout_metrics, []
+
+    def third_row_dies(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(scoring, "heldout_metrics", third_row_dies)
+    cfg = StudyConfig(scenes=1, views=2, size=(42, 56), topks=(0.5, 0.25), block=16, train_steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        study(cfg, tmp_path / "s", device="cpu", quiet=True)
+    partial = json.loads((tmp_path / "s" / "study.partial.json").read_text())
+    assert [r["row"] for r in partial["rows"]] == ["dense", "sla 0.5"] and "abs_rel" in partial["rows"][1]
+    assert not (tmp_path / "s" / "study.json").exists()
 
 
 def test_linear_only_is_the_linear_branch():

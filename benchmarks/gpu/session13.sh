@@ -1,15 +1,43 @@
 #!/bin/bash
-# Next (issue 17): the in-place residual stream and half-at-a-time kept layers of session 12 (CPU-verified), measured:
-# DA3-Large at 32 / 128 views (a) vs (d) (target >= 2.5x / >= 3x less memory than (a)), what is alive at DA3's peak
-# at 128 views, and VGGT-1B (d) at 1024 views (was 38.78 GiB / 24.23 s).
-source "$(dirname "$0")/common.sh" s13
-timeout 200 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 --compile-mode none \
-  --kept-fp8 --head-frames 2 --json "$O/da3.json" > "$O/da3.log" 2>&1
-step "bench da3" $?; tail -12 "$O/da3.log"
-timeout 120 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
-  --head-frames 2 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
-step "memory_peak da3 128" $?; head -25 "$O/da3-peak.log"
-timeout 200 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 --compile-mode none \
-  --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
-step "bench vggt 1024" $?; tail -8 "$O/vggt1024.log"
-tar -cf "$OUT/s13.tar" -C "$OUT" s13 && rm -rf "$O"
+# Session 13, two calls (PHASE a, b):
+#   a (issue 16): the vggt-small teacher remade from its session-11 recipe (its weights did not survive: 49 MB, not
+#      shipped), its fp16 weights back as 15 MiB parts at once, then the GPU study on it with a 4x longer QAT
+#      (400 steps x 4 scenes; session 11's 100 recovered 46 %) and untrained rows at counts of kept key blocks.
+#   b (issue 17): the in-place residual stream and half-at-a-time kept layers of session 12 (CPU-verified), measured:
+#      DA3-Large at 32 / 128 views (a) vs (d) (target >= 2.5x / >= 3x less memory than (a)), what is alive at DA3's
+#      peak at 128 views, and VGGT-1B (d) at 1024 views (was 38.78 GiB / 24.23 s).
+source "$(dirname "$0")/common.sh" s13$1
+case $1 in
+a)
+  timeout -s TERM 330 lite3r pretrain vggt --size small --steps 1200 --batch 4 --views 16 --res 252,252 \
+    --lr 0.001 --warmup 60 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --seed 0 --ckpt-every 100 \
+    --eval-every 200 --eval-scenes 32 --out runs/s11 --quiet > "$O/s11.log" 2>&1
+  step "pretrain vggt-small" $?
+  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11 "$O/s11.log"
+  tail -5 "$O/s11.log"
+  cp runs/s11/teacher.json runs/s11/metrics.json runs/s11/*.png "$O/" 2>/dev/null
+  tar -cf - runs/s11/teacher.safetensors runs/s11/teacher.json | split -b 15M - "$OUT/small.tar.part"
+  left=$(( 575 - ($(date +%s) - t0) ))
+  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 \
+    --scenes 32 --train-steps ${TSTEPS:-400} --train-batch 4 --no-ablations --kept-blocks 2,4,8,16 \
+    --out runs/study-small --overwrite > "$O/study.log" 2>&1
+  step "study vggt-small ($left s allowed)" $?
+  tail -30 "$O/study.log"
+  cp runs/study-small/study.json runs/study-small/study.png "$O/" 2>/dev/null
+  cp runs/study-small/qat/metrics.json "$O/qat-metrics.json" 2>/dev/null
+  cp runs/study-small/qat/loss.png "$O/qat-loss.png" 2>/dev/null
+  ;;
+b)
+  timeout 200 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --head-frames 2 --json "$O/da3.json" > "$O/da3.log" 2>&1
+  step "bench da3" $?; tail -12 "$O/da3.log"
+  timeout 120 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
+    --head-frames 2 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
+  step "memory_peak da3 128" $?; head -25 "$O/da3-peak.log"
+  timeout 200 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
+  step "bench vggt 1024" $?; tail -8 "$O/vggt1024.log"
+  ;;
+esac
+tar -cf "$OUT/s13$1.tar" -C "$OUT" s13$1 && rm -rf "$O"
+ls -la "$OUT"
