@@ -23,7 +23,7 @@ a)
     --out runs/study-small --overwrite > "$O/study.log" 2>&1
   step "study vggt-small ($left s allowed)" $?
   tail -30 "$O/study.log"
-  cp runs/study-small/study.json runs/study-small/study.png "$O/" 2>/dev/null
+  cp runs/study-small/study.json runs/study-small/study.png runs/study-small/study.partial.json "$O/" 2>/dev/null
   cp runs/study-small/qat/metrics.json "$O/qat-metrics.json" 2>/dev/null
   cp runs/study-small/qat/loss.png "$O/qat-loss.png" 2>/dev/null
   ;;
