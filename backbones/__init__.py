@@ -88,16 +88,21 @@ def build_backbone(name: str, *, device: str | torch.device | None = None,
     """Build a registered backbone.
 
     weights: None -> the shipped weights when `name` has them (the tiny teachers) and no override changes a
-    parameter (an override equal to the config's own value changes nothing), else a random init; "random" -> a random init; a path -> that checkpoint, loaded strictly.
+    parameter (an override equal to the config's own value changes nothing), else a random init; "shipped" -> the
+    shipped weights, loaded strictly whatever the overrides (one that changes a parameter fails); "random" -> a random
+    init; a path -> that checkpoint, loaded strictly.
     ``device="meta"`` builds it without allocating and loads nothing (then ``load_checkpoint``)."""
     cls, _ = _REGISTRY.get(name, (None, None))
     cfg = get_config(name, **overrides)
     meta = device is not None and torch.device(device).type == "meta"
     path = None
-    if weights is None:
+    if weights is None or str(weights) == "shipped":
         base = get_config(name)
         changed = {k for k, v in overrides.items() if getattr(base, k) != v}
-        if not meta and changed <= INFERENCE_FIELDS:
+        if weights is not None and (meta or name not in SHIPPED):
+            raise InvalidInput(f"build_backbone: {name} has no shipped weights" if name not in SHIPPED else
+                               "build_backbone: weights cannot be loaded on the meta device (build, then load_checkpoint)")
+        if not meta and (weights is not None or changed <= INFERENCE_FIELDS):
             path = shipped_weights(name)
         if path is not None:
             cfg = get_config(name, **{**SHIPPED[name][1], **overrides})

@@ -133,11 +133,9 @@ def initial_model(cfg: PretrainConfig, **overrides) -> nn.Module:
     scenes), or a random draw from `cfg.seed`."""
     if cfg.init is None:
         return random_model(cfg.backbone, cfg.seed, fov_init=cfg.fov_init, **overrides)
-    from lite3r_backbones import SHIPPED, build_backbone, shipped_weights
+    from lite3r_backbones import build_backbone
 
-    if cfg.init == "shipped":  # the file itself, loaded strictly: an override that changes the architecture fails
-        return build_backbone(cfg.backbone, weights=shipped_weights(cfg.backbone),
-                              **{**SHIPPED[cfg.backbone][1], **overrides})
+    # "shipped": the file itself, loaded strictly (an override that changes the architecture fails)
     return build_backbone(cfg.backbone, weights=cfg.init, **overrides)
 
 

@@ -64,3 +64,17 @@ def test_random_and_overrides():
     assert build_backbone("vggt-tiny", device="meta").aggregator.camera_token.is_meta
     with pytest.raises(FileNotFoundError, match="no such file"):
         build_backbone("vggt-tiny", weights="missing.safetensors")
+
+
+def test_weights_shipped_is_strict():
+    """weights="shipped": the shipped file whatever the overrides; one that changes a parameter fails loudly (no
+    silent random init), and so does a backbone without shipped weights."""
+    b = build_backbone("vggt-tiny")
+    got = build_backbone("vggt-tiny", weights="shipped", lean=False)
+    assert torch.equal(got.aggregator.camera_token, b.aggregator.camera_token)
+    assert build_backbone("da3-tiny", weights="shipped").config.ref_view_strategy == SHIPPED["da3-tiny"][1][
+        "ref_view_strategy"]
+    with pytest.raises(Exception, match="size mismatch|shape"):
+        build_backbone("vggt-tiny", weights="shipped", dpt_features=16)
+    with pytest.raises(ValueError, match="vggt-small has no shipped weights"):
+        build_backbone("vggt-small", weights="shipped")
