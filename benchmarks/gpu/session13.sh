@@ -3,6 +3,9 @@
 #   a (issue 16): the vggt-small teacher remade from its session-11 recipe (its weights did not survive: 49 MB, not
 #      shipped), its fp16 weights back as 15 MiB parts at once, then the GPU study on it with a 4x longer QAT
 #      (400 steps x 4 scenes; session 11's 100 recovered 46 %) and untrained rows at counts of kept key blocks.
+#      (The study's 15 untrained rows took the call's last 250 s: they came back in study.partial.json, the QAT not.)
+#   c (issue 16): the QAT of a alone, as `lite3r train` (400 steps x 4 scenes, what the study's qat row runs), on
+#      the teacher carried back in .cache/s13a/small.tar.part*, then the study's dense / 0.05 / qat rows with it.
 #   b (issue 17): the in-place residual stream and half-at-a-time kept layers of session 12 (CPU-verified), measured:
 #      DA3-Large at 32 / 128 views (a) vs (d) (target >= 2.5x / >= 3x less memory than (a)), what is alive at DA3's
 #      peak at 128 views, and VGGT-1B (d) at 1024 views (was 38.78 GiB / 24.23 s).
@@ -26,6 +29,20 @@ a)
   cp runs/study-small/study.json runs/study-small/study.png runs/study-small/study.partial.json "$O/" 2>/dev/null
   cp runs/study-small/qat/metrics.json "$O/qat-metrics.json" 2>/dev/null
   cp runs/study-small/qat/loss.png "$O/qat-loss.png" 2>/dev/null
+  ;;
+c)
+  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
+  timeout -s TERM 330 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} --batch 4 \
+    --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --eval-scenes 0 --seed 0 \
+    --ckpt-every 100 --out runs/qat-small --quiet > "$O/qat.log" 2>&1
+  step "qat vggt-small" $?
+  cp runs/qat-small/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-small/*.png "$O/" 2>/dev/null
+  left=$(( 570 - ($(date +%s) - t0) ))
+  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
+    --topk 0.05 --student runs/qat-small --no-ablations --out runs/study-small --overwrite > "$O/study.log" 2>&1
+  step "study vggt-small, qat row ($left s allowed)" $?
+  tail -12 "$O/study.log"
+  cp runs/study-small/study.json runs/study-small/study.png runs/study-small/study.partial.json "$O/" 2>/dev/null
   ;;
 b)
   timeout 200 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
