@@ -448,13 +448,15 @@ def study(
                                                      "(default runs/study-MODEL)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda / cpu (default: cuda when available)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing study in --out")] = False,
+    resume: Annotated[bool, typer.Option(help="go on with a study stopped in --out (its study.partial.json): rows "
+                                              "measured are kept, training runs resumed")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar or table")] = False,
 ) -> None:
     """The quality table of SLA on a teacher: dense; SLA at each topk untrained, + FP8; after QAT + partial
     distillation; ablations. AUC@30/@5, RRA/RTA@5, AbsRel, delta1, Chamfer, F-score as a table, JSON and PNG."""
     from lite3r_cli import study as _study
 
-    _study.main(model, out=str(out) if out else None, device=device, overwrite=overwrite, quiet=quiet,
+    _study.main(model, out=str(out) if out else None, device=device, overwrite=overwrite, quiet=quiet, resume=resume,
                 weights=str(weights) if weights else None, dataset=dataset.value, data=str(data) if data else None,
                 scenes=scenes, views=views, size=size, topks=topk, kept_blocks=kept_blocks, block=block,
                 student=str(student) if student else None, train_steps=train_steps, train_batch=train_batch,

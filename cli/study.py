@@ -134,8 +134,10 @@ def attention_tokens(model: nn.Module, images: Tensor) -> int:
     return seen[0] if seen else 0
 
 
-def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, overwrite: bool) -> Path:
-    """The short `lite3r train` run of a trained row (SLA at the last topk + FP8); returns its folder."""
+def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, overwrite: bool,
+              resume: bool = False) -> Path:
+    """The short `lite3r train` run of a trained row (SLA at the last topk + FP8); returns its folder. `resume`: a
+    finished run in its folder is taken as it is, a killed one goes on from its last checkpoint."""
     from lite3r_recon.qat import train
     from lite3r_recon.train_config import TrainConfig
 
@@ -144,14 +146,17 @@ def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, ove
                      target="gt", lr=cfg.lr, eval_scenes=0, seed=cfg.seed, ckpt_every=max(1, cfg.train_steps),
                      **TRAINED[row])
     run = out / row.replace(" ", "-")
-    train(tc, run, overwrite=True, device=device, quiet=quiet)
+    if resume and (run / "student.safetensors").is_file() and (run / "metrics.json").is_file():
+        return run
+    train(tc, run, resume=resume and (run / "config.json").is_file(), overwrite=True, device=device, quiet=quiet)
     return run
 
 
 def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None, overwrite: bool = False,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, resume: bool = False) -> dict:
     """What `lite3r study` does; returns {"config", "rows": [{"row", "topk", "fp8", "trained", metrics...}],
-    "tokens", "key_blocks", ...} (also written to study.json)."""
+    "tokens", "key_blocks", ...} (also written to study.json). `resume`: go on with a study stopped in `out` (its
+    study.partial.json, made with the same config): its rows are kept, its training runs finished or resumed."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from lite3r_recon.scoring import heldout_data, heldout_metrics
@@ -161,6 +166,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     out = Path(out)
     for f in ("study.json", "study.png"):
         ensure_writable(out / f, overwrite)
+    done, runs = _resumed(cfg, out) if resume else ({}, {})
     device = models.resolve_device(device)
     con = make_console(quiet)
     note = models.weights_note(cfg.model, cfg.weights)
@@ -201,12 +207,16 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
 
     rows: list[dict] = []
     by_name: dict[str, dict] = {}
-    runs: dict[str, str] = {}
     with Progress(TextColumn("[bold blue]study"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[row]}"),
                   console=con, disable=quiet, transient=True) as bar:
         task = bar.add_task("study", total=len(plan), row="")
         for name, meta, how in plan:
             bar.update(task, row=name)
+            if name in done:  # --resume: measured before the stop
+                rows.append(done[name])
+                by_name[name] = done[name]
+                bar.advance(task)
+                continue
             if how is None:
                 model = teacher
             elif how[0] == "sla":
@@ -220,7 +230,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
                 if name == "qat" and cfg.student:
                     path = Path(cfg.student)
                 else:
-                    path = train_run(cfg, name, out, device=device, quiet=True, overwrite=overwrite)
+                    path = train_run(cfg, name, out, device=device, quiet=True, overwrite=overwrite, resume=resume)
                 runs[name] = str(path)
                 model = models.load_student(path, teacher, device=device).eval()
             elif how[0] == "alias":
@@ -264,6 +274,26 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     con.print(_table(rows, cfg, n))
     con.print(f"wrote {out}/study.json and study.png")
     return result
+
+
+def _resumed(cfg: StudyConfig, out: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(rows by name, training runs) of the stopped study in `out`, checked to be this config's."""
+    import json
+
+    path = out / "study.partial.json"
+    if not path.is_file():
+        raise MissingInput(f"--resume: {path} not found (no stopped study in {out}; run without --resume)")
+    try:
+        partial = json.loads(path.read_text())
+        rows, runs, config = partial["rows"], partial["runs"], partial["config"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise InvalidInput(f"--resume: {path} is not a study's partial file ({e})") from None
+    now = cfg.to_json()
+    diff = sorted(k for k in set(now) | set(config) if now.get(k) != config.get(k))
+    if diff:
+        raise InvalidInput(f"--resume: the study in {out} was made with other settings ("
+                           + ", ".join(f"{k} {config.get(k)!r}, asked {now.get(k)!r}" for k in diff) + ")")
+    return {r["row"]: r for r in rows}, dict(runs)
 
 
 # ------------------------------------------------------------------------------------------------ presentation
@@ -326,7 +356,7 @@ def _plot(rows: list[dict], cfg: StudyConfig, tokens: int, blocks: int) -> bytes
 
 
 def main(model: str, *, out: str | None = None, device: str | None = None, overwrite: bool = False,
-         quiet: bool = False, **fields) -> dict:
+         quiet: bool = False, resume: bool = False, **fields) -> dict:
     """The CLI's entry: `fields` are StudyConfig fields the user gave (None: not given)."""
     given = {k: v for k, v in fields.items() if v is not None}
     for key, cast, flag, example in (("topks", float, "--topk", "kept fractions like 0.3,0.1,0.05"),
@@ -341,7 +371,7 @@ def main(model: str, *, out: str | None = None, device: str | None = None, overw
 
         given["size"] = parse_res(given["size"])
     cfg = StudyConfig(model=model, **given)
-    return study(cfg, out or f"runs/study-{model}", device=device, overwrite=overwrite, quiet=quiet)
+    return study(cfg, out or f"runs/study-{model}", device=device, overwrite=overwrite, quiet=quiet, resume=resume)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """lite3r study on the shipped tiny teacher: every row of the table on the same held-out scenes, JSON + PNG."""
+import dataclasses
 import json
 import math
 
@@ -34,7 +35,8 @@ def test_study_writes_table_json_and_plot(tmp_path):
 
 
 def test_study_killed_midway_keeps_its_rows(tmp_path, monkeypatch):
-    """A study stopped after its third row (a kill, a GPU call's limit) leaves those rows in study.partial.json."""
+    """A study stopped after its third row (a kill, a GPU call's limit) leaves those rows in study.partial.json, and
+    --resume goes on from there."""
     import lite3r_recon.scoring as scoring
 
     real, calls = scoring.heldout_metrics, []
@@ -52,6 +54,16 @@ def test_study_killed_midway_keeps_its_rows(tmp_path, monkeypatch):
     partial = json.loads((tmp_path / "s" / "study.partial.json").read_text())
     assert [r["row"] for r in partial["rows"]] == ["dense", "sla 0.5"] and "abs_rel" in partial["rows"][1]
     assert not (tmp_path / "s" / "study.json").exists()
+    # --resume: the two rows are kept as measured (not measured again), the other 8 measured, the study finished
+    with pytest.raises(ValueError, match="other settings .*train_steps 1, asked 2"):
+        study(dataclasses.replace(cfg, train_steps=2), tmp_path / "s", device="cpu", quiet=True, resume=True)
+    calls[:] = [1, 1, 1]  # past the third call: nothing dies now
+    r = study(cfg, tmp_path / "s", device="cpu", quiet=True, resume=True)
+    assert len(calls) == 3 + 7  # the rows measured now: 10 less the 2 kept and the alias (sparse only)
+    assert r["rows"][:2] == partial["rows"] and len(r["rows"]) == 10
+    assert (tmp_path / "s" / "study.json").is_file() and not (tmp_path / "s" / "study.partial.json").exists()
+    with pytest.raises(FileNotFoundError, match="--resume: .*study.partial.json not found"):
+        study(cfg, tmp_path / "s", device="cpu", quiet=True, resume=True, overwrite=True)
 
 
 def test_linear_only_is_the_linear_branch():
