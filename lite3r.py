@@ -756,7 +756,12 @@ def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
     # The one bias placement of the FP8 linears: after the GEMM, in its output dtype, where the deployed W8A8 GEMM
     # (torch._scaled_mm) leaves it; the fake-quant student adds it there too, so deploy computes what QAT trained
     # (inside F.linear it would be rounded once less, and that ulp flips FP8 roundings and block choices downstream).
-    return out if bias is None else out + bias.to(out.dtype)
+    # At inference the GEMM's fresh output takes the bias in place: no second [tokens, out] buffer (issue 17's peak).
+    if bias is None:
+        return out
+    if torch.is_grad_enabled() and (out.requires_grad or bias.requires_grad):
+        return out + bias.to(out.dtype)
+    return out.add_(bias.to(out.dtype))
 
 
 _SCALED_MM: dict = {}  # device type -> whether torch._scaled_mm runs rowwise-scaled e4m3 there (probed once)

@@ -98,7 +98,10 @@ class RoPE2D(nn.Module):
         t = t.unflatten(-1, (2, d))  # [B, H, N, 2, d]  (y half, x half)
         t1, t2 = t.chunk(2, dim=-1)
         rotated = torch.cat((-t2, t1), dim=-1)
-        return (t * cos + rotated * sin).flatten(-2)
+        if torch.is_grad_enabled() and t.requires_grad:
+            return (t * cos + rotated * sin).flatten(-2)
+        # inference: the same roundings with two full-size temporaries, not four (issue 17's peak)
+        return (t * cos).add_(rotated.mul_(sin)).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"frequency={self.frequency:g}"

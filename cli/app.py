@@ -130,6 +130,9 @@ def bench(
     head_frames: Annotated[Optional[int], typer.Option(help="(b)-(d): the DPT heads over this many frames at a time "
                                                            "(default: the model's 8; fewer: less memory, more "
                                                            "launches)")] = _BENCH["head_frames"],
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="(b)-(d): MLPs and attention projections over this "
+                                                            "many tokens at a time (default 65536; fewer: lower "
+                                                            "peak memory, more launches)")] = _BENCH["chunk_tokens"],
     device: DeviceOpt = _BENCH["device"],
     json_out: JsonOpt = None,
     plot: Annotated[Optional[Path], typer.Option(help="PNG of latency and memory against views")] = None,
@@ -147,7 +150,7 @@ def bench(
         kept_blocks=kept_blocks,
         repeats=repeats, warmup=warmup, variants=tuple(v.strip() for v in variants.split(",") if v.strip()),
         compile_mode=None if compile_mode == "none" else compile_mode, compile_sla=compile_sla,
-        dense_max_views=dense_max_views, kept_fp8=kept_fp8, head_frames=head_frames,
+        dense_max_views=dense_max_views, kept_fp8=kept_fp8, head_frames=head_frames, chunk_tokens=chunk_tokens,
         weights=str(weights) if weights else None,
         student=str(student) if student else None, device=device)
     _bench.main(target if special else "model", cfg, json_path=json_out, plot_path=plot, profile=profile,
@@ -205,6 +208,11 @@ def train(
                                                     "(default: 126,168 tiny, 518 full)")] = None,
     optimizer: Annotated[str, typer.Option(help="adamw, or sgd (momentum 0.9)")] = _TRAIN["optimizer"],
     lr: Annotated[float, typer.Option(help="peak learning rate of proj_l")] = _TRAIN["lr"],
+    trainable: Annotated[str, typer.Option(help="what trains: proj_l (SLA's new projections, the recipe) or "
+                                                "attention (also the SLA layers' own qkv, norms and proj, at "
+                                                "--lr-inherited)")] = _TRAIN["trainable"],
+    lr_inherited: Annotated[float, typer.Option(help="peak learning rate of the inherited weights --trainable "
+                                                     "attention trains")] = _TRAIN["lr_inherited"],
     warmup: Annotated[int, typer.Option(help="linear warm-up steps (then cosine to 10 %)")] = _TRAIN["warmup"],
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay")] = _TRAIN["weight_decay"],
     grad_clip: Annotated[float, typer.Option(help="gradient norm clip (0: off)")] = _TRAIN["grad_clip"],
@@ -245,7 +253,8 @@ def train(
 
     fields = {"teacher": str(teacher) if teacher else None, "size": size, "data": str(data) if data else None,
               "dataset": dataset, "scenes": scenes, "steps": steps, "batch": batch, "views": views,
-              "res": parse_res(res) if res else None, "optimizer": optimizer, "lr": lr, "warmup": warmup,
+              "res": parse_res(res) if res else None, "optimizer": optimizer, "lr": lr, "trainable": trainable,
+              "lr_inherited": lr_inherited, "warmup": warmup,
               "weight_decay": weight_decay, "grad_clip": grad_clip, "lambda_kd": lambda_kd, "kd_norm": kd_norm,
               "target": target, "distill": distill, "sla": sla, "topk": topk, "block": block,
               "kept_blocks": kept_blocks,

@@ -65,6 +65,8 @@ class BenchConfig:
     dense_max_views: int | None = 256
     kept_fp8: bool = False  # (d): the aggregator layers the heads read kept in FP8 (half the memory, unmeasured error)
     head_frames: int | None = None  # (b)-(d): DPT heads over this many frames at a time (None: the model's 8)
+    chunk_tokens: int | None = None  # (b)-(d): per-token work (MLPs, attention projections) over this many tokens at
+    # a time (None: deploy's 65,536); fewer: a lower peak, more launches
 
     def __post_init__(self):
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -74,6 +76,8 @@ class BenchConfig:
             raise InvalidInput(f"--views must be positive integers, got {self.views}")
         if self.head_frames is not None and self.head_frames < 1:
             raise InvalidInput(f"--head-frames must be at least 1, got {self.head_frames}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise InvalidInput(f"--chunk-tokens must be at least 1, got {self.chunk_tokens}")
         if self.res is not None and (self.res % 14 or self.res < 14):
             raise InvalidInput(f"--res must be a multiple of the patch size 14, got {self.res}")
         check_sparsity(self.topk, self.kept_blocks)
@@ -126,7 +130,8 @@ def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.devic
                                     inplace=True)
     return models.deploy_model(model, device=device, dtype=models.compute_dtype(device), compile_mode=compile_mode,
                                compile_sla=cfg.compile_sla, kept_fp8=cfg.kept_fp8 and variant == "d",
-                               head_frames=cfg.head_frames)
+                               head_frames=cfg.head_frames,
+                               **({} if cfg.chunk_tokens is None else {"mlp_chunk_tokens": cfg.chunk_tokens}))
 
 
 def watch_sparsity(model: nn.Module) -> Callable[[], dict]:
@@ -296,7 +301,8 @@ def results_table(result: dict):
     kept = f"kept_blocks={cfg['kept_blocks']}" if cfg.get("kept_blocks") else f"topk={cfg['topk']}"
     title = (f"lite3r bench {result['backbone']}, {cfg['res']}x{cfg['res']}, {kept}"
              + (", (d) kept layers FP8" if cfg.get("kept_fp8") else "")
-             + (f", heads {cfg['head_frames']} frames at a time" if cfg.get("head_frames") else ""))
+             + (f", heads {cfg['head_frames']} frames at a time" if cfg.get("head_frames") else "")
+             + (f", token chunks of {cfg['chunk_tokens']}" if cfg.get("chunk_tokens") else ""))
     env = result["env"]
     compiled = f"compiled ({cfg['compile_mode']})" if cfg.get("compile_mode") else "eager (--compile-mode none)"
     legend = "; ".join(f"({v}) {VARIANTS[v][1]}".replace("compiled", compiled) for v in cfg["variants"])

@@ -123,6 +123,16 @@ def make_student(teacher: nn.Module, config: SLAConfig = SLAConfig(), *, fp8: bo
     return student
 
 
+def unfreeze_sla(student: nn.Module) -> int:
+    """In place: every SLAAttention of `student` trains whole (its inherited qkv, q/k norms and proj besides its
+    proj_l); returns the number of parameters that now train. Beyond DESIGN's recipe (proj_l alone): `lite3r train
+    --trainable attention`, for students whose proj_l alone cannot recover what the sparse swap loses."""
+    for m in student.modules():
+        if isinstance(m, lite3r.SLAAttention):
+            m.requires_grad_(True)
+    return sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 

@@ -44,8 +44,12 @@ def build_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
 
 def build_student(teacher: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """SLA + FP8 fake-quant copy of the teacher in fp32, only proj_l trainable (models.make_student)."""
-    return models.make_student(teacher, cfg.sla_config(), fp8=cfg.fp8).float().eval()
+    """SLA + FP8 fake-quant copy of the teacher in fp32, only proj_l trainable (models.make_student); with
+    --trainable attention the SLA layers' own weights too (models.unfreeze_sla)."""
+    student = models.make_student(teacher, cfg.sla_config(), fp8=cfg.fp8).float().eval()
+    if cfg.trainable == "attention":
+        models.unfreeze_sla(student)
+    return student
 
 
 # --------------------------------------------------------------------------------------------------- the step
@@ -74,7 +78,11 @@ class QAT:
                              f"(indices 0..{n_attn - 1})")
         self.task_loss = TASK_LOSSES[cfg.family]
         self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point)
-        params = list(self.params.values())
+        # proj_l at --lr; inherited weights (--trainable attention) at --lr-inherited: the schedule scales both
+        new = [p for n, p in self.params.items() if ".proj_l." in f".{n}"]
+        old = [p for n, p in self.params.items() if ".proj_l." not in f".{n}"]
+        params = [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": cfg.lr_inherited / cfg.lr}]
+                                                        if old else [])
         self.opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
                     if cfg.optimizer == "adamw" else
                     torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay))
@@ -152,7 +160,7 @@ class QAT:
     def train_on(self, batch: dict[str, Tensor], step: int) -> dict[str, float]:
         """One optimizer step on this rank's `batch` (gradients averaged over ranks by DDP)."""
         for g in self.opt.param_groups:
-            g["lr"] = lr_at(step, self.cfg)
+            g["lr"] = lr_at(step, self.cfg) * g.get("lr_scale", 1.0)
         self.opt.zero_grad(set_to_none=True)
         loss, terms, _, _ = self.losses(batch)
         loss.backward()

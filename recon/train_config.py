@@ -73,6 +73,9 @@ class TrainConfig:
     res: tuple[int, int] | None = None  # (H, W), multiples of 14; default 126x168 tiny, 518x518 full
     optimizer: str = "adamw"  # adamw | sgd (momentum 0.9; its updates are linear in the gradient)
     lr: float = 3e-3
+    trainable: str = "proj_l"  # proj_l (DESIGN: only SLA's new projections) | attention (also the SLA layers' own
+    #                            qkv, q/k norms and proj: the inherited weights of the sparse layers, at lr_inherited)
+    lr_inherited: float = 1e-4  # peak lr of the inherited weights --trainable attention unfreezes
     warmup: int = 5
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -132,6 +135,10 @@ class TrainConfig:
             raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
             raise InvalidInput("--lambda-kd and the task loss weights must be non-negative")
+        if self.trainable not in ("proj_l", "attention"):
+            raise InvalidInput(f"--trainable must be proj_l or attention, got {self.trainable!r}")
+        if not (self.lr_inherited > 0 and math.isfinite(self.lr_inherited)):
+            raise InvalidInput(f"--lr-inherited must be positive, got {self.lr_inherited}")
         if self.optimizer not in ("adamw", "sgd"):
             raise InvalidInput(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         if self.sla not in ("global", "all"):

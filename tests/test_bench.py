@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from lite3r_cli import bench
@@ -46,7 +47,8 @@ def test_cli_bench_tiny_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("args, named", [(["--views", "two"], "--views"), (["--res", "500"], "--res"),
-                                         (["--variants", "a,z"], "variant"), (["--topk", "0"], "topk")])
+                                         (["--variants", "a,z"], "variant"), (["--topk", "0"], "topk"),
+                                         (["--chunk-tokens", "0"], "--chunk-tokens")])
 def test_cli_bench_rejects_bad_values(args, named):
     """Through the console entry point: exit code 2 and one line naming the option, before anything is built."""
     import subprocess
@@ -57,6 +59,27 @@ def test_cli_bench_rejects_bad_values(args, named):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], proc.stderr
+
+
+def test_chunk_tokens_reach_the_deployed_model():
+    """--chunk-tokens: the MLPs and SLA projections of (b)-(d) run over that many tokens at a time; the output is the
+    default chunking's (per-token work, so equal to GEMM rounding). Checked on (c): (d)'s FP8 roundings flip at
+    other GEMM row counts and the trained teacher amplifies the flips (tests/test_kept_fp8.py)."""
+    import lite3r
+    from lite3r_cli.bench import BenchConfig, build_variant
+    from lite3r_recon import models
+
+    images = torch.rand(1, 2, 3, 140, 140, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for chunk in (None, 96):
+        cfg = BenchConfig(model="vggt", views=(2,), res=140, variants=("c",), compile_mode=None, device="cpu",
+                          chunk_tokens=chunk)
+        model = build_variant("c", "vggt-tiny", cfg, torch.device("cpu"))
+        outs.append(models.infer(model, images))
+        sla = [m for m in model.modules() if isinstance(m, lite3r.SLAAttention)]
+        assert sla and all(m.chunk_tokens == (chunk or 1 << 16) for m in sla)  # set by the forward, from the config
+        assert model.config.mlp_chunk_tokens == (chunk or 1 << 16)
+    torch.testing.assert_close(outs[1]["depth"], outs[0]["depth"], rtol=1e-4, atol=1e-5)
 
 
 def test_parse_views():

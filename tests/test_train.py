@@ -64,6 +64,33 @@ def test_only_proj_l_trains_and_frozen_weights_stay_bit_identical():
             assert torch.equal(v, t[k].to(v.dtype)), k
 
 
+def test_trainable_attention_trains_the_sla_layers_and_reloads(tmp_path):
+    """--trainable attention: the SLA layers' inherited weights train too (at --lr-inherited, proj_l at --lr), every
+    other weight stays the teacher's, and the saved student reloads to the same model."""
+    import lite3r
+
+    cfg = T.TrainConfig(**{**SMALL, "eval_scenes": 0, "steps": 2, "trainable": "attention", "lr_inherited": 1e-3})
+    summary = T.train(cfg, tmp_path / "r", quiet=True, device="cpu")
+    qat_sla = {n for n, m in T.build_student(T.build_teacher(cfg, torch.device("cpu")), cfg).named_modules()
+               if isinstance(m, lite3r.SLAAttention)}
+    saved = load_file(str(tmp_path / "r" / "student.safetensors"))
+    inherited = [k for k in saved if ".proj_l." not in f".{k}"]
+    assert inherited and all(any(k.startswith(f"{m}.") for m in qat_sla) for k in saved)  # only the SLA layers'
+    assert summary["trainable_params"] == sum(v.numel() for v in saved.values())
+    teacher = models.dense_model(cfg.backbone, None, seed=cfg.seed).state_dict()
+    moved = [k for k in inherited if not torch.equal(saved[k], teacher[k].float())]
+    assert len(moved) >= len(inherited) // 2  # the inherited weights were trained (not only carried)
+    student = models.load_student(tmp_path / "r")
+    got = student.state_dict()
+    for k, v in saved.items():
+        assert torch.equal(got[k], v), k
+    for k, v in teacher.items():  # everything outside the SLA layers is the teacher's
+        if k not in saved and k in got:
+            assert torch.equal(got[k].float(), v.float()), k
+    groups = T.QAT(cfg, T.Dist()).opt.param_groups  # proj_l at --lr, the inherited weights at --lr-inherited
+    assert [g["lr_scale"] for g in groups] == [1.0, pytest.approx(1e-3 / cfg.lr)]
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
@@ -265,6 +292,7 @@ def test_ddp_two_gloo_processes_match_one_process_with_the_whole_batch(tmp_path)
     (["--dataset", "kitti"], "--dataset"),
     (["--teacher", "no/such/file.safetensors"], "--teacher"),
     (["--steps", "0"], "--steps"),
+    (["--trainable", "everything"], "--trainable"),
 ])
 def test_bad_options_give_one_clear_line(tmp_path, args, names):
     r = _cli("train", "--out", str(tmp_path / "x"), *args, timeout=60)

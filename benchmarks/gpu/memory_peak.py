@@ -2,7 +2,7 @@
 line of lite3r code that made them (torch.cuda.memory._record_memory_history, replayed).
 
     python benchmarks/gpu/memory_peak.py vggt --views 1024 --variant d --kept-blocks 64 [--kept-fp8] [--head-frames 2]
-        [--json out.json]
+        [--chunk-tokens 16384] [--json out.json]
 
 Prints the peak, the weights and inputs allocated before the forward, and the top groups (MiB, count, file:line
 function) of the live set at the peak; writes the same as JSON. Eager (no torch.compile): Inductor's buffers would
@@ -58,6 +58,7 @@ def main() -> None:
     ap.add_argument("--kept-blocks", type=int, default=None)
     ap.add_argument("--kept-fp8", action="store_true")
     ap.add_argument("--head-frames", type=int, default=None)
+    ap.add_argument("--chunk-tokens", type=int, default=None)
     ap.add_argument("--res", type=int, default=518)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--json", default=None)
@@ -68,7 +69,8 @@ def main() -> None:
 
     device = torch.device("cuda")
     cfg = BenchConfig(model=a.model, views=(a.views,), res=a.res, kept_blocks=a.kept_blocks, variants=(a.variant,),
-                      compile_mode=None, kept_fp8=a.kept_fp8, head_frames=a.head_frames)
+                      compile_mode=None, kept_fp8=a.kept_fp8, head_frames=a.head_frames,
+                      chunk_tokens=a.chunk_tokens)
     name = resolve_backbone_for(a.model, device)
     model = build_variant(a.variant, name, cfg, device)
     images = torch.rand(1, a.views, 3, a.res, a.res, generator=torch.Generator().manual_seed(0)).to(device)

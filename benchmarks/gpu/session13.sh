@@ -6,6 +6,11 @@
 #      (The study's 15 untrained rows took the call's last 250 s: they came back in study.partial.json, the QAT not.)
 #   c (issue 16): the QAT of a alone, as `lite3r train` (400 steps x 4 scenes, what the study's qat row runs), on
 #      the teacher carried back in .cache/s13a/small.tar.part*, then the study's dense / 0.05 / qat rows with it.
+#   d (issues 17, 16): after b measured the in-place stream (DA3 (d) 6.79 GiB at 128 views: the peak is one
+#      65,536-token chunk's q/k/v projection, RoPE and bias temporaries), those temporaries trimmed (RoPE and the
+#      bias in place at inference) and `--chunk-tokens` (smaller chunks): DA3 32 / 128 (a) vs (d) at 16,384, what is
+#      alive at its peak, VGGT-1B (d) at 1024 views; then c's QAT again with the SLA layers' own weights trained too
+#      (`--trainable attention`, new scenes every sample) and its study row.
 #   b (issue 17): the in-place residual stream and half-at-a-time kept layers of session 12 (CPU-verified), measured:
 #      DA3-Large at 32 / 128 views (a) vs (d) (target >= 2.5x / >= 3x less memory than (a)), what is alive at DA3's
 #      peak at 128 views, and VGGT-1B (d) at 1024 views (was 38.78 GiB / 24.23 s).
@@ -43,6 +48,30 @@ c)
   step "study vggt-small, qat row ($left s allowed)" $?
   tail -12 "$O/study.log"
   cp runs/study-small/study.json runs/study-small/study.png runs/study-small/study.partial.json "$O/" 2>/dev/null
+  ;;
+d)
+  timeout 120 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens 16384 --json "$O/da3.json" > "$O/da3.log" 2>&1
+  step "bench da3, chunks of 16384" $?; tail -12 "$O/da3.log"
+  timeout 90 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
+    --head-frames 2 --chunk-tokens 16384 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
+  step "memory_peak da3 128" $?; head -14 "$O/da3-peak.log"
+  timeout 150 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
+  step "bench vggt 1024" $?; tail -6 "$O/vggt1024.log"
+  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
+  timeout -s TERM 260 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-300} \
+    --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
+    --lr-inherited 1e-4 --scenes 0 --eval-scenes 0 --seed 0 --ckpt-every 50 --out runs/qat-attn --quiet \
+    > "$O/qat.log" 2>&1
+  step "qat vggt-small, --trainable attention" $?
+  cp runs/qat-attn/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-attn/*.png "$O/" 2>/dev/null
+  left=$(( 560 - ($(date +%s) - t0) ))
+  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
+    --topk 0.05 --student runs/qat-attn --no-ablations --out runs/study-attn --overwrite > "$O/study.log" 2>&1
+  step "study vggt-small, qat row ($left s allowed)" $?
+  tail -12 "$O/study.log"
+  cp runs/study-attn/study.json runs/study-attn/study.png runs/study-attn/study.partial.json "$O/" 2>/dev/null
   ;;
 b)
   timeout 200 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
