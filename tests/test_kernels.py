@@ -308,6 +308,26 @@ def test_lite3r_dispatches_to_kernels(monkeypatch):
         assert rel_rms(a, b) < 1e-5
 
 
+def test_inference_adds_proj_l_in_place_by_chunks(monkeypatch):
+    """No grad: sla_attention adds proj_l(o_l) into the kernel's o_s a token chunk at a time (no full-size
+    temporaries) - the same output as o_s + proj_l(o_l), for chunks that do and do not divide N."""
+    monkeypatch.setenv("LITE3R_BACKEND", "triton")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (t.detach() for t in qkv(1, 2, 70, 32, torch.float32, gen))
+    proj_l = torch.nn.Linear(32, 32).to(DEVICE)
+    with torch.no_grad():
+        o_s, o_l = kernels.sla_branches(q, k, v, topk=0.5, block_q=32, block_k=32, feature_map="softmax")
+        want = o_s + proj_l(o_l)
+        for chunk in (1 << 24, 2 * 2 * 32 * 16, 2 * 2 * 32 * 3):  # one chunk; 16 tokens (not dividing 70); 3
+            monkeypatch.setattr(lite3r, "_PROJ_L_CHUNK", chunk)
+            got = lite3r.sla_attention(q, k, v, topk=0.5, block_q=32, block_k=32, proj_l=proj_l)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with torch.enable_grad():  # a proj_l that trains: out of place, differentiable
+        got = lite3r.sla_attention(q, k, v, topk=0.5, block_q=32, block_k=32, proj_l=proj_l)
+        assert got.requires_grad
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_opcheck_sla_ops():
     """torch.library.opcheck on the registered ops (schema + autograd registration everywhere; fake-tensor and
     AOT dispatch need a real device, the interpreter cannot run on fake tensors)."""
