@@ -270,21 +270,9 @@ def _common_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
 BRANCHES = ("both", "sparse", "linear")  # SLA, or one of its branches alone (the paper's ablations)
 
 
-_PROJ_L_CHUNK = 1 << 24  # elements of proj_l(o_l) made at a time at inference (32 MB in bf16)
-
-
-def _add_proj_l(o_s: Tensor, o_l: Tensor, proj_l: nn.Module) -> Tensor:
-    """o_s + proj_l(o_l). At inference (nothing to differentiate) added into o_s a token chunk at a time: the whole
-    proj_l(o_l) and the sum would be two more [B, H, N, D] tensors at every SLA layer, the largest transients of a
-    global block at many views (issue 17). The same roundings, to the GEMM's at another row count."""
-    if torch.is_grad_enabled() and (o_s.requires_grad or o_l.requires_grad or
-                                    any(p.requires_grad for p in proj_l.parameters())):
-        return o_s + proj_l(o_l).to(o_s.dtype)
-    B, H, N, D = o_s.shape
-    step = max(1, _PROJ_L_CHUNK // max(1, B * H * D))
-    for i in range(0, N, step):
-        o_s[:, :, i:i + step] += proj_l(o_l[:, :, i:i + step]).to(o_s.dtype)
-    return o_s
+def _needs_grad(*tensors: Tensor, module: nn.Module | None = None) -> bool:
+    return torch.is_grad_enabled() and (any(t.requires_grad for t in tensors) or
+                                        (module is not None and any(p.requires_grad for p in module.parameters())))
 
 
 @typed
@@ -318,9 +306,14 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     kern = _backend(q, "sla_branches")
     if kern is not None:
         with torch.autocast(q.device.type, enabled=False):  # the kernels keep their own fp32 state
+            if proj_l is not None and not _needs_grad(q, k, v, module=proj_l) and hasattr(kern, "sla_output"):
+                # inference: proj_l folded into the linear state, one output buffer (no o_l, no proj_l(o_l), no sum:
+                # three [B, H, N, D] transients at every SLA layer, the largest of a global block at many views)
+                return kern.sla_output(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
+                                       feature_map=feature_map, weight=proj_l.weight, bias=proj_l.bias)
             o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
                                          feature_map=feature_map)
-        return o_s if proj_l is None else _add_proj_l(o_s, o_l, proj_l)
+        return o_s if proj_l is None else o_s + proj_l(o_l).to(o_s.dtype)
     lut = _block_map(q, k, float(topk), block_q, block_k)
     o_s = _sparse_reference(q, k, v, lut, block_q, block_k)
     if proj_l is None:  # the linear branch would be multiplied by nothing: skip it

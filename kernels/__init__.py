@@ -4,6 +4,7 @@
     kernels.supports(t)                   CUDA tensor, or CPU tensor while TRITON_INTERPRET=1
     kernels.sla_block_map(q, k, *, topk, block_q, block_k) -> lut int32 [B, H, Mq, K]
     kernels.sla_branches(q, k, v, *, topk, block_q, block_k, feature_map, lut=None) -> (o_s, o_l)  differentiable
+    kernels.sla_output(q, k, v, *, topk, ..., weight, bias=None) -> o_s + proj_l(o_l)       inference, one buffer
     kernels.fp8_quantize(x, *, axis) -> (x_fp8, scale)
     kernels.fp8_fake_quant(x, *, axis) -> x_dq                                                     STE gradient
     kernels.layer_norm_fp8(x, weight, bias, *, eps, ln_dtype) -> (x_fp8 [M, C], scale [M, 1])   LayerNorm + quantise
@@ -42,12 +43,12 @@ def supports(t: torch.Tensor) -> bool:
 if AVAILABLE:
     from .fp8 import fp8_fake_quant, fp8_quantize  # noqa: E402  (registers torch.ops.lite3r.fp8_*)
     from .fp8_fused import gelu_fp8, layer_norm_fp8  # noqa: E402  (torch.ops.lite3r.{layer_norm,gelu}_fp8_rows)
-    from .sla import sla_block_map, sla_branches  # noqa: E402  (registers torch.ops.lite3r.sla_*)
+    from .sla import sla_block_map, sla_branches, sla_output  # noqa: E402  (registers torch.ops.lite3r.sla_*)
 else:
     def _unavailable(*args, **kwargs):
         raise RuntimeError("kernels need triton (pip install triton); use lite3r's PyTorch reference instead")
 
-    sla_block_map = sla_branches = fp8_quantize = fp8_fake_quant = layer_norm_fp8 = gelu_fp8 = _unavailable
+    sla_block_map = sla_branches = sla_output = fp8_quantize = fp8_fake_quant = layer_norm_fp8 = gelu_fp8 = _unavailable
 
-__all__ = ["AVAILABLE", "supports", "interpreting", "sla_block_map", "sla_branches", "fp8_quantize",
+__all__ = ["AVAILABLE", "supports", "interpreting", "sla_block_map", "sla_branches", "sla_output", "fp8_quantize",
            "fp8_fake_quant", "layer_norm_fp8", "gelu_fp8"]

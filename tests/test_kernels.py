@@ -308,24 +308,48 @@ def test_lite3r_dispatches_to_kernels(monkeypatch):
         assert rel_rms(a, b) < 1e-5
 
 
-def test_inference_adds_proj_l_in_place_by_chunks(monkeypatch):
-    """No grad: sla_attention adds proj_l(o_l) into the kernel's o_s a token chunk at a time (no full-size
-    temporaries) - the same output as o_s + proj_l(o_l), for chunks that do and do not divide N."""
+@FAST
+@given(N=st.integers(20, 150), D=st.sampled_from([16, 32]), block=st.sampled_from([16, 32]),
+       topk=st.sampled_from([0.3, 0.6, 1.0]), feature_map=st.sampled_from(["softmax", "elu", "relu"]),
+       bias=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_sla_output_is_o_s_plus_proj_l(N, D, block, topk, feature_map, bias, dtype, seed):
+    """sla_output (inference: proj_l folded into the linear state, one buffer) == o_s + proj_l(o_l) of sla_branches
+    on the same block map, to the dtype's rounding of the output."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (t.detach() for t in qkv(1, 2, N, D, dtype, gen))
+    proj_l = torch.nn.Linear(D, D, bias=bias).to(DEVICE)
+    with torch.no_grad():
+        proj_l.weight.copy_(torch.randn(D, D, generator=gen) * 0.3)
+        lut = kernels.sla_block_map(q, k, topk=topk, block_q=block, block_k=block)
+        o_s, o_l = kernels.sla_branches(q, k, v, topk=topk, block_q=block, block_k=block, feature_map=feature_map,
+                                        lut=lut)
+        want = o_s.float() + proj_l(o_l.float())
+        got = kernels.sla_output(q, k, v, topk=topk, block_q=block, block_k=block, feature_map=feature_map,
+                                 weight=proj_l.weight, bias=proj_l.bias, lut=lut)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert rel_rms(got, want) < (2e-5 if dtype == torch.float32 else 8e-3)
+
+
+def test_lite3r_inference_takes_the_one_buffer_path(monkeypatch):
+    """sla_attention with nothing to differentiate runs sla_output; with a proj_l that trains, sla_branches (the
+    differentiable path); both give o_s + proj_l(o_l)."""
     monkeypatch.setenv("LITE3R_BACKEND", "triton")
     gen = torch.Generator().manual_seed(3)
     q, k, v = (t.detach() for t in qkv(1, 2, 70, 32, torch.float32, gen))
     proj_l = torch.nn.Linear(32, 32).to(DEVICE)
+    calls = []
+    real = kernels.sla_output
+    monkeypatch.setattr(kernels, "sla_output", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         o_s, o_l = kernels.sla_branches(q, k, v, topk=0.5, block_q=32, block_k=32, feature_map="softmax")
         want = o_s + proj_l(o_l)
-        for chunk in (1 << 24, 2 * 2 * 32 * 16, 2 * 2 * 32 * 3):  # one chunk; 16 tokens (not dividing 70); 3
-            monkeypatch.setattr(lite3r, "_PROJ_L_CHUNK", chunk)
-            got = lite3r.sla_attention(q, k, v, topk=0.5, block_q=32, block_k=32, proj_l=proj_l)
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    with torch.enable_grad():  # a proj_l that trains: out of place, differentiable
         got = lite3r.sla_attention(q, k, v, topk=0.5, block_q=32, block_k=32, proj_l=proj_l)
-        assert got.requires_grad
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert calls == [1]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():
+        got = lite3r.sla_attention(q, k, v, topk=0.5, block_q=32, block_k=32, proj_l=proj_l)
+    assert calls == [1] and got.requires_grad  # not the inference path
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_opcheck_sla_ops():
@@ -339,6 +363,8 @@ def test_opcheck_sla_ops():
     kw = {} if utils is None else {"test_utils": utils}
     torch.library.opcheck(torch.ops.lite3r.sla_fwd.default,
                           (q, k, v, lut, kv.requires_grad_(), ksum.requires_grad_(), 16, 16, 0), **kw)
+    torch.library.opcheck(torch.ops.lite3r.sla_fwd_sum.default,
+                          (q.detach(), k.detach(), v.detach(), lut, kv, ksum, 16, 16, 0), **kw)
     torch.library.opcheck(torch.ops.lite3r.sla_block_map.default, (q.detach(), k.detach(), 0.5, 16, 16), **kw)
     torch.library.opcheck(torch.ops.lite3r.sla_linear_state.default, (k, v, 1), **kw)
     torch.library.opcheck(torch.ops.lite3r.sla_linear_state_bwd.default,
@@ -551,3 +577,22 @@ def test_sla_switches_are_read_where_they_live():
     for name in [*sla.__all__, "_normal_quantile", "_select_kernel", "_select_launch", "_sla_fwd_kernel"]:
         assert getattr(sla, name) is not None
     assert kernels.sla_branches is sla.attention.sla_branches and kernels.sla_block_map is sla.block_map.sla_block_map
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("views, compiled", [(8, False), (32, False), (8, True)])
+def test_sla_output_real_size_gpu(views, compiled):
+    """sla_output at VGGT-1B's global-attention shapes (bf16, topk 0.05; TMA in eager at these even shapes, pointer
+    loads under torch.compile) == o_s + proj_l(o_l) of sla_branches on the same block map."""
+    torch.manual_seed(0)
+    N, H, D = views * 1374, 16, 64
+    q, k, v = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    proj_l = torch.nn.Linear(D, D).cuda()
+    with torch.no_grad():
+        proj_l.weight.normal_(0, 0.1)
+        lut = kernels.sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)
+        o_s, o_l = kernels.sla_branches(q, k, v, topk=0.05, lut=lut)
+        want = o_s.float() + proj_l(o_l.float())
+        fn = torch.compile(kernels.sla_output, fullgraph=True) if compiled else kernels.sla_output
+        got = fn(q, k, v, topk=0.05, weight=proj_l.weight, bias=proj_l.bias, lut=lut)
+    assert rel_rms(got, want) < 8e-3

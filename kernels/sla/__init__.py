@@ -3,6 +3,7 @@
     block_map.py   pooling, block scores, exact top-K select; op lite3r::sla_block_map     -> sla_block_map
     linear.py      linear state phi(k)^T v, sum phi(k) (+ backward); lite3r::sla_linear_state -> linear_state
     attention.py   fused sparse + linear forward / backward; lite3r::sla_fwd, sla_bwd      -> sla_branches
+                   inference with proj_l folded in, one output; lite3r::sla_fwd_sum        -> sla_output
     common.py      feature maps, the MMA helper, tiles and input checks they share
 
     lut = sla_block_map(q, k, topk=0.05, block_q=64, block_k=64)          # int32 [B, H, Mq, K]
@@ -13,7 +14,7 @@ attention.py): set them there, e.g. `lite3r_kernels.sla.attention.USE_TMA = Fals
 package raises AttributeError naming its module, so a flip here can never silently do nothing. Tuning history
 (timings, register counts, what was tried): docs/benchmarks.md, "Kernel tuning history".
 """
-from .attention import _sla_fwd_kernel, sla_branches, transpose_lut
+from .attention import _sla_fwd_kernel, sla_branches, sla_output, transpose_lut
 from .block_map import (_normal_quantile, _select_kernel, _select_launch, block_scores, num_kept, score_tile,
                         select_top, sla_block_map, tiled_block_map)
 from .common import FEATURE_MAPS, LINEAR_EPS, LOG2E
@@ -33,5 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["sla_block_map", "sla_branches", "block_scores", "select_top", "num_kept", "score_tile", "tiled_block_map",
+__all__ = ["sla_block_map", "sla_branches", "sla_output", "block_scores", "select_top", "num_kept", "score_tile", "tiled_block_map",
            "transpose_lut", "linear_state", "linear_state_torch", "LINEAR_EPS", "FEATURE_MAPS", "LOG2E"]

@@ -163,10 +163,11 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                     N, H, D, MQ, KK, SM_SCALE: tl.constexpr, EPS: tl.constexpr,
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, TILE_Q: tl.constexpr, TILE_K: tl.constexpr,
                     TILE_D: tl.constexpr, FM: tl.constexpr, LINEAR: tl.constexpr, EVEN: tl.constexpr,
-                    TMA: tl.constexpr, STEP: tl.constexpr, F32: tl.constexpr):
+                    TMA: tl.constexpr, STEP: tl.constexpr, F32: tl.constexpr, SUM: tl.constexpr = False):
     """Grid (Mq, B*H). OS/OL: [B, H, N, D] contiguous, LSE: [B, H, N] fp32 (log2 units). EVEN: blocks are full
     tiles of real tokens (BLOCK_Q = TILE_Q and BLOCK_K = TILE_K divide N) and D = TILE_D: no masks at all. TMA
-    (EVEN only): K and V are TMA descriptors of [B, H, N, D] (the sk_*/sv_* strides are unused)."""
+    (EVEN only): K and V are TMA descriptors of [B, H, N, D] (the sk_*/sv_* strides are unused). SUM (with
+    LINEAR, inference): OS gets o_s + o_l in one rounding and OL is not written (sla_output)."""
     tl.static_assert((STEP == 1) | (STEP == 2), "STEP must be 1 or 2")
     i_m, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = (i_bh // H).to(tl.int64), (i_bh % H).to(tl.int64)
@@ -200,7 +201,8 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
                                         qk_scale, BLOCK_K, TILE_K, TILE_D, 1, EVEN, F32)
     b_os = b_acc / b_l[:, None]
     o_out = i_bh.to(tl.int64) * N * D + o_q[:, None].to(tl.int64) * D + o_d[None, :]
-    _store(OS + o_out, b_os.to(OS.dtype.element_ty), m_qd, EVEN)
+    if not SUM:
+        _store(OS + o_out, b_os.to(OS.dtype.element_ty), m_qd, EVEN)
     _store(LSE + i_bh.to(tl.int64) * N + o_q, b_m + tl.math.log2(b_l), m_q, EVEN)
     if LINEAR:
         # q times the identity: an exact fp32 copy of q in the MMA result layout, where phi's row reductions take 2
@@ -212,7 +214,10 @@ def _sla_fwd_kernel(Q, K, V, LUT, KV, KS, OS, OL, LSE,
         b_ks = _load(KS + i_bh.to(tl.int64) * D + o_d, m_d, EVEN)  # [TD]
         b_num = _linear_num(b_f, b_kv, F32)  # [TQ, TD]
         b_den = tl.sum(b_f * b_ks[None, :], axis=1) + EPS
-        _store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), m_qd, EVEN)
+        if SUM:
+            _store(OS + o_out, (b_os + b_num / b_den[:, None]).to(OS.dtype.element_ty), m_qd, EVEN)
+        else:
+            _store(OL + o_out, (b_num / b_den[:, None]).to(OL.dtype.element_ty), m_qd, EVEN)
 
 
 @triton.jit
@@ -384,11 +389,27 @@ def _tma_descriptors(k: Tensor, v: Tensor, block_k: int):
 def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor, block_q: int, block_k: int,
              feature_map: int) -> tuple[Tensor, Tensor, Tensor]:
     """-> (o_s, o_l, lse): o_s/o_l [B, H, N, D] in q.dtype, lse fp32 [B, H, N] in log2 units."""
+    o_s = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    o_l = torch.empty_like(o_s)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    _launch_fwd(q, k, v, lut, kv, ksum, o_s, o_l, lse, block_q, block_k, feature_map, False)
+    return o_s, o_l, lse
+
+
+@triton_op("lite3r::sla_fwd_sum", mutates_args={})
+def _sla_fwd_sum(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor, block_q: int,
+                 block_k: int, feature_map: int) -> Tensor:
+    """-> o_s + o_l [B, H, N, D] in q.dtype, one buffer (inference: no autograd; sla_output)."""
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = torch.empty(q.shape[:3], device=q.device, dtype=torch.float32)
+    _launch_fwd(q, k, v, lut, kv, ksum, o, o, lse, block_q, block_k, feature_map, True)
+    return o
+
+
+def _launch_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Tensor, o_s: Tensor, o_l: Tensor,
+                lse: Tensor, block_q: int, block_k: int, feature_map: int, sum_out: bool) -> None:
     B, H, N, D = q.shape
     n_q, kept = lut.shape[2], lut.shape[3]
-    o_s = torch.empty((B, H, N, D), device=q.device, dtype=q.dtype)
-    o_l = torch.empty_like(o_s)
-    lse = torch.empty((B, H, N), device=q.device, dtype=torch.float32)
     if (N + block_k) * max(k.stride(2), v.stride(2)) >= _FWD_MAX_OFFSET:
         k, v = k.contiguous(), v.contiguous()
         if (N + block_k) * D >= _FWD_MAX_OFFSET:
@@ -402,8 +423,7 @@ def _sla_fwd(q: Tensor, k: Tensor, v: Tensor, lut: Tensor, kv: Tensor, ksum: Ten
         v.stride(0), v.stride(1), v.stride(2),
         N, H, D, n_q, kept, D ** -0.5, LINEAR_EPS,
         BLOCK_Q=block_q, BLOCK_K=block_k, TILE_Q=_tile(block_q), TILE_K=_tile(block_k), TILE_D=_tile(D),
-        FM=feature_map, LINEAR=True, EVEN=even, TMA=descriptors is not None, F32=_full_fp32(q))
-    return o_s, o_l, lse
+        FM=feature_map, LINEAR=True, EVEN=even, TMA=descriptors is not None, F32=_full_fp32(q), SUM=sum_out)
 
 
 def transpose_lut(lut: Tensor, n_k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -495,6 +515,22 @@ def _side_stream(t: Tensor):
     return _SIDE_STREAMS[t.device]
 
 
+def sla_output(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64,
+               feature_map: str = "softmax", weight: Tensor, bias: Tensor | None = None,
+               lut: Tensor | None = None) -> Tensor:
+    """o_s + o_l @ weight^T + bias, [B, H, N, D] in q.dtype, in one buffer: SLA with its proj_l at inference (not
+    differentiable). proj_l is folded into the linear state - o_l = phi(q) kv / (phi(q) . ksum + eps) is linear in
+    kv, so kv @ W^T + ksum (x) b gives proj_l(o_l) up to the eps's share of the bias - and the kernel writes the
+    sum: no o_l, no proj_l(o_l), no sum tensors (three [B, H, N, D] at every SLA layer otherwise)."""
+    q, k, v, lut, kv, ksum, fm = _forward_inputs(q, k, v, topk, block_q, block_k, feature_map, lut)
+    w = weight.to(torch.float32)
+    kv = kv.float() @ w.t()
+    if bias is not None:
+        kv = kv + ksum.float()[..., :, None] * bias.to(torch.float32)
+    return torch.ops.lite3r.sla_fwd_sum(q, k, v, lut, kv.contiguous(), ksum.contiguous(), int(block_q),
+                                        int(block_k), fm)
+
+
 def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int = 64, block_k: int = 64,
                  feature_map: str = "softmax", lut: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(o_s, o_l), both [B, H, N, D] in q.dtype, differentiable in q, k, v (lut is not): o_s exact softmax
@@ -502,6 +538,16 @@ def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int =
 
     q, k, v: [B, H, N, D] float32/float16/bfloat16, last dim contiguous (other strides are fine). lut: int32
     [B, H, Mq, K] of key-block indices (default: sla_block_map(q, k, topk=topk, ...))."""
+    q, k, v, lut, kv, ksum, fm = _forward_inputs(q, k, v, topk, block_q, block_k, feature_map, lut)
+    o_s, o_l, _ = torch.ops.lite3r.sla_fwd(q, k, v, lut, kv.contiguous(), ksum.contiguous(), int(block_q),
+                                           int(block_k), fm)
+    return o_s, o_l
+
+
+def _forward_inputs(q: Tensor, k: Tensor, v: Tensor, topk: float, block_q: int, block_k: int, feature_map: str,
+                    lut: Tensor | None):
+    """(q, k, v, lut, kv, ksum, feature-map code) the forward kernels take: checked, the linear state and the
+    block map computed (the state on a side stream beside the map in eager CUDA)."""
     _check_qkv(q, k, v, block_q, block_k)
     fm = _fm_code(feature_map)
     B, H, N, D = q.shape
@@ -522,6 +568,4 @@ def sla_branches(q: Tensor, k: Tensor, v: Tensor, *, topk: float, block_q: int =
     if side is not None:
         main.wait_stream(side)  # kv / ksum are read only after this, and the next call's side work waits for main
     lut = lut.to(torch.int32).contiguous()
-    o_s, o_l, _ = torch.ops.lite3r.sla_fwd(q, k, v, lut, kv.contiguous(), ksum.contiguous(), int(block_q),
-                                           int(block_k), fm)
-    return o_s, o_l
+    return q, k, v, lut, kv, ksum, fm
