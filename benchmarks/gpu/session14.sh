@@ -1,0 +1,60 @@
+#!/bin/bash
+# Next session's GPU work (written in session 13, which had no device time left to run it):
+#   a (issue 17): the GPU tests of the one-buffer SLA inference (kernels.sla_output, lite3r::sla_fwd_sum: compiled
+#      and eager) and of the kernels around it; DA3-Large 32 / 128 (a) vs (d) at the default token chunks and at
+#      16,384 (session 13 with sla_output not yet in: 5.13 GiB at 128 views, 2.58x; target >= 3x), what is alive at
+#      its peak, VGGT-1B (d) at 1024 views (session 13: 41.51 GiB / 24.24 s, above session 8's 38.78 GiB; target
+#      <= 40 GiB, <= 25 s) and what is alive at the peak of 256 views.
+#   b (issue 16): the vggt-small QAT with the SLA layers' own weights trained (--trainable attention) on the
+#      teacher carried in .cache/s13a/small.tar.part*, the same 16-scene pool as session 13's proj_l run (which
+#      recovered 1 % of the swap's AbsRel loss in 400 steps), then its study row. (Session 13's attempt with a new
+#      scene per sample did not finish 300 steps in 260 s.)
+#   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
+#      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
+source "$(dirname "$0")/common.sh" s14$1
+case $1 in
+t)
+  timeout -s TERM 400 lite3r pretrain vggt --size small --steps 1200 --batch 4 --views 16 --res 252,252 \
+    --lr 0.001 --warmup 60 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --seed 0 --ckpt-every 100 \
+    --eval-every 200 --eval-scenes 32 --out runs/s11 --quiet > "$O/s11.log" 2>&1
+  step "pretrain vggt-small" $?
+  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11 "$O/s11.log"
+  cp runs/s11/teacher.json runs/s11/metrics.json runs/s11/*.png "$O/" 2>/dev/null
+  tar -cf - runs/s11/teacher.safetensors runs/s11/teacher.json | split -b 15M - "$OUT/small.tar.part"
+  ;;
+a)
+  timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
+    > "$O/gpu-tests.log" 2>&1
+  step "GPU kernel tests" $?; tail -5 "$O/gpu-tests.log"
+  for C in 65536 16384; do
+    timeout 100 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
+      --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens $C --json "$O/da3-$C.json" > "$O/da3-$C.log" 2>&1
+    step "bench da3, chunks of $C" $?; tail -9 "$O/da3-$C.log" | head -6
+  done
+  timeout 60 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
+    --head-frames 2 --chunk-tokens 16384 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
+  step "memory_peak da3 128" $?; head -12 "$O/da3-peak.log"
+  timeout 120 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
+  step "bench vggt 1024" $?; tail -6 "$O/vggt1024.log" | head -3
+  timeout 90 python3 benchmarks/gpu/memory_peak.py vggt --views 256 --variant d --kept-blocks 64 --kept-fp8 \
+    --json "$O/vggt-peak.json" > "$O/vggt-peak.log" 2>&1
+  step "memory_peak vggt 256" $?; head -14 "$O/vggt-peak.log"
+  ;;
+b)
+  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
+  timeout -s TERM 300 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-200} \
+    --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
+    --lr-inherited ${LRI:-1e-4} --eval-scenes 0 --seed 0 --ckpt-every 50 --out runs/qat-attn > "$O/qat.log" 2>&1
+  step "qat vggt-small, --trainable attention" $?
+  cp runs/qat-attn/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-attn/*.png "$O/" 2>/dev/null
+  left=$(( 560 - ($(date +%s) - t0) ))
+  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
+    --topk 0.05 --student runs/qat-attn --no-ablations --out runs/study-attn --overwrite > "$O/study.log" 2>&1
+  step "study vggt-small, qat row ($left s allowed)" $?
+  tail -12 "$O/study.log"
+  cp runs/study-attn/study.json runs/study-attn/study.png runs/study-attn/study.partial.json "$O/" 2>/dev/null
+  ;;
+esac
+tar -cf "$OUT/s14$1.tar" -C "$OUT" s14$1 && rm -rf "$O"
+ls -la "$OUT"
