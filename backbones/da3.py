@@ -317,10 +317,10 @@ class DA3(nn.Module):
         ckpt = c.grad_checkpointing and self.training and torch.is_grad_enabled()
         frames = chunk_frames(c.mlp_chunk_tokens, N)  # inference: the frame blocks a chunk of frames at a time
 
-        def run(blk: nn.Module, t: Tensor, pos: Tensor) -> Tensor:
+        def run(blk: nn.Module, t: Tensor, pos: Tensor, inplace: bool = True) -> Tensor:
             if ckpt:
                 return torch.utils.checkpoint.checkpoint(blk, t, pos, use_reentrant=False)
-            return blk(t, pos, inplace=True)  # (inference: t is overwritten; grad enabled: a new tensor)
+            return blk(t, pos, inplace=inplace)  # (inference: t is overwritten; grad enabled: a new tensor)
 
         for i, blk in enumerate(vit.blocks):
             if i == c.alt_start - 1 and S >= REF_SELECTION_MIN_VIEWS and cam_tokens is None:
@@ -334,15 +334,18 @@ class DA3(nn.Module):
                     cam = cam_tokens.to(x.dtype)
                 x = torch.cat((cam[:, :, None], x[:, :, 1:]), dim=2)
             # a kept layer is concat(last frame-block output, normed layer output) of the patches, in input order;
-            # its frame half is stored before a global block overwrites x (in place) - after a frame block it is x
+            # at a global block the block runs out of place and both halves are stored after it (the frame half
+            # stored first would hold the layer's storage through the global attention, the forward's peak)
             layer = None
             if i in c.out_layers:
                 layer = KeptLayer(2, 0, fp8=kept_fp8, chunk=c.frames_chunk_size, dtype=feats_dtype, order=back)
             if blk.attn.scope == "global":
+                frame_out = x  # (x here is the last frame-block output: blocks alternate)
+                x = run(blk, x.reshape(B, S * N, C), pos_global, inplace=layer is None).reshape(B, S, N, C)
                 if layer is not None:
-                    layer.put(x[:, :, 1:])  # (x here is the last frame-block output: blocks alternate)
-                    cam_local = _views_back(x[:, :, 0], back).clone()
-                x = run(blk, x.reshape(B, S * N, C), pos_global).reshape(B, S, N, C)
+                    layer.put(frame_out[:, :, 1:])
+                    cam_local = _views_back(frame_out[:, :, 0], back).clone()  # (not a view holding frame_out)
+                del frame_out
             else:  # (in place in chunks: x is the last block's output, already kept where it is kept)
                 t = x.reshape(B * S, N, C)
                 x = (run(blk, t, pos_frame) if frames is None else frame_chunks(blk, t, pos_frame, frames))

@@ -202,25 +202,33 @@ class Block(nn.Module):
         inplace = inplace and not torch.is_grad_enabled()
         y = self.attn(self.norm1(x), pos=pos)
         if not (inplace and _add_scaled_(x, y, self.ls1)):
-            x, inplace = x + self.ls1(y), False
+            x, inplace = _add_scaled(x, y, self.ls1), False
         del y
         n = self.mlp_chunk
         if n is None or x.shape[:-1].numel() <= n or torch.is_grad_enabled():
             if inplace:
                 _add_scaled_or_fail(x, self.mlp(self.norm2(x)), self.ls2)
                 return x
-            return x + self.ls2(self.mlp(self.norm2(x)))
+            return _add_scaled(x, self.mlp(self.norm2(x)), self.ls2)
         flat, out = x.reshape(-1, x.shape[-1]), None
         for i in range(0, flat.shape[0], n):
             rows = flat[i:i + n]
             if inplace:  # each chunk reads only its own rows
                 _add_scaled_or_fail(rows, self.mlp(self.norm2(rows)), self.ls2)
                 continue
-            y = rows + self.ls2(self.mlp(self.norm2(rows)))
+            y = _add_scaled(rows, self.mlp(self.norm2(rows)), self.ls2)
             if out is None:
                 out = y.new_empty((flat.shape[0], y.shape[-1]))
             out[i:i + n] = y
         return x if inplace else out.view(x.shape)
+
+
+def _add_scaled(x: Tensor, y: Tensor, ls: nn.Module) -> Tensor:
+    """x + ls(y) as a new tensor, computed as _add_scaled_ computes it in place (one addcmul: in-place and
+    out-of-place blocks give the same bits, so a model keeping more layers - blocks out of place - is unchanged)."""
+    if isinstance(ls, LayerScale):
+        return torch.addcmul(x, y, ls.gamma)
+    return x + ls(y)
 
 
 def _add_scaled_(x: Tensor, y: Tensor, ls: nn.Module) -> bool:
