@@ -451,6 +451,8 @@ def study(
                                                          "the QAT row")] = None,
     train_steps: Annotated[Optional[int], typer.Option(help="steps of each short lite3r train run (default 60)")] = None,
     train_batch: Annotated[Optional[int], typer.Option(help="scenes per step of those runs (default 2)")] = None,
+    trainable: Annotated[Optional[str], typer.Option(help="what those runs train: proj_l (default) or attention "
+                                                       "(the SLA layers' own weights too)")] = None,
     ablations: Annotated[bool, typer.Option(help="also the ablation rows (distill only, task only, sparse only, "
                                                  "linear only)")] = True,
     out: Annotated[Optional[Path], typer.Option(help="folder for study.json, study.png and the training runs "
@@ -469,6 +471,7 @@ def study(
                 weights=str(weights) if weights else None, dataset=dataset.value, data=str(data) if data else None,
                 scenes=scenes, views=views, size=size, topks=topk, kept_blocks=kept_blocks, block=block,
                 student=str(student) if student else None, train_steps=train_steps, train_batch=train_batch,
+                trainable=trainable,
                 ablations=ablations)
 
 

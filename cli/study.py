@@ -60,6 +60,7 @@ class StudyConfig:
     train_steps: int = 60
     train_batch: int = 2
     lr: float = 3e-3
+    trainable: str = "proj_l"  # what the trained rows train: proj_l | attention (lite3r train --trainable)
     ablations: bool = True
     seed: int = 0
 
@@ -83,6 +84,8 @@ class StudyConfig:
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.kept_blocks):
             raise InvalidInput(f"--kept-blocks values are counts of key blocks per query block, >= 1; got "
                                f"{self.kept_blocks}")
+        if self.trainable not in ("proj_l", "attention"):
+            raise InvalidInput(f"--trainable must be proj_l or attention, got {self.trainable!r}")
         if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
             raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
         size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))
@@ -143,7 +146,8 @@ def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, ove
 
     tc = TrainConfig(model=cfg.model, teacher=cfg.weights, steps=cfg.train_steps, batch=cfg.train_batch,
                      views=cfg.views, res=cfg.size, topk=cfg.topks[-1], block=cfg.block, fp8=True,
-                     target="gt", lr=cfg.lr, eval_scenes=0, seed=cfg.seed, ckpt_every=max(1, cfg.train_steps),
+                     target="gt", lr=cfg.lr, trainable=cfg.trainable, eval_scenes=0, seed=cfg.seed,
+                     ckpt_every=max(1, cfg.train_steps),
                      **TRAINED[row])
     run = out / row.replace(" ", "-")
     if resume and (run / "student.safetensors").is_file() and (run / "metrics.json").is_file():

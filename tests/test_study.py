@@ -87,6 +87,8 @@ def test_config_errors(tmp_path):
         StudyConfig(weights=str(tmp_path / "none.safetensors"))
     with pytest.raises(ValueError, match="kept fractions"):
         StudyConfig(topks=(0.0,))
+    with pytest.raises(ValueError, match="--trainable"):
+        StudyConfig(trainable="all")
 
 
 def test_study_rows_at_a_kept_block_count(tmp_path):
@@ -105,6 +107,18 @@ def test_study_rows_at_a_kept_block_count(tmp_path):
     assert by["sla 1 blocks"]["abs_rel"] != by["dense"]["abs_rel"]
     with pytest.raises(ValueError, match="counts of key blocks"):
         StudyConfig(kept_blocks=(0,))
+
+
+def test_study_trained_rows_take_trainable(tmp_path):
+    """trainable="attention": the qat row's run trains the SLA layers' own weights too (its student file has them)."""
+    from safetensors.torch import load_file
+
+    cfg = StudyConfig(scenes=1, views=2, size=(42, 56), topks=(0.25,), block=16, train_steps=1, ablations=False,
+                      trainable="attention")
+    r = study(cfg, tmp_path / "s", device="cpu", quiet=True)
+    saved = load_file(str(tmp_path / "s" / "qat" / "student.safetensors"))
+    assert any(".proj_l." in f".{k}" for k in saved) and any(k.endswith("qkv.weight") for k in saved)
+    assert r["config"]["trainable"] == "attention"
 
 
 @pytest.mark.parametrize("given", ["run", "artifact"])
