@@ -6,9 +6,9 @@
 #      its peak, VGGT-1B (d) at 1024 views (session 13: 41.51 GiB / 24.24 s, above session 8's 38.78 GiB; target
 #      <= 40 GiB, <= 25 s) and what is alive at the peak of 256 views.
 #   b (issue 16): the vggt-small QAT with the SLA layers' own weights trained (--trainable attention) on the
-#      teacher carried in .cache/s13a/small.tar.part*, the same 16-scene pool as session 13's proj_l run (which
-#      recovered 1 % of the swap's AbsRel loss in 400 steps), then its study row. (Session 13's attempt with a new
-#      scene per sample did not finish 300 steps in 260 s.)
+#      teacher carried in .cache/s13a/small.tar.part*: 400 steps on the same 16-scene pool as session 13's proj_l
+#      run (which recovered 1 % of the swap's AbsRel loss), then its study row. (Session 13's attempt with a new
+#      scene per sample did not finish 300 steps in 260 s; on CPU the wider trainable set costs 8 % per step.)
 #   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
 #      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
 source "$(dirname "$0")/common.sh" s14$1
@@ -43,7 +43,7 @@ a)
   ;;
 b)
   mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
-  timeout -s TERM 300 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-200} \
+  timeout -s TERM 330 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} \
     --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
     --lr-inherited ${LRI:-1e-4} --eval-scenes 0 --seed 0 --ckpt-every 50 --out runs/qat-attn > "$O/qat.log" 2>&1
   step "qat vggt-small, --trainable attention" $?
