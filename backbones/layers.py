@@ -198,29 +198,37 @@ class Block(nn.Module):
     def forward(self, x: Tensor, pos: Tensor | None = None, inplace: bool = False) -> Tensor:
         """``inplace`` (inference, grad off): the output is written into x, which the caller must not need again -
         the residual stream is never copied (at 128 DA3-Large views each copy is 0.7 GB in fp32); the same values
-        to rounding. Where the output's dtype is not x's (a bf16 stream, an fp32 LayerScale), as without it."""
-        inplace = inplace and not torch.is_grad_enabled()
+        to rounding. Where the output's dtype is not x's (a bf16 stream, an fp32 LayerScale), as without it. Without
+        it x is left as it was, and at inference the MLP half is added into the attention half's new tensor."""
+        inference = not torch.is_grad_enabled()
+        inplace = inplace and inference
         y = self.attn(self.norm1(x), pos=pos)
         if not (inplace and _add_scaled_(x, y, self.ls1)):
             x, inplace = _add_scaled(x, y, self.ls1), False
         del y
+        # x may take the MLP half in place: the caller's (inplace, then it must) or this block's own new tensor
+        must, may = inplace, inference
         n = self.mlp_chunk
-        if n is None or x.shape[:-1].numel() <= n or torch.is_grad_enabled():
-            if inplace:
-                _add_scaled_or_fail(x, self.mlp(self.norm2(x)), self.ls2)
+        if n is None or x.shape[:-1].numel() <= n or not inference:
+            y = self.mlp(self.norm2(x))
+            if may and _add_scaled_(x, y, self.ls2):
                 return x
-            return _add_scaled(x, self.mlp(self.norm2(x)), self.ls2)
+            if must:
+                _add_scaled_or_fail(x, y, self.ls2)
+            return _add_scaled(x, y, self.ls2)
         flat, out = x.reshape(-1, x.shape[-1]), None
         for i in range(0, flat.shape[0], n):
             rows = flat[i:i + n]
-            if inplace:  # each chunk reads only its own rows
-                _add_scaled_or_fail(rows, self.mlp(self.norm2(rows)), self.ls2)
-                continue
-            y = _add_scaled(rows, self.mlp(self.norm2(rows)), self.ls2)
+            y = self.mlp(self.norm2(rows))  # each chunk reads only its own rows
+            if out is None and may and _add_scaled_(rows, y, self.ls2):
+                continue  # (every chunk has the same dtypes: in place throughout)
+            if must:
+                _add_scaled_or_fail(rows, y, self.ls2)
+            y = _add_scaled(rows, y, self.ls2)
             if out is None:
                 out = y.new_empty((flat.shape[0], y.shape[-1]))
             out[i:i + n] = y
-        return x if inplace else out.view(x.shape)
+        return x if out is None else out.view(x.shape)
 
 
 def _add_scaled(x: Tensor, y: Tensor, ls: nn.Module) -> Tensor:

@@ -21,7 +21,9 @@ def test_block_inplace_equals_out_of_place(mlp_chunk, init_values):
     blk.mlp_chunk = mlp_chunk
     x = torch.randn(2, 20, 32)
     with torch.no_grad():
-        want = blk(x.clone())
+        kept = x.clone()
+        want = blk(kept)
+        assert torch.equal(kept, x)  # without inplace the input is left as it was (a kept layer's frame half)
         given_x = x.clone()
         got = blk(given_x, inplace=True)
     assert got is given_x  # written into its input: no second residual stream
