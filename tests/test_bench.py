@@ -63,8 +63,8 @@ def test_cli_bench_rejects_bad_values(args, named):
 
 def test_chunk_tokens_reach_the_deployed_model():
     """--chunk-tokens: the MLPs and SLA projections of (b)-(d) run over that many tokens at a time; the output is the
-    default chunking's (per-token work, so equal to GEMM rounding). Checked on (c): (d)'s FP8 roundings flip at
-    other GEMM row counts and the trained teacher amplifies the flips (tests/test_kept_fp8.py)."""
+    default chunking's (per-token work, so equal to GEMM rounding at other row counts, which the trained teacher
+    amplifies: 9e-4 relative depth measured, as (b) vs (a) above). Checked on (c): (d)'s FP8 roundings flip too."""
     import lite3r
     from lite3r_cli.bench import BenchConfig, build_variant
     from lite3r_recon import models
@@ -79,7 +79,8 @@ def test_chunk_tokens_reach_the_deployed_model():
         sla = [m for m in model.modules() if isinstance(m, lite3r.SLAAttention)]
         assert sla and all(m.chunk_tokens == (chunk or 1 << 16) for m in sla)  # set by the forward, from the config
         assert model.config.mlp_chunk_tokens == (chunk or 1 << 16)
-    torch.testing.assert_close(outs[1]["depth"], outs[0]["depth"], rtol=1e-4, atol=1e-5)
+    err = (outs[1]["depth"] - outs[0]["depth"]).abs().max() / outs[0]["depth"].abs().max()
+    assert err < 3e-3, float(err)  # a chunk lost or misplaced is O(1)
 
 
 def test_parse_views():
