@@ -285,8 +285,8 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     q, k, v: [B, H, N, D] after q/k norm and RoPE. topk: kept fraction of key blocks per query block (1.0 = dense
     softmax attention). kept_blocks: when set, a count instead: K = min(kept_blocks, Mk) key blocks per query
     block (topk is then ignored), so the sparse cost grows as N, not N^2. proj_l: Linear(D, D) over the last dim,
-    shared by heads. Runs the fused kernels when LITE3R_BACKEND allows and they support the device, the PyTorch
-    reference otherwise. branches: "both" (SLA), or one branch alone for ablations - "sparse" (o_s; proj_l unused)
+    shared by heads. Runs the fused kernels when LITE3R_BACKEND allows and they support the device (with nothing to
+    differentiate, proj_l folded into the kernel's one output: kernels.sla_output), the PyTorch reference otherwise. branches: "both" (SLA), or one branch alone for ablations - "sparse" (o_s; proj_l unused)
     or "linear" (proj_l(o_l), on the reference path).
     """
     if feature_map not in FEATURE_MAPS:

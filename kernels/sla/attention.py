@@ -1,7 +1,10 @@
 """Fused SLA attention, forward and backward (ops `lite3r::sla_fwd` with its autograd, `lite3r::sla_bwd`), and
-`sla_branches`, the differentiable entry point (block map + linear state + fused kernel).
+`sla_branches`, the differentiable entry point (block map + linear state + fused kernel); `sla_output`, the
+inference entry (op `lite3r::sla_fwd_sum`): proj_l folded into the linear state, the kernel's SUM epilogue writes
+o_s + proj_l(o_l) into one buffer.
 
     o_s, o_l = sla_branches(q, k, v, topk=0.05, block_q=64, block_k=64, feature_map="softmax")
+    o = sla_output(q, k, v, topk=0.05, weight=proj_l.weight, bias=proj_l.bias)      # no autograd
 
 Shapes: B batch, H heads, N tokens, D head dim, Mq/Mk query/key blocks, K kept key blocks per query block.
 Forward (`_sla_fwd_kernel`): one program per (query block, batch*head) walks the K kept key blocks of its LUT row
