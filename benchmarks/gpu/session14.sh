@@ -1,10 +1,11 @@
 #!/bin/bash
 # Next session's GPU work (written in session 13, which had no device time left to run it):
 #   a (issue 17): the GPU tests of the one-buffer SLA inference (kernels.sla_output, lite3r::sla_fwd_sum: compiled
-#      and eager) and of the kernels around it; DA3-Large 32 / 128 (a) vs (d) at the default token chunks and at
+#      and eager) and of the kernels around it; the fused forward vs the thu-ml kernel (vs_thuml.py; build its wheel
+#      first: thuml_wheel.sh); DA3-Large 32 / 128 (a) vs (d) at the default token chunks and at
 #      16,384 (session 13 with sla_output not yet in: 5.13 GiB at 128 views, 2.58x; target >= 3x), what is alive at
 #      its peak, VGGT-1B (d) at 1024 views (session 13: 41.51 GiB / 24.24 s, above session 8's 38.78 GiB; target
-#      <= 40 GiB, <= 25 s) and what is alive at the peak of 256 views.
+#      <= 40 GiB, <= 25 s); b also shows what is alive at the peak of VGGT-1B at 256 views.
 #   b (issue 16): the vggt-small QAT with the SLA layers' own weights trained (--trainable attention) on the
 #      teacher carried in .cache/s13a/small.tar.part*: 400 steps on the same 16-scene pool as session 13's proj_l
 #      run (which recovered 1 % of the swap's AbsRel loss), then its study row. (Session 13's attempt with a new
@@ -26,6 +27,8 @@ a)
   timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
     > "$O/gpu-tests.log" 2>&1
   step "GPU kernel tests" $?; tail -5 "$O/gpu-tests.log"
+  timeout 90 python3 benchmarks/gpu/vs_thuml.py --views 8 32 128 --json "$O/vs-thuml.json" > "$O/vs-thuml.log" 2>&1
+  step "fused SLA vs thu-ml (needs its wheel in .whl: thuml_wheel.sh)" $?; cat "$O/vs-thuml.log" | tail -4
   for C in 65536 16384; do
     timeout 100 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
       --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens $C --json "$O/da3-$C.json" > "$O/da3-$C.log" 2>&1
@@ -37,11 +40,11 @@ a)
   timeout 120 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
     --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
   step "bench vggt 1024" $?; tail -6 "$O/vggt1024.log" | head -3
+  ;;
+b)
   timeout 90 python3 benchmarks/gpu/memory_peak.py vggt --views 256 --variant d --kept-blocks 64 --kept-fp8 \
     --json "$O/vggt-peak.json" > "$O/vggt-peak.log" 2>&1
   step "memory_peak vggt 256" $?; head -14 "$O/vggt-peak.log"
-  ;;
-b)
   mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
   timeout -s TERM 330 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} \
     --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
