@@ -201,7 +201,7 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     k_last = cfg.topks[-1]
     trained_rows = ["qat"] + (["distill only", "task only"] if cfg.ablations else [])
     for r in trained_rows:
-        plan.append((r, {"topk": k_last, "fp8": True, "trained": True}, ("train", r)))
+        plan.append((r, {"topk": k_last, "fp8": True, "trained": True, "trainable": cfg.trainable}, ("train", r)))
     if cfg.ablations:
         plan.append(("sparse only", {"topk": k_last, "fp8": True, "trained": False,
                                      "note": f"= sla {k_last:g} + fp8 (nothing to train without a linear branch)"},
@@ -230,9 +230,12 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
                 if model.name != teacher.name:
                     raise InvalidInput(f"--student {cfg.student} is a {model.name} artifact, not {teacher.name}")
                 runs[name] = str(cfg.student)
+                meta = {**meta, "trainable": None}  # (not recorded in an artifact)
             elif how[0] == "train":
                 if name == "qat" and cfg.student:
                     path = Path(cfg.student)
+                    info = models.student_info(path)[1]  # what the given student trained (older runs: proj_l)
+                    meta = {**meta, "trainable": info.get("config", {}).get("trainable", "proj_l")}
                 else:
                     path = train_run(cfg, name, out, device=device, quiet=True, overwrite=overwrite, resume=resume)
                 runs[name] = str(path)

@@ -119,6 +119,7 @@ def test_study_trained_rows_take_trainable(tmp_path):
     saved = load_file(str(tmp_path / "s" / "qat" / "student.safetensors"))
     assert any(".proj_l." in f".{k}" for k in saved) and any(k.endswith("qkv.weight") for k in saved)
     assert r["config"]["trainable"] == "attention"
+    assert next(row for row in r["rows"] if row["row"] == "qat")["trainable"] == "attention"
 
 
 @pytest.mark.parametrize("given", ["run", "artifact"])
@@ -150,4 +151,5 @@ def test_cli_study_with_a_given_student(tmp_path, given):
     assert list(rows)[-1] == "qat" and saved["runs"]["qat"] == str(student)
     assert rows["sla 2 blocks + fp8"]["kept_blocks"] == 2  # --kept-blocks parsed
     assert math.isfinite(rows["qat"]["abs_rel"]) and rows["qat"]["abs_rel"] < 1
+    assert rows["qat"]["trainable"] == ("proj_l" if given == "run" else None)  # what the given student trained
     assert not (tmp_path / "s" / "qat").exists()  # the given student: no training run
