@@ -286,7 +286,8 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
     softmax attention). kept_blocks: when set, a count instead: K = min(kept_blocks, Mk) key blocks per query
     block (topk is then ignored), so the sparse cost grows as N, not N^2. proj_l: Linear(D, D) over the last dim,
     shared by heads. Runs the fused kernels when LITE3R_BACKEND allows and they support the device (with nothing to
-    differentiate, proj_l folded into the kernel's one output: kernels.sla_output), the PyTorch reference otherwise. branches: "both" (SLA), or one branch alone for ablations - "sparse" (o_s; proj_l unused)
+    differentiate, proj_l folded into the kernel's one output: kernels.sla_output), the PyTorch reference otherwise.
+    branches: "both" (SLA), or one branch alone for ablations - "sparse" (o_s; proj_l unused)
     or "linear" (proj_l(o_l), on the reference path).
     """
     if feature_map not in FEATURE_MAPS:
@@ -769,7 +770,7 @@ def _add_bias(out: Tensor, bias: Tensor | None) -> Tensor:
     # At inference the GEMM's fresh output takes the bias in place: no second [tokens, out] buffer (issue 17's peak).
     if bias is None:
         return out
-    if torch.is_grad_enabled() and (out.requires_grad or bias.requires_grad):
+    if _needs_grad(out, bias):
         return out + bias.to(out.dtype)
     return out.add_(bias.to(out.dtype))
 

@@ -214,7 +214,7 @@ class Block(nn.Module):
             if may and _add_scaled_(x, y, self.ls2):
                 return x
             if must:
-                _add_scaled_or_fail(x, y, self.ls2)
+                raise _not_addable(x, y)
             return _add_scaled(x, y, self.ls2)
         flat, out = x.reshape(-1, x.shape[-1]), None
         for i in range(0, flat.shape[0], n):
@@ -223,7 +223,7 @@ class Block(nn.Module):
             if out is None and may and _add_scaled_(rows, y, self.ls2):
                 continue  # (every chunk has the same dtypes: in place throughout)
             if must:
-                _add_scaled_or_fail(rows, y, self.ls2)
+                raise _not_addable(rows, y)
             y = _add_scaled(rows, y, self.ls2)
             if out is None:
                 out = y.new_empty((flat.shape[0], y.shape[-1]))
@@ -251,9 +251,9 @@ def _add_scaled_(x: Tensor, y: Tensor, ls: nn.Module) -> bool:
     return False
 
 
-def _add_scaled_or_fail(x: Tensor, y: Tensor, ls: nn.Module) -> None:
-    if not _add_scaled_(x, y, ls):  # the attention half was added in place, so the MLP half must be too
-        raise RuntimeError(f"in-place block: the MLP output ({y.dtype}) cannot be added into the stream ({x.dtype})")
+def _not_addable(x: Tensor, y: Tensor) -> RuntimeError:
+    # the attention half was added in place, so the MLP half must be too
+    return RuntimeError(f"in-place block: the MLP output ({y.dtype}) cannot be added into the stream ({x.dtype})")
 
 
 def frame_chunks(blk: nn.Module, x: Tensor, pos: Tensor | None, frames: int | None) -> Tensor:

@@ -84,8 +84,9 @@ class StudyConfig:
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.kept_blocks):
             raise InvalidInput(f"--kept-blocks values are counts of key blocks per query block, >= 1; got "
                                f"{self.kept_blocks}")
-        if self.trainable not in ("proj_l", "attention"):
-            raise InvalidInput(f"--trainable must be proj_l or attention, got {self.trainable!r}")
+        from lite3r_recon.train_config import check_trainable
+
+        check_trainable(self.trainable)
         if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
             raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
         size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))

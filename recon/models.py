@@ -115,7 +115,7 @@ def make_student(teacher: nn.Module, config: SLAConfig = SLAConfig(), *, fp8: bo
     if fp8:
         lite3r.convert_to_fp8_qat(student)
     student.lite3r_report = lite3r.freeze_all_but_proj_l(student)
-    bad = [n for n, p in student.named_parameters() if p.requires_grad and ".proj_l." not in f".{n}"]
+    bad = [n for n, p in student.named_parameters() if p.requires_grad and not is_proj_l(n)]
     if bad:
         raise RuntimeError(f"the swap left non-proj_l parameters trainable: {bad[:3]}")
     student.lite3r_sla_config = config.to_json()
@@ -123,14 +123,18 @@ def make_student(teacher: nn.Module, config: SLAConfig = SLAConfig(), *, fp8: bo
     return student
 
 
-def unfreeze_sla(student: nn.Module) -> int:
+def is_proj_l(name: str) -> bool:
+    """Whether parameter `name` belongs to an SLA proj_l (what DESIGN's QAT trains)."""
+    return ".proj_l." in f".{name}"
+
+
+def unfreeze_sla(student: nn.Module) -> None:
     """In place: every SLAAttention of `student` trains whole (its inherited qkv, q/k norms and proj besides its
-    proj_l); returns the number of parameters that now train. Beyond DESIGN's recipe (proj_l alone): `lite3r train
-    --trainable attention`, for students whose proj_l alone cannot recover what the sparse swap loses."""
+    proj_l). Beyond DESIGN's recipe (proj_l alone): `lite3r train --trainable attention`, for students whose proj_l
+    alone cannot recover what the sparse swap loses."""
     for m in student.modules():
         if isinstance(m, lite3r.SLAAttention):
             m.requires_grad_(True)
-    return sum(p.numel() for p in student.parameters() if p.requires_grad)
 
 
 def trainable(model: nn.Module) -> dict[str, nn.Parameter]:

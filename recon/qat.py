@@ -79,8 +79,8 @@ class QAT:
         self.task_loss = TASK_LOSSES[cfg.family]
         self.weights = LossWeights(camera=cfg.w_camera, depth=cfg.w_depth, point=cfg.w_point)
         # proj_l at --lr; inherited weights (--trainable attention) at --lr-inherited: the schedule scales both
-        new = [p for n, p in self.params.items() if ".proj_l." in f".{n}"]
-        old = [p for n, p in self.params.items() if ".proj_l." not in f".{n}"]
+        new = [p for n, p in self.params.items() if models.is_proj_l(n)]
+        old = [p for n, p in self.params.items() if not models.is_proj_l(n)]
         params = [{"params": new, "lr_scale": 1.0}] + ([{"params": old, "lr_scale": cfg.lr_inherited / cfg.lr}]
                                                         if old else [])
         self.opt = (torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)

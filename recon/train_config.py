@@ -135,8 +135,7 @@ class TrainConfig:
             raise InvalidInput(f"--lr must be positive, got {self.lr}")
         if self.lambda_kd < 0 or min(self.w_camera, self.w_depth, self.w_point) < 0:
             raise InvalidInput("--lambda-kd and the task loss weights must be non-negative")
-        if self.trainable not in ("proj_l", "attention"):
-            raise InvalidInput(f"--trainable must be proj_l or attention, got {self.trainable!r}")
+        check_trainable(self.trainable)
         if not (self.lr_inherited > 0 and math.isfinite(self.lr_inherited)):
             raise InvalidInput(f"--lr-inherited must be positive, got {self.lr_inherited}")
         if self.optimizer not in ("adamw", "sgd"):
@@ -175,6 +174,14 @@ class TrainConfig:
     def from_json(cls, d: dict) -> "TrainConfig":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: (tuple(v) if k == "res" and v else v) for k, v in d.items() if k in known})
+
+
+TRAINABLE = ("proj_l", "attention")  # what QAT trains (TrainConfig.trainable)
+
+
+def check_trainable(trainable: str) -> None:
+    if trainable not in TRAINABLE:
+        raise InvalidInput(f"--trainable must be {' or '.join(TRAINABLE)}, got {trainable!r}")
 
 
 def distill_select(spec: str) -> str | list[int] | None:

@@ -17,14 +17,8 @@
 source "$(dirname "$0")/common.sh" s13$1
 case $1 in
 a)
-  timeout -s TERM 330 lite3r pretrain vggt --size small --steps 1200 --batch 4 --views 16 --res 252,252 \
-    --lr 0.001 --warmup 60 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --seed 0 --ckpt-every 100 \
-    --eval-every 200 --eval-scenes 32 --out runs/s11 --quiet > "$O/s11.log" 2>&1
-  step "pretrain vggt-small" $?
-  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11 "$O/s11.log"
+  small_teacher 330
   tail -5 "$O/s11.log"
-  cp runs/s11/teacher.json runs/s11/metrics.json runs/s11/*.png "$O/" 2>/dev/null
-  tar -cf - runs/s11/teacher.safetensors runs/s11/teacher.json | split -b 15M - "$OUT/small.tar.part"
   left=$(( 575 - ($(date +%s) - t0) ))
   timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 \
     --scenes 32 --train-steps ${TSTEPS:-400} --train-batch 4 --no-ablations --kept-blocks 2,4,8,16 \
@@ -36,18 +30,7 @@ a)
   cp runs/study-small/qat/loss.png "$O/qat-loss.png" 2>/dev/null
   ;;
 c)
-  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
-  timeout -s TERM 330 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} --batch 4 \
-    --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --eval-scenes 0 --seed 0 \
-    --ckpt-every 100 --out runs/qat-small --quiet > "$O/qat.log" 2>&1
-  step "qat vggt-small" $?
-  cp runs/qat-small/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-small/*.png "$O/" 2>/dev/null
-  left=$(( 570 - ($(date +%s) - t0) ))
-  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
-    --topk 0.05 --student runs/qat-small --no-ablations --out runs/study-small --overwrite > "$O/study.log" 2>&1
-  step "study vggt-small, qat row ($left s allowed)" $?
-  tail -12 "$O/study.log"
-  cp runs/study-small/study.json runs/study-small/study.png runs/study-small/study.partial.json "$O/" 2>/dev/null
+  small_qat runs/qat-small 330 570 --ckpt-every 100
   ;;
 d)
   timeout 120 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
@@ -59,19 +42,8 @@ d)
   timeout 150 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
     --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
   step "bench vggt 1024" $?; tail -6 "$O/vggt1024.log"
-  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
-  timeout -s TERM 260 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-300} \
-    --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
-    --lr-inherited 1e-4 --scenes 0 --eval-scenes 0 --seed 0 --ckpt-every 50 --out runs/qat-attn --quiet \
-    > "$O/qat.log" 2>&1
-  step "qat vggt-small, --trainable attention" $?
-  cp runs/qat-attn/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-attn/*.png "$O/" 2>/dev/null
-  left=$(( 560 - ($(date +%s) - t0) ))
-  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
-    --topk 0.05 --student runs/qat-attn --no-ablations --out runs/study-attn --overwrite > "$O/study.log" 2>&1
-  step "study vggt-small, qat row ($left s allowed)" $?
-  tail -12 "$O/study.log"
-  cp runs/study-attn/study.json runs/study-attn/study.png runs/study-attn/study.partial.json "$O/" 2>/dev/null
+  TSTEPS=${TSTEPS:-300} small_qat runs/qat-attn 260 560 --trainable attention --lr-inherited 1e-4 --scenes 0 \
+    --ckpt-every 50
   ;;
 b)
   timeout 200 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \

@@ -15,13 +15,7 @@
 source "$(dirname "$0")/common.sh" s14$1
 case $1 in
 t)
-  timeout -s TERM 400 lite3r pretrain vggt --size small --steps 1200 --batch 4 --views 16 --res 252,252 \
-    --lr 0.001 --warmup 60 --weight-decay 0.05 --w-camera 5 --w-depth 1 --w-point 1 --seed 0 --ckpt-every 100 \
-    --eval-every 200 --eval-scenes 32 --out runs/s11 --quiet > "$O/s11.log" 2>&1
-  step "pretrain vggt-small" $?
-  [ -f runs/s11/teacher.safetensors ] || finalise runs/s11 "$O/s11.log"
-  cp runs/s11/teacher.json runs/s11/metrics.json runs/s11/*.png "$O/" 2>/dev/null
-  tar -cf - runs/s11/teacher.safetensors runs/s11/teacher.json | split -b 15M - "$OUT/small.tar.part"
+  small_teacher 400
   ;;
 a)
   timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
@@ -45,18 +39,7 @@ b)
   timeout 90 python3 benchmarks/gpu/memory_peak.py vggt --views 256 --variant d --kept-blocks 64 --kept-fp8 \
     --json "$O/vggt-peak.json" > "$O/vggt-peak.log" 2>&1
   step "memory_peak vggt 256" $?; head -14 "$O/vggt-peak.log"
-  mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -
-  timeout -s TERM 330 lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} \
-    --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target gt --lr 3e-3 --trainable attention \
-    --lr-inherited ${LRI:-1e-4} --eval-scenes 0 --seed 0 --ckpt-every 50 --out runs/qat-attn > "$O/qat.log" 2>&1
-  step "qat vggt-small, --trainable attention" $?
-  cp runs/qat-attn/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp runs/qat-attn/*.png "$O/" 2>/dev/null
-  left=$(( 560 - ($(date +%s) - t0) ))
-  timeout $left lite3r study vggt-small --weights runs/s11/teacher.safetensors --views 16 --size 252 --scenes 32 \
-    --topk 0.05 --student runs/qat-attn --no-ablations --out runs/study-attn --overwrite > "$O/study.log" 2>&1
-  step "study vggt-small, qat row ($left s allowed)" $?
-  tail -12 "$O/study.log"
-  cp runs/study-attn/study.json runs/study-attn/study.png runs/study-attn/study.partial.json "$O/" 2>/dev/null
+  small_qat runs/qat-attn 330 560 --trainable attention --lr-inherited ${LRI:-1e-4} --ckpt-every 50
   ;;
 esac
 tar -cf "$OUT/s14$1.tar" -C "$OUT" s14$1 && rm -rf "$O"

@@ -34,5 +34,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["sla_block_map", "sla_branches", "sla_output", "block_scores", "select_top", "num_kept", "score_tile", "tiled_block_map",
-           "transpose_lut", "linear_state", "linear_state_torch", "LINEAR_EPS", "FEATURE_MAPS", "LOG2E"]
+__all__ = ["sla_block_map", "sla_branches", "sla_output", "block_scores", "select_top", "num_kept", "score_tile",
+           "tiled_block_map", "transpose_lut", "linear_state", "linear_state_torch", "LINEAR_EPS", "FEATURE_MAPS", "LOG2E"]
