@@ -671,6 +671,7 @@ class SLAAttention(nn.Module):
                 y = self._output_of(o[:, :, i:i + n].transpose(1, 2).reshape(B, -1, self.num_heads * self.head_dim))
                 out = y.new_empty((B, N, y.shape[-1])) if out is None else out
                 out[:, i:i + n] = y
+                del y  # (not alive through the next chunk's)
             out = out.reshape(*shape[:-1], out.shape[-1])
             return (out, None) if self._returns_tuple else out
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -715,6 +716,7 @@ class SLAAttention(nn.Module):
                 bufs = [t.new_empty((*t.shape[:2], N, t.shape[-1]), dtype=dtype) for t in parts]
             for buf, t in zip(bufs, parts):
                 buf[:, :, i:i + n] = t
+            del parts, t  # (else this chunk's q / k / v and qkv output live on through the next chunk's)
         return bufs[0], bufs[1], bufs[2]
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

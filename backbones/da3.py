@@ -309,8 +309,9 @@ class DA3(nn.Module):
         one = torch.ones(1, N, 2, dtype=pos_frame.dtype, device=x.device)
         one[:, 0] = 0
         pos_global = one.repeat(1, S, 1).expand(B, -1, -1)  # patches (1, 1), first token (0, 0)
-        if c.rope_start < len(vit.blocks):  # cos/sin once per forward, shared by every RoPE block
-            pos_frame = rope_table(pos_frame, C // c.num_heads, c.rope_freq)
+        if c.rope_start < len(vit.blocks):  # cos/sin once per forward, shared by every RoPE block; one frame's
+            # table serves all frames (they share their positions)
+            pos_frame = rope_table(pos_frame[:1], C // c.num_heads, c.rope_freq)
             pos_global = rope_table(pos_global, C // c.num_heads, c.rope_freq)
         back = None  # the view order back to the input's, once the reference view is moved to the front
         feats, cam_token = [], None

@@ -98,10 +98,11 @@ class RoPE2D(nn.Module):
         t = t.unflatten(-1, (2, d))  # [B, H, N, 2, d]  (y half, x half)
         t1, t2 = t.chunk(2, dim=-1)
         rotated = torch.cat((-t2, t1), dim=-1)
-        if torch.is_grad_enabled() and t.requires_grad:
+        if torch.is_grad_enabled():
             return (t * cos + rotated * sin).flatten(-2)
-        # inference: the same roundings with two full-size temporaries, not four (issue 17's peak)
-        return (t * cos).add_(rotated.mul_(sin)).flatten(-2)
+        # inference: t is rotated in place (the same roundings; one full-size temporary where the sum made three:
+        # issue 17's peak), so the caller hands t over - every attention here replaces q / k by their rotation
+        return t.mul_(cos).add_(rotated.mul_(sin)).flatten(-2)
 
     def extra_repr(self) -> str:
         return f"frequency={self.frequency:g}"
@@ -220,14 +221,15 @@ class Block(nn.Module):
         for i in range(0, flat.shape[0], n):
             rows = flat[i:i + n]
             y = self.mlp(self.norm2(rows))  # each chunk reads only its own rows
-            if out is None and may and _add_scaled_(rows, y, self.ls2):
-                continue  # (every chunk has the same dtypes: in place throughout)
-            if must:
-                raise _not_addable(rows, y)
-            y = _add_scaled(rows, y, self.ls2)
-            if out is None:
-                out = y.new_empty((flat.shape[0], y.shape[-1]))
-            out[i:i + n] = y
+            # (every chunk has the same dtypes: in place throughout, or never)
+            if not (out is None and may and _add_scaled_(rows, y, self.ls2)):
+                if must:
+                    raise _not_addable(rows, y)
+                y = _add_scaled(rows, y, self.ls2)
+                if out is None:
+                    out = y.new_empty((flat.shape[0], y.shape[-1]))
+                out[i:i + n] = y
+            del y  # (not alive through the next chunk's MLP)
         return x if out is None else out.view(x.shape)
 
 
@@ -267,11 +269,19 @@ def frame_chunks(blk: nn.Module, x: Tensor, pos: Tensor | None, frames: int | No
     for f in range(0, x.shape[0], frames):
         n = min(frames, x.shape[0] - f)
         chunk = x[f:f + n]
-        y = blk(chunk, None if pos is None else pos.narrow(0 if pos.dim() == 3 else 1, f, n), inplace=True)
+        y = blk(chunk, _frames_of(pos, f, n), inplace=True)
         out = (x if y.dtype == x.dtype else y.new_empty(x.shape)) if out is None else out
         if y is not chunk:  # (not added in place: another dtype)
             out[f:f + n] = y
     return out
+
+
+def _frames_of(pos: Tensor | None, f: int, n: int) -> Tensor | None:
+    """Frames f .. f+n of positions [F, N, 2] or of a RoPE table [3, F, 1, N, 2, d]; a table of one frame (the same
+    positions in every frame: rope_table of patch_positions(1, ...)) broadcasts over any chunk as it is."""
+    if pos is None or (pos.dim() == ROPE_TABLE_DIMS and pos.shape[1] == 1):
+        return pos
+    return pos.narrow(0 if pos.dim() == 3 else 1, f, n)
 
 
 def chunk_frames(chunk_tokens: int | None, tokens_per_frame: int) -> int | None:

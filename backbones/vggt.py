@@ -225,8 +225,9 @@ class Aggregator(nn.Module):
         P, C = tokens.shape[1:]
         pos = patch_positions(B * S, H // self.patch_size, W // self.patch_size, self.patch_start_idx, images.device)
         pos_global = pos.reshape(B, S * P, 2)
-        if self.rope is not None:  # cos/sin once per forward, shared by all 2 x depth blocks
-            pos, pos_global = self.rope.table(pos, self.head_dim), self.rope.table(pos_global, self.head_dim)
+        if self.rope is not None:  # cos/sin once per forward, shared by all 2 x depth blocks; every frame has the
+            # same positions, so one frame's table serves the frame blocks (1.1 GB less at 1024 views)
+            pos, pos_global = self.rope.table(pos[:1], self.head_dim), self.rope.table(pos_global, self.head_dim)
 
         def run(blk: nn.Module, x: Tensor, p: Tensor, inplace: bool = True) -> Tensor:
             if checkpointing and self.training and torch.is_grad_enabled():

@@ -1,7 +1,8 @@
 """Depth, pose and point-cloud metrics with the protocols the field reports (pure functions, batched torch).
 
 - depth_metrics: per-image least-squares scale on valid pixels, then AbsRel, delta < 1.25, RMSE.
-- pose_metrics (VGGT / DA3 protocol): all pairs i < j; relative rotation error (degrees) and relative translation
+- pose_metrics (VGGT / DA3 protocol): both sets of cameras aligned to their first camera (so the world frame of
+  either does not matter), then all pairs i < j; relative rotation error (degrees) and relative translation
   direction error min(theta, 180 - theta); RRA@k / RTA@k; AUC@T = mean of the cumulative histogram of
   max(rot_err, trans_err) in 1-degree bins over [0, T].
 - pointcloud_metrics: Umeyama Sim(3) alignment, then accuracy (pred -> GT mean nearest-neighbour distance),
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lite3r_backbones.cameras import se3_inverse
+from lite3r_backbones.cameras import compose, se3_inverse
 from lite3r_recon.errors import InvalidInput
 
 AUC_THRESHOLDS = (30, 15, 5, 3)
@@ -66,10 +67,17 @@ def translation_angle(t1: Tensor, t2: Tensor, eps: float = 1e-15) -> Tensor:
     return torch.minimum(theta, 180.0 - theta)
 
 
+def align_to_first_camera(E: Tensor) -> Tensor:
+    """World-to-camera extrinsics [..., S, 3, 4] re-expressed with the first camera's frame as the world."""
+    return compose(E, se3_inverse(E[..., :1, :, :]).expand_as(E))
+
+
 def relative_pose_errors(pred: Tensor, gt: Tensor) -> tuple[Tensor, Tensor]:
     """Extrinsics [..., S, 3, 4] (or 4x4) world-to-camera -> (rotation errors, translation direction errors) in
-    degrees [..., S*(S-1)/2] over all pairs i < j of the relative pose E_i^-1 E_j."""
-    pred, gt = pred[..., :3, :4].double(), gt[..., :3, :4].double()
+    degrees [..., S*(S-1)/2] over all pairs i < j of the relative pose E_i^-1 E_j, each set first aligned to its
+    first camera (E_k E_0^-1): E_i^-1 E_j is written in the world frame, so without the alignment the ground
+    truth's arbitrary world (a raw scene's) and the model's (its first camera) would not compare."""
+    pred, gt = align_to_first_camera(pred[..., :3, :4].double()), align_to_first_camera(gt[..., :3, :4].double())
     S = pred.shape[-3]
     i, j = torch.triu_indices(S, S, 1)
 
@@ -198,5 +206,5 @@ def summarize(cams: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, fl
     return out
 
 
-__all__ = ["apply_sim3", "auc", "depth_metrics", "nn_distances", "pointcloud_metrics", "pose_metrics",
-           "relative_pose_errors", "rotation_angle", "summarize", "translation_angle", "umeyama"]
+__all__ = ["align_to_first_camera", "apply_sim3", "auc", "depth_metrics", "nn_distances", "pointcloud_metrics",
+           "pose_metrics", "relative_pose_errors", "rotation_angle", "summarize", "translation_angle", "umeyama"]

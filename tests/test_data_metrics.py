@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from lite3r_backbones.cameras import compose
 from lite3r_recon import metrics
 
 
@@ -71,6 +72,28 @@ def test_known_rotation_error_gives_known_rra():
     m = metrics.pose_metrics(bad, E)
     assert m["rra5"].item() == pytest.approx(0.5) and m["rra15"].item() == pytest.approx(1.0)
     assert m["rra3"].item() == pytest.approx(0.5)
+
+
+def test_pose_errors_do_not_depend_on_either_world_frame():
+    """A raw scene's world is arbitrary and a model's is its first camera: the same cameras written in another world
+    (E W for a rigid W, another scale) must score as perfect, and a pose error must read the same in any world
+    (`lite3r train`'s table once scored raw scenes against first-camera predictions: AUC 0 for a working teacher)."""
+    E = _cams(5, 3)
+    W = torch.cat([_rot([1, -2, 0.5], 70.0), torch.tensor([[3.0], [-1.0], [2.0]], dtype=torch.float64)], 1)
+    moved = compose(E, W)
+    m = metrics.pose_metrics(moved, E)
+    for k in ("auc30", "auc3", "rra3", "rta3"):
+        assert m[k].item() == pytest.approx(1.0), k
+    first = metrics.align_to_first_camera(E)
+    torch.testing.assert_close(first[0], torch.eye(3, 4, dtype=torch.float64))
+    bad = E.clone()
+    bad[2, :, :3] = _rot([0.3, -1, 0.5], 10.0) @ E[2, :, :3]
+    r0, t0 = metrics.relative_pose_errors(bad, E)
+    r1, t1 = metrics.relative_pose_errors(compose(bad, W), E)
+    r2, t2 = metrics.relative_pose_errors(bad, compose(E, W))
+    torch.testing.assert_close(r1, r0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(r2, r0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(t2, t0, atol=1e-3, rtol=0)
 
 
 def test_translation_direction_is_sign_folded():

@@ -34,6 +34,24 @@ def test_table_matches_per_block_rope(dtype, shape):
     assert torch.equal(rope(t, table), want)
     assert torch.equal(rope(t, pos), want)  # raw positions still work (third-party callers)
     assert not torch.equal(want, t)  # the rotation does something
+    kept = t.clone()
+    assert torch.equal(t, kept)  # with grad enabled the input is left alone
+    with torch.no_grad():  # inference: rotated in place (the caller hands t over), the same bits
+        got = rope(t, table)
+    assert torch.equal(got, want) and got.data_ptr() == t.data_ptr()
+
+
+def test_one_frame_table_broadcasts_over_frames_and_frame_chunks():
+    """Every frame has the same positions, so the models build the frame blocks' table from one frame: it must
+    rotate any number of frames, and any chunk of them, as the full table does."""
+    pos = patch_positions(5, 3, 4, 1)
+    t = torch.randn(5, 2, pos.shape[1], 16, generator=torch.Generator().manual_seed(3))
+    rope = RoPE2D(100.0)
+    want = rope(t, rope.table(pos, 16))
+    assert torch.equal(rope(t, rope.table(pos[:1], 16)), want)
+    one = rope.table(pos[:1], 16)
+    assert layers._frames_of(one, 2, 3) is one
+    assert torch.equal(layers._frames_of(rope.table(pos, 16), 2, 3), rope.table(pos, 16)[:, 2:5])
 
 
 def test_head_dim_must_divide_by_4():
@@ -63,6 +81,8 @@ def test_model_computes_tables_once_and_matches_per_block(monkeypatch, name, ima
     with torch.no_grad():
         got = model(x)
     assert len(calls) == 2, f"{len(calls)} rope tables per forward (frame + global expected)"
+    tokens = sorted(c[0] * c[1] for c in calls)  # one frame's table for the frame blocks, all views' for global
+    assert tokens[1] == images[1] * tokens[0], calls
     n_rope = sum(isinstance(m, RoPE2D) for m in model.modules())
     assert n_rope >= 1
     # before: no table, each block's RoPE2D computes cos/sin from the raw positions

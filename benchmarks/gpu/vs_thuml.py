@@ -31,6 +31,11 @@ def main() -> None:
     import lite3r_kernels as kernels
 
     H, D = 16, 64
+
+    def with_autocast(linear, x):  # an fp32 proj_l on bf16 features, as thu-ml's module runs its own
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return linear(x)
+
     rows = []
     for views in a.views:
         N = views * 1374
@@ -45,7 +50,7 @@ def main() -> None:
         with torch.inference_mode():
             fns = {
                 "ours (deployed)": lambda: lite3r.sla_attention(q, k, v, topk=a.topk, proj_l=proj_l),
-                "ours (sla_branches + proj_l)": lambda: (lambda o: o[0] + proj_l(o[1]))(
+                "ours (sla_branches + proj_l)": lambda: (lambda o: o[0] + with_autocast(proj_l, o[1]))(
                     kernels.sla_branches(q, k, v, topk=a.topk)),
                 "thu-ml": lambda: theirs(q, k, v),
             }
