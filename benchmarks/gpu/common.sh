@@ -51,7 +51,7 @@ small_qat() {
   [ -f runs/s11/teacher.safetensors ] || { mkdir -p runs && cat .cache/s13a/small.tar.part* | tar -xf -; }
   timeout -s TERM $secs lite3r train vggt-small --teacher runs/s11/teacher.safetensors --steps ${TSTEPS:-400} \
     --batch 4 --views 16 --res 252,252 --topk 0.05 --block 64 --fp8 --target ${TARGET:-gt} --lr 3e-3 --eval-scenes 0 \
-    --seed 0 "$@" --out $run --quiet > "$O/qat.log" 2>&1
+    --seed ${SEED:-0} "$@" --out $run --quiet > "$O/qat.log" 2>&1
   step "qat vggt-small $*" $?
   cp $run/metrics.json "$O/qat-metrics.json" 2>/dev/null; cp $run/*.png "$O/" 2>/dev/null
   left=$(( end - ($(date +%s) - t0) ))

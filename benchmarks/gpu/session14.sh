@@ -10,6 +10,10 @@
 #      teacher carried in .cache/s13a/small.tar.part*: 400 steps on the same 16-scene pool as session 13's proj_l
 #      run (which recovered 1 % of the swap's AbsRel loss), then its study row. (Session 13's attempt with a new
 #      scene per sample did not finish 300 steps in 260 s; on CPU the wider trainable set costs 8 % per step.)
+#   (as run: a, then b = a's two failures fixed (opcheck gave sla_fwd_sum grad-requiring inputs; vs_thuml's
+#      fp32 proj_l on bf16) + one frame's RoPE table, RoPE in place, chunk loops that free each chunk, then the QAT
+#      with --trainable attention --target teacher; c = b's cut GPU tests, vs_thuml warmed up, that QAT with
+#      another seed, VGGT-1B at 512 / 1024 views. t was not needed: .cache/s13a still held the teacher.)
 #   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
 #      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
 source "$(dirname "$0")/common.sh" s14$1
@@ -53,6 +57,21 @@ b)
   # issue 16: the SLA layers' own weights trained too, towards the teacher's predictions (CPU on vggt-tiny, 120
   # steps: the combination that recovered most; docs/quality.md "Session 14")
   TARGET=teacher small_qat runs/qat-attn 290 565 --trainable attention --lr-inherited ${LRI:-3e-4} --ckpt-every 50
+  ;;
+c)
+  # b's unfinished GPU tests: the one-buffer inference kernel's (eager + compiled) and opcheck
+  timeout 90 python3 -m pytest -q -x tests/test_kernels.py -k "sla_output_real_size_gpu or opcheck" \
+    -p no:cacheprovider > "$O/gpu-tests.log" 2>&1
+  step "GPU tests of sla_output + opcheck" $?; tail -2 "$O/gpu-tests.log"
+  timeout 70 python3 benchmarks/gpu/vs_thuml.py --views 8 32 128 8 --json "$O/vs-thuml.json" > "$O/vs-thuml.log" 2>&1
+  step "fused SLA vs thu-ml, warmed up" $?; cat "$O/vs-thuml.log" | cut -c1-220
+  # issue 16: b's QAT recipe (SLA layers' weights trained towards the teacher's predictions) again, another seed
+  SEED=1 TARGET=teacher small_qat runs/qat-attn-s1 240 420 --trainable attention --lr-inherited 3e-4 \
+    --ckpt-every 50
+  # issue 17: VGGT-1B at 512 / 1024 views on this session's code (targets 22 GiB; 40 GiB and 25 s)
+  timeout $(( 585 - ($(date +%s) - t0) )) lite3r bench vggt --views 512,1024 --variants d --kept-blocks 64 \
+    --warmup 1 --repeats 1 --compile-mode none --kept-fp8 --json "$O/vggt-many.json" > "$O/vggt-many.log" 2>&1
+  step "bench vggt 512, 1024" $?; grep -h "(d) [0-9]" "$O/vggt-many.log"
   ;;
 esac
 tar -cf "$OUT/s14$1.tar" -C "$OUT" s14$1 && rm -rf "$O"
