@@ -453,6 +453,10 @@ def study(
     train_batch: Annotated[Optional[int], typer.Option(help="scenes per step of those runs (default 2)")] = None,
     trainable: Annotated[Optional[str], typer.Option(help="what those runs train: proj_l (default) or attention "
                                                        "(the SLA layers' own weights too)")] = None,
+    lr_inherited: Annotated[Optional[float], typer.Option(help="their peak learning rate of the inherited weights "
+                                                               "with --trainable attention (default 1e-4)")] = None,
+    target: Annotated[Optional[str], typer.Option(help="their task-loss target: gt (default) or teacher (its "
+                                                       "predictions)")] = None,
     ablations: Annotated[bool, typer.Option(help="also the ablation rows (distill only, task only, sparse only, "
                                                  "linear only)")] = True,
     out: Annotated[Optional[Path], typer.Option(help="folder for study.json, study.png and the training runs "
@@ -471,8 +475,7 @@ def study(
                 weights=str(weights) if weights else None, dataset=dataset.value, data=str(data) if data else None,
                 scenes=scenes, views=views, size=size, topks=topk, kept_blocks=kept_blocks, block=block,
                 student=str(student) if student else None, train_steps=train_steps, train_batch=train_batch,
-                trainable=trainable,
-                ablations=ablations)
+                trainable=trainable, lr_inherited=lr_inherited, target=target, ablations=ablations)
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:

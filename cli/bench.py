@@ -104,12 +104,23 @@ def resolve_backbone_for(model: str, device: torch.device) -> str:
 
 
 # -------------------------------------------------------------------------------------------- building the paths
+def compile_mode_of(variant: str, compile_mode: str | None, device: str) -> str | None:
+    """How path `variant` runs: (b)-(d) compiled with --compile-mode on CUDA, everything else eager."""
+    return compile_mode if variant in ("b", "c", "d") and device == "cuda" else None
+
+
+def variant_label(variant: str, compile_mode: str | None) -> str:
+    """The path's description, saying how it ran (compile_mode_of's answer)."""
+    how = f"compiled ({compile_mode})" if compile_mode else "eager (--compile-mode none)"
+    return VARIANTS[variant][1].replace("compiled", how)
+
+
 def build_variant(variant: str, name: str, cfg: BenchConfig, device: torch.device) -> nn.Module:
     """The dense model (models.dense_model: the same weights every time) turned into path `variant`, on `device`."""
     from lite3r import SLAConfig
     from lite3r_recon import models
 
-    compile_mode = cfg.compile_mode if variant in ("b", "c", "d") and device.type == "cuda" else None
+    compile_mode = compile_mode_of(variant, cfg.compile_mode, device.type)
     if variant == "d" and models.is_artifact(cfg.student):  # a `lite3r export` file: deployed as it was exported
         model = models.load_artifact(cfg.student, device=device, compile_mode=compile_mode)
         if model.name != name:
@@ -179,7 +190,7 @@ def estimated_row(variant: str, views: int, model: nn.Module, cfg: BenchConfig, 
                            autocast=None if str(dtype) == "torch.float32" else dtype, repeats=cfg.repeats, log=log)
     log(f"[{model.name} x{views}] ({variant}) estimated {est['latency_s']:.2f} s (blocks {est['blocks_s']:.2f} s, "
         f"rest {est['rest_s']:.2f} s)")
-    return {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": est["latency_s"],
+    return {"variant": variant, "label": variant_label(variant, None), "views": views, "latency_s": est["latency_s"],
             "latencies_s": [], "warmup_s": None, "build_s": build_s, "peak_gib": None, "weights_gib": None,
             "key_blocks": None, "kept_blocks": None, "kept_frac": None, "estimated": True, "estimate": est,
             "err_ref": None, **{f"{k}_{kind}": None for k in ("depth", "extrinsics") for kind in ("rel", "rel_spread")}}
@@ -198,7 +209,8 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
     images = torch.rand(1, views, 3, cfg.res, cfg.res, generator=gen).to(device)
     rows, ref, prof = [], None, {}
     for variant in cfg.variants:
-        log(f"[{name} x{views}] ({variant}) {VARIANTS[variant][1]}: building")
+        label = variant_label(variant, compile_mode_of(variant, cfg.compile_mode, device.type))
+        log(f"[{name} x{views}] ({variant}) {label}: building")
         free(device)
         torch._dynamo.reset()  # each path compiles from scratch, as in its own process
         estimated = variant in DENSE and cfg.dense_max_views is not None and views > cfg.dense_max_views
@@ -229,7 +241,7 @@ def bench_views(cfg: BenchConfig, views: int, name: str, device: torch.device,
             prof[variant] = profile_breakdown(model, images)
         kept_fp8 = bool(getattr(getattr(model, "config", None), "kept_fp8", False))  # what the model ran with
         del model
-        row = {"variant": variant, "label": VARIANTS[variant][1], "views": views, "latency_s": statistics.median(times),
+        row = {"variant": variant, "label": label, "views": views, "latency_s": statistics.median(times),
                "latencies_s": times, "warmup_s": warm, "build_s": t_build, "peak_gib": peak, "weights_gib": weights_gib,
                "kept_fp8": kept_fp8, **sparsity()}
         if ref is None:
@@ -304,8 +316,8 @@ def results_table(result: dict):
              + (f", heads {cfg['head_frames']} frames at a time" if cfg.get("head_frames") else "")
              + (f", token chunks of {cfg['chunk_tokens']}" if cfg.get("chunk_tokens") else ""))
     env = result["env"]
-    compiled = f"compiled ({cfg['compile_mode']})" if cfg.get("compile_mode") else "eager (--compile-mode none)"
-    legend = "; ".join(f"({v}) {VARIANTS[v][1]}".replace("compiled", compiled) for v in cfg["variants"])
+    legend = "; ".join(f"({v}) " + variant_label(v, compile_mode_of(v, cfg.get("compile_mode"), env["device"]))
+                       for v in cfg["variants"])
     ref = next((r["err_ref"] for r in result["results"] if r.get("err_ref")), "-")
     caption = (f"{env.get('gpu', env['device'])}, torch {env['torch']}. {legend}. x: speed-up, mem: peak-memory "
                f"ratio; err: |out - ref| / |ref| vs ({ref}) of depth and extrinsics; "

@@ -61,6 +61,8 @@ class StudyConfig:
     train_batch: int = 2
     lr: float = 3e-3
     trainable: str = "proj_l"  # what the trained rows train: proj_l | attention (lite3r train --trainable)
+    lr_inherited: float = 1e-4  # their peak learning rate of the inherited weights (trainable attention)
+    target: str = "gt"  # their task-loss target: gt | teacher (its predictions; lite3r train --target)
     ablations: bool = True
     seed: int = 0
 
@@ -87,6 +89,8 @@ class StudyConfig:
         from lite3r_recon.train_config import check_trainable
 
         check_trainable(self.trainable)
+        if self.target not in ("gt", "teacher"):
+            raise InvalidInput(f"--target must be gt or teacher, got {self.target!r}")
         if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
             raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
         size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))
@@ -147,7 +151,8 @@ def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, ove
 
     tc = TrainConfig(model=cfg.model, teacher=cfg.weights, steps=cfg.train_steps, batch=cfg.train_batch,
                      views=cfg.views, res=cfg.size, topk=cfg.topks[-1], block=cfg.block, fp8=True,
-                     target="gt", lr=cfg.lr, trainable=cfg.trainable, eval_scenes=0, seed=cfg.seed,
+                     target=cfg.target, lr=cfg.lr, trainable=cfg.trainable, lr_inherited=cfg.lr_inherited,
+                     eval_scenes=0, seed=cfg.seed,
                      ckpt_every=max(1, cfg.train_steps),
                      **TRAINED[row])
     run = out / row.replace(" ", "-")
@@ -202,7 +207,8 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
     k_last = cfg.topks[-1]
     trained_rows = ["qat"] + (["distill only", "task only"] if cfg.ablations else [])
     for r in trained_rows:
-        plan.append((r, {"topk": k_last, "fp8": True, "trained": True, "trainable": cfg.trainable}, ("train", r)))
+        plan.append((r, {"topk": k_last, "fp8": True, "trained": True, "trainable": cfg.trainable,
+                         "target": cfg.target}, ("train", r)))
     if cfg.ablations:
         plan.append(("sparse only", {"topk": k_last, "fp8": True, "trained": False,
                                      "note": f"= sla {k_last:g} + fp8 (nothing to train without a linear branch)"},
@@ -231,12 +237,13 @@ def study(cfg: StudyConfig, out: str | os.PathLike, *, device: str | None = None
                 if model.name != teacher.name:
                     raise InvalidInput(f"--student {cfg.student} is a {model.name} artifact, not {teacher.name}")
                 runs[name] = str(cfg.student)
-                meta = {**meta, "trainable": None}  # (not recorded in an artifact)
+                meta = {**meta, "trainable": None, "target": None}  # (not recorded in an artifact)
             elif how[0] == "train":
                 if name == "qat" and cfg.student:
                     path = Path(cfg.student)
                     info = models.student_info(path)[1]  # what the given student trained (older runs: proj_l)
-                    meta = {**meta, "trainable": info.get("config", {}).get("trainable", "proj_l")}
+                    given = info.get("config", {})
+                    meta = {**meta, "trainable": given.get("trainable", "proj_l"), "target": given.get("target")}
                 else:
                     path = train_run(cfg, name, out, device=device, quiet=True, overwrite=overwrite, resume=resume)
                 runs[name] = str(path)

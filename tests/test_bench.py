@@ -33,6 +33,10 @@ def test_cli_bench_tiny_on_cpu(tmp_path):
         assert r["speedup_vs_a"] == pytest.approx(by["a"]["latency_s"] / r["latency_s"], rel=1e-12)
         assert r["speedup_vs_b"] == pytest.approx(by["b"]["latency_s"] / r["latency_s"], rel=1e-12)
         assert r["err_ref"] == "a"
+        assert "compiled" not in r["label"]  # on CPU every path runs eager, and its label says so
+    assert "eager (--compile-mode none)" in by["d"]["label"]
+    assert "compiled (max-autotune)" in bench.variant_label("d", bench.compile_mode_of("d", "max-autotune", "cuda"))
+    assert bench.compile_mode_of("a", "default", "cuda") is None  # (a) is the official code: never compiled
     assert by["a"]["depth_rel"] == 0.0 and by["a"]["extrinsics_rel"] == 0.0  # (a) is the reference
     # (b) is dense attention too (fp32 on CPU): the same cameras and depth up to rounding; (c) and (d) keep 1 of 4
     # key blocks per query block on global attention, which must show in the cameras - else SLA did not run

@@ -89,6 +89,8 @@ def test_config_errors(tmp_path):
         StudyConfig(topks=(0.0,))
     with pytest.raises(ValueError, match="--trainable"):
         StudyConfig(trainable="all")
+    with pytest.raises(ValueError, match="--target"):
+        StudyConfig(target="labels")
 
 
 def test_study_rows_at_a_kept_block_count(tmp_path):
@@ -109,17 +111,21 @@ def test_study_rows_at_a_kept_block_count(tmp_path):
         StudyConfig(kept_blocks=(0,))
 
 
-def test_study_trained_rows_take_trainable(tmp_path):
-    """trainable="attention": the qat row's run trains the SLA layers' own weights too (its student file has them)."""
+def test_study_trained_rows_take_trainable_and_target(tmp_path):
+    """trainable="attention", target="teacher": the qat row's run trains the SLA layers' own weights too (its
+    student file has them) at lr_inherited, towards the teacher's predictions (session 14's recipe)."""
     from safetensors.torch import load_file
 
     cfg = StudyConfig(scenes=1, views=2, size=(42, 56), topks=(0.25,), block=16, train_steps=1, ablations=False,
-                      trainable="attention")
+                      trainable="attention", target="teacher", lr_inherited=3e-4)
     r = study(cfg, tmp_path / "s", device="cpu", quiet=True)
     saved = load_file(str(tmp_path / "s" / "qat" / "student.safetensors"))
     assert any(".proj_l." in f".{k}" for k in saved) and any(k.endswith("qkv.weight") for k in saved)
-    assert r["config"]["trainable"] == "attention"
-    assert next(row for row in r["rows"] if row["row"] == "qat")["trainable"] == "attention"
+    run = json.loads((tmp_path / "s" / "qat" / "config.json").read_text())
+    assert (run["trainable"], run["target"], run["lr_inherited"]) == ("attention", "teacher", 3e-4)
+    assert r["config"]["trainable"] == "attention" and r["config"]["target"] == "teacher"
+    qat = next(row for row in r["rows"] if row["row"] == "qat")
+    assert (qat["trainable"], qat["target"]) == ("attention", "teacher")
 
 
 @pytest.mark.parametrize("given", ["run", "artifact"])
@@ -152,4 +158,5 @@ def test_cli_study_with_a_given_student(tmp_path, given):
     assert rows["sla 2 blocks + fp8"]["kept_blocks"] == 2  # --kept-blocks parsed
     assert math.isfinite(rows["qat"]["abs_rel"]) and rows["qat"]["abs_rel"] < 1
     assert rows["qat"]["trainable"] == ("proj_l" if given == "run" else None)  # what the given student trained
+    assert rows["qat"]["target"] == ("gt" if given == "run" else None)
     assert not (tmp_path / "s" / "qat").exists()  # the given student: no training run
