@@ -275,6 +275,15 @@ def _needs_grad(*tensors: Tensor, module: nn.Module | None = None) -> bool:
                                         (module is not None and any(p.requires_grad for p in module.parameters())))
 
 
+def _project_linear(proj_l: nn.Module, o_l: Tensor, dtype: torch.dtype) -> Tensor:
+    """proj_l(o_l) in `dtype`, o_l first cast to proj_l's weight dtype (bf16 features, fp32 proj_l: the student's
+    own layout outside autocast, which F.linear alone refuses)."""
+    w = getattr(proj_l, "weight", None)
+    if isinstance(w, Tensor) and w.dtype != o_l.dtype and not torch.is_autocast_enabled(o_l.device.type):
+        o_l = o_l.to(w.dtype)
+    return proj_l(o_l).to(dtype)
+
+
 @typed
 def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: Float[Tensor, "b h n d"], *,
                   topk: float | int, block_q: int = 64, block_k: int = 64, feature_map: str = "softmax",
@@ -298,7 +307,7 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
         if proj_l is None:
             raise Lite3rError("branches='linear' needs proj_l (the linear branch's output projection)")
         q, k, v = _common_dtype(q, k, v)
-        return proj_l(_linear_reference(q, k, v, feature_map)).to(q.dtype)
+        return _project_linear(proj_l, _linear_reference(q, k, v, feature_map), q.dtype)
     if branches == "sparse":
         proj_l = None
     if _check_kept_blocks(kept_blocks) is not None:  # the fraction that gives exactly K blocks
@@ -314,12 +323,12 @@ def sla_attention(q: Float[Tensor, "b h n d"], k: Float[Tensor, "b h n d"], v: F
                                        feature_map=feature_map, weight=proj_l.weight, bias=proj_l.bias)
             o_s, o_l = kern.sla_branches(q, k, v, topk=float(topk), block_q=block_q, block_k=block_k,
                                          feature_map=feature_map)
-        return o_s if proj_l is None else o_s + proj_l(o_l).to(o_s.dtype)
+        return o_s if proj_l is None else o_s + _project_linear(proj_l, o_l, o_s.dtype)
     lut = _block_map(q, k, float(topk), block_q, block_k)
     o_s = _sparse_reference(q, k, v, lut, block_q, block_k)
     if proj_l is None:  # the linear branch would be multiplied by nothing: skip it
         return o_s
-    return o_s + proj_l(_linear_reference(q, k, v, feature_map)).to(o_s.dtype)
+    return o_s + _project_linear(proj_l, _linear_reference(q, k, v, feature_map), o_s.dtype)
 
 
 # ------------------------------------------------------------------------------------------------------- FP8

@@ -205,6 +205,21 @@ def test_sla_attention_grads_reach_proj_l_and_inputs():
         torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("branches", ["both", "linear"])
+def test_bf16_features_with_an_fp32_proj_l(branches):
+    """bf16 q / k / v with the student's fp32 proj_l outside autocast: proj_l runs on the features cast to its
+    dtype (F.linear alone refuses mixed dtypes), the output is bf16 and matches the fp32 computation."""
+    q, k, v = _qkv((1, 2, 40, 8), seed=4)
+    proj_l = nn.Linear(8, 8)
+    with torch.no_grad():
+        proj_l.weight.normal_(0, 0.3)
+    kw = dict(topk=0.5, block_q=8, block_k=8, proj_l=proj_l, branches=branches)
+    got = lite3r.sla_attention(*(t.float().bfloat16() for t in (q, k, v)), **kw)
+    want = lite3r.sla_attention(*(t.float().bfloat16().float() for t in (q, k, v)), **kw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
 # -------------------------------------------------------------------------------------------------- dispatch
 def _fake_kernels(available=True, supports=True, calls=None):
     calls = [] if calls is None else calls

@@ -13,7 +13,9 @@
 #   (as run: a, then b = a's two failures fixed (opcheck gave sla_fwd_sum grad-requiring inputs; vs_thuml's
 #      fp32 proj_l on bf16) + one frame's RoPE table, RoPE in place, chunk loops that free each chunk, then the QAT
 #      with --trainable attention --target teacher; c = b's cut GPU tests, vs_thuml warmed up, that QAT with
-#      another seed, VGGT-1B at 512 / 1024 views. t was not needed: .cache/s13a still held the teacher.)
+#      another seed, VGGT-1B at 512 / 1024 views - lost: the device stopped answering mid-call, so c is the next
+#      session's first call; vs_thuml.py now also times CUDA-graph replays. t was not needed: .cache/s13a still
+#      held the teacher.)
 #   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
 #      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
 source "$(dirname "$0")/common.sh" s14$1
