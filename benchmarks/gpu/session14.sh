@@ -14,7 +14,8 @@
 #      fp32 proj_l on bf16) + one frame's RoPE table, RoPE in place, chunk loops that free each chunk, then the QAT
 #      with --trainable attention --target teacher; c = b's cut GPU tests, vs_thuml warmed up, that QAT with
 #      another seed, VGGT-1B at 512 / 1024 views - lost: the device stopped answering mid-call, so c is the next
-#      session's first call; vs_thuml.py now also times CUDA-graph replays. t was not needed: .cache/s13a still
+#      session's first call; vs_thuml.py now also times CUDA-graph replays. d (not yet run): (b) vs (d) memory at
+#      128 / 256 views, and (a) / (c) / (d) at 32 views compiled with the profile (issue 18). t was not needed: .cache/s13a still
 #      held the teacher.)
 #   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
 #      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
@@ -74,6 +75,16 @@ c)
   timeout $(( 585 - ($(date +%s) - t0) )) lite3r bench vggt --views 512,1024 --variants d --kept-blocks 64 \
     --warmup 1 --repeats 1 --compile-mode none --kept-fp8 --json "$O/vggt-many.json" > "$O/vggt-many.log" 2>&1
   step "bench vggt 512, 1024" $?; grep -h "(d) [0-9]" "$O/vggt-many.log"
+  ;;
+d)
+  # issue 17: (d) never above (b) in memory (last compared side by side in session 2); issue 18: (c) vs (d) at 32
+  # views compiled, with the profile (session 8: 0.342 vs 0.339 s)
+  timeout 280 lite3r bench vggt --views 128,256 --variants b,d --kept-blocks 64 --warmup 1 --repeats 1 \
+    --compile-mode none --kept-fp8 --json "$O/vggt-bd.json" > "$O/vggt-bd.log" 2>&1
+  step "bench vggt 128, 256: (b) vs (d)" $?; grep -h "([bd]) [0-9]" "$O/vggt-bd.log"
+  timeout 280 lite3r bench vggt --views 32 --variants a,c,d --warmup 2 --repeats 3 --profile \
+    --json "$O/vggt32.json" > "$O/vggt32.log" 2>&1
+  step "bench vggt 32: (a), (c), (d) compiled, profiled" $?; grep -h "([acd]) [0-9]" "$O/vggt32.log"
   ;;
 esac
 tar -cf "$OUT/s14$1.tar" -C "$OUT" s14$1 && rm -rf "$O"
