@@ -86,11 +86,10 @@ class StudyConfig:
         if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in self.kept_blocks):
             raise InvalidInput(f"--kept-blocks values are counts of key blocks per query block, >= 1; got "
                                f"{self.kept_blocks}")
-        from lite3r_recon.train_config import check_trainable
+        from lite3r_recon.train_config import check_target, check_trainable
 
         check_trainable(self.trainable)
-        if self.target not in ("gt", "teacher"):
-            raise InvalidInput(f"--target must be gt or teacher, got {self.target!r}")
+        check_target(self.target)
         if self.scenes < 1 or self.views < 2 or self.block < 1 or self.train_steps < 1:
             raise InvalidInput("--scenes, --block and --train-steps must be >= 1 and --views >= 2")
         size = self.size or DEFAULT_SIZE.get(self.model.split("-")[-1], (518, 518))
@@ -152,8 +151,7 @@ def train_run(cfg: StudyConfig, row: str, out: Path, *, device, quiet: bool, ove
     tc = TrainConfig(model=cfg.model, teacher=cfg.weights, steps=cfg.train_steps, batch=cfg.train_batch,
                      views=cfg.views, res=cfg.size, topk=cfg.topks[-1], block=cfg.block, fp8=True,
                      target=cfg.target, lr=cfg.lr, trainable=cfg.trainable, lr_inherited=cfg.lr_inherited,
-                     eval_scenes=0, seed=cfg.seed,
-                     ckpt_every=max(1, cfg.train_steps),
+                     eval_scenes=0, seed=cfg.seed, ckpt_every=max(1, cfg.train_steps),
                      **TRAINED[row])
     run = out / row.replace(" ", "-")
     if resume and (run / "student.safetensors").is_file() and (run / "metrics.json").is_file():

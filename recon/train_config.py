@@ -147,8 +147,7 @@ class TrainConfig:
         # the task target: the scenes' ground truth, unless the teacher is random (a full-size model without
         # --teacher has no shipped weights), whose geometry is not the scene's - then its own predictions
         object.__setattr__(self, "target", self.target or ("teacher" if not self.teacher and size == "full" else "gt"))
-        if self.target not in ("gt", "teacher"):
-            raise InvalidInput(f"--target must be gt or teacher, got {self.target!r}")
+        check_target(self.target)
         distill_select(self.distill)  # validates
 
     @property
@@ -182,6 +181,14 @@ TRAINABLE = ("proj_l", "attention")  # what QAT trains (TrainConfig.trainable)
 def check_trainable(trainable: str) -> None:
     if trainable not in TRAINABLE:
         raise InvalidInput(f"--trainable must be {' or '.join(TRAINABLE)}, got {trainable!r}")
+
+
+TARGETS = ("gt", "teacher")  # what QAT's task loss compares with (TrainConfig.target)
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise InvalidInput(f"--target must be {' or '.join(TARGETS)}, got {target!r}")
 
 
 def distill_select(spec: str) -> str | list[int] | None:
