@@ -15,48 +15,41 @@
 #      with --trainable attention --target teacher; c = b's cut GPU tests, vs_thuml warmed up, that QAT with
 #      another seed, VGGT-1B at 512 / 1024 views - lost: the device stopped answering mid-call, so c is the next
 #      session's first call; vs_thuml.py now also times CUDA-graph replays. d (not yet run): (b) vs (d) memory at
-#      128 / 256 views, and (a) / (c) / (d) at 32 views compiled with the profile (issue 18). t was not needed: .cache/s13a still
-#      held the teacher.)
+#      128 / 256 views, and (a) / (c) / (d) at 32 views compiled with the profile (issue 18). t was not needed:
+#      .cache/s13a still held the teacher.)
 #   t: the vggt-small teacher remade by its recipe (.cache does not survive a new checkout; 49 MB is not shipped),
 #      its weights back as 15 MiB parts: copy them into .cache/s13a/ and carry them into b.
 source "$(dirname "$0")/common.sh" s14$1
+# `checks T_TESTS T_THUML T_DA3 T_PEAK "CHUNKS"`: the GPU kernel tests, the fused SLA vs thu-ml, DA3-Large (a) vs (d) at
+# each token chunk size, and what is alive at DA3's peak at 128 views (a and b ran it with these timeouts)
+checks() {
+  timeout $1 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
+    > "$O/gpu-tests.log" 2>&1
+  step "GPU kernel tests" $?; tail -5 "$O/gpu-tests.log"
+  timeout $2 python3 benchmarks/gpu/vs_thuml.py --views 8 32 128 --json "$O/vs-thuml.json" > "$O/vs-thuml.log" 2>&1
+  step "fused SLA vs thu-ml (needs its wheel in .whl: thuml_wheel.sh)" $?; tail -4 "$O/vs-thuml.log"
+  for C in $5; do
+    timeout $3 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
+      --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens $C --json "$O/da3-$C.json" > "$O/da3-$C.log" 2>&1
+    step "bench da3, chunks of $C" $?; tail -9 "$O/da3-$C.log" | head -6
+  done
+  timeout $4 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
+    --head-frames 2 --chunk-tokens 16384 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
+  step "memory_peak da3 128" $?; head -12 "$O/da3-peak.log"
+}
 case $1 in
 t)
   small_teacher 400
   ;;
 a)
-  timeout 130 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
-    > "$O/gpu-tests.log" 2>&1
-  step "GPU kernel tests" $?; tail -5 "$O/gpu-tests.log"
-  timeout 75 python3 benchmarks/gpu/vs_thuml.py --views 8 32 128 --json "$O/vs-thuml.json" > "$O/vs-thuml.log" 2>&1
-  step "fused SLA vs thu-ml (needs its wheel in .whl: thuml_wheel.sh)" $?; cat "$O/vs-thuml.log" | tail -4
-  for C in 65536 16384; do
-    timeout 100 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
-      --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens $C --json "$O/da3-$C.json" > "$O/da3-$C.log" 2>&1
-    step "bench da3, chunks of $C" $?; tail -9 "$O/da3-$C.log" | head -6
-  done
-  timeout 60 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
-    --head-frames 2 --chunk-tokens 16384 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
-  step "memory_peak da3 128" $?; head -12 "$O/da3-peak.log"
+  checks 130 75 100 60 "65536 16384"
   timeout 110 lite3r bench vggt --views 1024 --variants d --kept-blocks 64 --warmup 1 --repeats 1 \
     --compile-mode none --kept-fp8 --json "$O/vggt1024.json" > "$O/vggt1024.log" 2>&1
   step "bench vggt 1024" $?; tail -6 "$O/vggt1024.log" | head -3
   ;;
 b)
   # after a: the opcheck / vs_thuml fixes, one frame's RoPE table, RoPE in place, chunk loops that free each chunk
-  timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "gpu or opcheck" -p no:cacheprovider \
-    > "$O/gpu-tests.log" 2>&1
-  step "GPU kernel tests" $?; tail -3 "$O/gpu-tests.log"
-  timeout 60 python3 benchmarks/gpu/vs_thuml.py --views 8 32 128 --json "$O/vs-thuml.json" > "$O/vs-thuml.log" 2>&1
-  step "fused SLA vs thu-ml" $?; tail -4 "$O/vs-thuml.log"
-  for C in 16384 65536; do
-    timeout 80 lite3r bench da3 --views 32,128 --variants a,d --kept-blocks 64 --warmup 1 --repeats 1 \
-      --compile-mode none --kept-fp8 --head-frames 2 --chunk-tokens $C --json "$O/da3-$C.json" > "$O/da3-$C.log" 2>&1
-    step "bench da3, chunks of $C" $?; tail -9 "$O/da3-$C.log" | head -6
-  done
-  timeout 50 python3 benchmarks/gpu/memory_peak.py da3 --views 128 --variant d --kept-blocks 64 --kept-fp8 \
-    --head-frames 2 --chunk-tokens 16384 --json "$O/da3-peak.json" > "$O/da3-peak.log" 2>&1
-  step "memory_peak da3 128" $?; head -12 "$O/da3-peak.log"
+  checks 100 60 80 50 "16384 65536"
   # issue 16: the SLA layers' own weights trained too, towards the teacher's predictions (CPU on vggt-tiny, 120
   # steps: the combination that recovered most; docs/quality.md "Session 14")
   TARGET=teacher small_qat runs/qat-attn 290 565 --trainable attention --lr-inherited ${LRI:-3e-4} --ckpt-every 50
